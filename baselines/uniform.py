@@ -1,0 +1,84 @@
+"""The reference and uniform baselines: ``fp16``, ``int8``, ``int4``, ``int2``.
+
+* ``fp16`` stores K/V as 16-bit floats, the papers' reference. With a model running in fp16 its
+  logits equal a run without a cache; in fp32 the only change is the fp16 rounding of K/V.
+  All byte ratios in this project are against this method's bytes.
+* ``intN`` — uniform per-token asymmetric min-max quantization of keys and values (the "INT4 / INT2"
+  rows of the MoQAE, KIVI and KVQuant tables), one range per token per group of ``group``
+  channels (default: the whole head, group = head_dim). Every token, prefill and decode, is stored
+  quantized; attention reads the dequantized history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.interface import (
+    KVCacheMethod,
+    LayerStore,
+    MethodConfig,
+    MethodSpecError,
+    ModelInfo,
+    register_method,
+    register_variant,
+)
+from harness.quant import SUPPORTED_BITS
+from harness.storage import FullPrecisionSeq, QuantizedSeq, SeqPairStore
+
+
+@dataclass
+class FP16Config(MethodConfig):
+    pass
+
+
+@register_method("fp16", "K/V stored as fp16 (the reference; byte ratios are against it)")
+class FP16(KVCacheMethod):
+    """K/V stored as 16-bit floats: the papers' FP16 reference."""
+
+    config_class = FP16Config
+
+    def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
+        return SeqPairStore(layer_idx, info, FullPrecisionSeq(), FullPrecisionSeq())
+
+
+@dataclass
+class UniformConfig(MethodConfig):
+    bits: int = 4
+    group: int = 0  # channels per range; 0 = head_dim (one range per token per head)
+    symmetric: bool = False
+
+    def validate(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise MethodSpecError(f"int: bits={self.bits} is not supported; accepted bits: {SUPPORTED_BITS}")
+        if self.group < 0:
+            raise MethodSpecError(f"int: group={self.group} must be >= 1 (or 0 for head_dim)")
+
+
+@register_method("int", "uniform per-token asymmetric INT-N K/V (option bits)")
+class Uniform(KVCacheMethod):
+    """Uniform per-token INT-N quantization of keys and values (group = head_dim by default)."""
+
+    config_class = UniformConfig
+
+    def check_model(self, info: ModelInfo) -> None:
+        group = self.config.group or info.head_dim
+        if info.head_dim % group:
+            raise MethodSpecError(
+                f"{self.label}: group={group} does not divide head_dim={info.head_dim}; "
+                f"accepted: divisors of {info.head_dim}"
+            )
+        if info.head_dim * self.config.bits % 8:
+            raise MethodSpecError(
+                f"{self.label}: head_dim={info.head_dim} cannot be bit-packed at {self.config.bits} bits"
+            )
+
+    def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
+        c = self.config
+        group = c.group or info.head_dim
+        k = QuantizedSeq(c.bits, group, axis=-1, symmetric=c.symmetric)
+        v = QuantizedSeq(c.bits, group, axis=-1, symmetric=c.symmetric)
+        return SeqPairStore(layer_idx, info, k, v)
+
+
+for _bits in (8, 4, 2):
+    register_variant(f"int{_bits}", Uniform, f"uniform per-token asymmetric INT{_bits} K/V", bits=_bits)

@@ -1,0 +1,370 @@
+"""The one module that touches transformers internals.
+
+* ``model_info`` reads the attention geometry and refuses layer types the harness cannot serve.
+* ``HarnessCache`` (a ``transformers.Cache``) holds one ``HarnessLayer`` (a ``DynamicLayer``) per
+  decoder layer; each wraps the method's ``LayerStore``. ``update()`` stores the new K/V and returns
+  what the store reconstructs, so quantization applies to prefill attention too, unless the method
+  keeps prefill in full precision (KIVI's own code does).
+* ``AttachedMethod`` installs only the hooks a method asks for: a forward hook on each ``k_proj``
+  (pre-RoPE keys), on each block's ``input_layernorm`` (MoQAE's router input), and an attention
+  function that delivers queries and attention probabilities (MiKV / H2O) to the layer stores.
+* ``forward`` / ``generate`` call the model with a cache under whichever keyword the installed
+  transformers release uses (``cache`` since 5.2x, ``past_key_values`` before).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from harness.interface import (
+    SIGNALS,
+    KVCacheMethod,
+    LayerStore,
+    MemoryReport,
+    ModelInfo,
+    Observation,
+    UnsupportedModelError,
+)
+
+SERVED_LAYER_TYPES = ("full_attention", "sliding_attention")
+HARNESS_ATTENTION = "moqae_harness"
+
+
+# --------------------------------------------------------------------------------------------
+# Model inspection
+# --------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks of a causal LM (``model.model.layers``), refusing anything else."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no decoder layers at model.model.layers; the harness serves "
+            "decoder-only causal LMs of the Llama / Mistral / Qwen2 families"
+        )
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: layer {i} has no self_attn with q_proj/k_proj/v_proj; "
+                "the harness serves multi-head / grouped-query attention layers only"
+            )
+    return list(layers)
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    """Attention geometry from the model config; refuses layer types the cache cannot serve."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{cfg.model_type}: encoder-decoder models are not supported")
+    layers = decoder_layers(model)
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(layers)
+    bad = sorted({t for t in layer_types if t not in SERVED_LAYER_TYPES})
+    if bad:
+        raise UnsupportedModelError(
+            f"{cfg.model_type}: layer types {bad} are not served (accepted: {', '.join(SERVED_LAYER_TYPES)})"
+        )
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    param = next(model.parameters())
+    return ModelInfo(
+        family=cfg.model_type,
+        n_layers=len(layers),
+        n_heads=n_heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        hidden_size=cfg.hidden_size,
+        dtype=param.dtype,
+        device=param.device,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------
+
+
+class _SignalBoard:
+    """Signals captured by hooks during the current forward, picked up by the layer's update()."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, dict[str, torch.Tensor]] = {}
+        self.cache: HarnessCache | None = None
+
+    def put(self, layer_idx: int, key: str, value: torch.Tensor) -> None:
+        self.pending.setdefault(layer_idx, {})[key] = value
+
+    def take(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        return self.pending.pop(layer_idx, {})
+
+
+class HarnessLayer(DynamicLayer):
+    """A transformers cache layer whose storage is a method's ``LayerStore``.
+
+    ``keys`` / ``values`` stay None: the store is the only holder of the history.
+    """
+
+    def __init__(self, store: LayerStore, quantize_prefill: bool, board: _SignalBoard):
+        super().__init__()
+        self.store = store
+        self.quantize_prefill = quantize_prefill
+        self.board = board
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.batch_size = key_states.shape[0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, n_new = self.store.seq_len, key_states.shape[-2]
+        signals = self.board.take(self.store.layer_idx)
+        obs = Observation(
+            positions=torch.arange(start, start + n_new, device=key_states.device),
+            pre_rope_keys=signals.get("pre_rope_keys"),
+            block_input=signals.get("block_input"),
+            is_prefill=start == 0,
+        )
+        dtype = key_states.dtype
+        if not self.quantize_prefill and n_new > 1:
+            # Full-precision attention over the new tokens, history read from the store.
+            past = self.store.read(dtype) if start else None
+            self.store.append(key_states, value_states, obs)
+            self.store.seq_len = start + n_new
+            if past is None:
+                return key_states, value_states
+            return torch.cat([past[0], key_states], dim=-2), torch.cat([past[1], value_states], dim=-2)
+        self.store.append(key_states, value_states, obs)
+        self.store.seq_len = start + n_new
+        return self.store.read(dtype)
+
+    def get_seq_length(self) -> int:
+        return self.store.seq_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.store.seq_len + query_length, 0
+
+    def reset(self) -> None:
+        raise NotImplementedError("make a new cache with AttachedMethod.new_cache() instead of reset()")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("cropping a quantized cache is not supported (assisted decoding)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.store.reorder(beam_idx.to(self.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.store.reorder(indices.to(self.device))
+        self.batch_size = len(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.store.seq_len:
+            index = torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats)
+            self.store.reorder(index)
+            self.batch_size *= repeats
+
+    def offload(self) -> None:
+        raise NotImplementedError("offloading is not supported by the harness cache")
+
+    def prefetch(self) -> None:
+        pass
+
+
+class HarnessCache(Cache):
+    """A transformers ``Cache`` made of one ``HarnessLayer`` per decoder layer of one method."""
+
+    def __init__(self, method: KVCacheMethod, info: ModelInfo, board: _SignalBoard):
+        self.method = method
+        self.state = method.new_cache_state()
+        layers = [
+            HarnessLayer(method.new_layer_store(i, info), method.quantize_prefill, board)
+            for i in range(info.n_layers)
+        ]
+        for layer in layers:
+            layer.store.cache_state = self.state
+        super().__init__(layers=layers)
+        self.board = board
+
+    @property
+    def stores(self) -> list[LayerStore]:
+        return [layer.store for layer in self.layers]
+
+    def memory(self) -> MemoryReport:
+        """Bytes really held by every layer's store, summed."""
+        total = MemoryReport()
+        for store in self.stores:
+            total += store.memory()
+        return total
+
+
+# --------------------------------------------------------------------------------------------
+# Attaching a method to a model
+# --------------------------------------------------------------------------------------------
+
+
+def _causal_bias(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(q_len, device=device).unsqueeze(1) + (kv_len - q_len)
+    j = torch.arange(kv_len, device=device).unsqueeze(0)
+    return torch.where(j <= i, 0.0, float("-inf"))
+
+
+def attention_probs(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Softmax attention probabilities [B, H, Tq, Tk] in fp32 (keys repeated for GQA)."""
+    n_rep = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
+    scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling
+    q_len, kv_len = scores.shape[-2:]
+    if attention_mask is None:
+        scores = scores + _causal_bias(q_len, kv_len, scores.device)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :kv_len], float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :kv_len].float()
+    return torch.softmax(scores, dim=-1)
+
+
+_BOARDS: dict[int, tuple[_SignalBoard, str, frozenset[str]]] = {}
+
+
+def _harness_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention function that delegates to the model's original one and reports queries/probs."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    board, original, signals = _BOARDS[id(module.config)]
+    fn = ALL_ATTENTION_FUNCTIONS[original] if original != "eager" else None
+    if fn is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as fn
+    out = fn(module, query, key, value, attention_mask, **kwargs)
+    cache = board.cache
+    if cache is not None:
+        scaling = kwargs.get("scaling") or module.head_dim**-0.5
+        probs = attention_probs(query, key, attention_mask, scaling) if "attention" in signals else None
+        cache.layers[module.layer_idx].store.observe_attention(query, probs)
+    return out
+
+
+class AttachedMethod:
+    """A method attached to a model: hooks installed, weights folded, ready to make caches.
+
+    Use as a context manager, or call ``detach()``; folded weights are not restored.
+    """
+
+    def __init__(self, model: torch.nn.Module, method: KVCacheMethod):
+        self.model, self.method = model, method
+        self.info = model_info(model)
+        unknown = set(method.signals) - SIGNALS
+        if unknown:
+            raise ValueError(f"{method.label}: unknown signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
+        method.check_model(self.info)
+        method.info = self.info
+        self.board = _SignalBoard()
+        self._handles: list[Any] = []
+        self._original_attn: str | None = None
+        layers = decoder_layers(model)
+        if "pre_rope_keys" in method.signals:
+            for i, layer in enumerate(layers):
+                self._handles.append(layer.self_attn.k_proj.register_forward_hook(self._pre_rope_hook(i)))
+        if "block_input" in method.signals:
+            for i, layer in enumerate(layers):
+                norm = getattr(layer, "input_layernorm", None)
+                if norm is None:
+                    raise UnsupportedModelError(f"{self.info.family}: layer {i} has no input_layernorm")
+                self._handles.append(norm.register_forward_hook(self._block_input_hook(i)))
+        if method.signals & {"queries", "attention"}:
+            self._install_attention()
+        method.attach(model, self.info)
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _pre_rope_hook(self, layer_idx: int):
+        d = self.info.head_dim
+
+        def hook(_module, _inputs, output):
+            b, t, _ = output.shape
+            self.board.put(layer_idx, "pre_rope_keys", output.view(b, t, -1, d).transpose(1, 2))
+
+        return hook
+
+    def _block_input_hook(self, layer_idx: int):
+        def hook(_module, _inputs, output):
+            self.board.put(layer_idx, "block_input", output)
+
+        return hook
+
+    def _install_attention(self) -> None:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(HARNESS_ATTENTION, _harness_attention)
+        cfg = self.model.config
+        self._original_attn = cfg._attn_implementation or "sdpa"
+        _BOARDS[id(cfg)] = (self.board, self._original_attn, self.method.signals)
+        self._set_attn(HARNESS_ATTENTION)
+
+    def _set_attn(self, name: str) -> None:
+        if hasattr(self.model, "set_attn_implementation"):
+            try:
+                self.model.set_attn_implementation(name)
+                return
+            except (ValueError, ImportError, KeyError):
+                pass
+        self.model.config._attn_implementation = name
+
+    # ---- public ------------------------------------------------------------------------------
+    def new_cache(self) -> HarnessCache:
+        cache = HarnessCache(self.method, self.info, self.board)
+        self.board.cache = cache
+        self.board.pending.clear()
+        return cache
+
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        self.method.calibrate(self.model, batches)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._original_attn is not None:
+            _BOARDS.pop(id(self.model.config), None)
+            self._set_attn(self._original_attn)
+            self._original_attn = None
+        self.board.cache = None
+
+    def __enter__(self) -> AttachedMethod:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Calling the model with a cache
+# --------------------------------------------------------------------------------------------
+
+
+def _cache_kwarg(fn: Any) -> str:
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache | None = None, **kwargs: Any):
+    """``model(input_ids, <cache kwarg>=cache, use_cache=...)``; returns the model output."""
+    if cache is None:
+        return model(input_ids=input_ids, use_cache=False, **kwargs)
+    kwargs[_cache_kwarg(model.forward)] = cache
+    return model(input_ids=input_ids, use_cache=True, **kwargs)
+
+
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache | None = None, **kwargs: Any):
+    """``model.generate`` with the given cache (a fresh ``HarnessCache`` per call)."""
+    if cache is not None:
+        kwargs[_cache_kwarg(model.generate)] = cache
+    return model.generate(input_ids=input_ids, **kwargs)

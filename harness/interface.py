@@ -1,0 +1,341 @@
+"""The one KV-cache-method interface every method (MoQAE and every baseline) plugs into.
+
+A method is two small pieces, in the style of kvpress:
+
+* ``KVCacheMethod`` — a registered class with a config dataclass. It validates itself against the
+  model (``check_model``), may fold weights at attach time (``attach``, QoQ's SmoothAttention), may
+  calibrate (``calibrate``, KVQuant / KVmix), declares which signals it needs (``signals``), and makes
+  one ``LayerStore`` per decoder layer for every new cache (``new_layer_store``).
+* ``LayerStore`` — what one layer of one cache really holds: packed codes, fp16 scales/zeros,
+  full-precision tokens, outliers. ``append`` receives each update's post-RoPE K/V plus the observed
+  signals; ``read`` returns the K/V attention uses; ``memory`` counts the bytes really held.
+
+Everything that touches transformers internals lives in ``harness.integration``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+class MethodSpecError(ValueError):
+    """A bad method name or option; the message is one line listing what is accepted."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model has layers or shapes that a method (or the harness) cannot serve."""
+
+
+# --------------------------------------------------------------------------------------------
+# What a method can see
+# --------------------------------------------------------------------------------------------
+
+#: Signals a method can ask for (``KVCacheMethod.signals``); hooks are installed only for these.
+SIGNALS = frozenset({"pre_rope_keys", "block_input", "queries", "attention"})
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The attention geometry of a model, read from its config by ``harness.integration``."""
+
+    family: str  # model_type: llama, mistral, qwen2, ...
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class Observation:
+    """Signals observed for one layer during the forward that produced an ``append``.
+
+    Shapes: ``pre_rope_keys`` [B, H_kv, T, D] (output of k_proj, before RoPE, as KVQuant quantizes);
+    ``block_input`` [B, T, hidden] (the hidden states entering the decoder block after its input norm,
+    MoQAE's router input); ``positions`` [T] absolute token positions of the appended tokens.
+    """
+
+    positions: torch.Tensor
+    pre_rope_keys: torch.Tensor | None = None
+    block_input: torch.Tensor | None = None
+    is_prefill: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Memory accounting
+# --------------------------------------------------------------------------------------------
+
+#: Byte categories of the accounting.
+CATEGORIES = ("codes", "scales", "fp_tokens", "outliers", "router")
+
+
+@dataclass
+class MemoryReport:
+    """Bytes a cache holds, by category, and the element count they represent.
+
+    ``payload_bits`` is the sum over stored K/V elements of their payload bit-width (codes: their
+    bits; elements kept in full precision: 16). nominal bits = payload_bits / elements (the papers'
+    convention, e.g. MoQAE's 4.13); effective bits = 8 · all bytes / elements (codes, scales/zeros,
+    full-precision tokens, outliers with their indices, router state).
+    """
+
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    payload_bits: float = 0.0
+    elements: int = 0
+
+    def add(self, category: str, nbytes: int) -> None:
+        if category not in CATEGORIES:
+            raise KeyError(f"unknown memory category {category!r}; use one of {CATEGORIES}")
+        self.bytes[category] += int(nbytes)
+
+    def __iadd__(self, other: MemoryReport) -> MemoryReport:
+        for k, v in other.bytes.items():
+            self.bytes[k] = self.bytes.get(k, 0) + v
+        self.payload_bits += other.payload_bits
+        self.elements += other.elements
+        return self
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    @property
+    def nominal_bits(self) -> float:
+        return self.payload_bits / self.elements if self.elements else 0.0
+
+    @property
+    def effective_bits(self) -> float:
+        return 8.0 * self.total_bytes / self.elements if self.elements else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bytes": dict(self.bytes),
+            "total_bytes": self.total_bytes,
+            "elements": self.elements,
+            "nominal_bits": self.nominal_bits,
+            "effective_bits": self.effective_bits,
+        }
+
+
+def tensor_bytes(t: torch.Tensor | None) -> int:
+    """Bytes a tensor really holds (0 for None)."""
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layer storage
+# --------------------------------------------------------------------------------------------
+
+
+class LayerStore(ABC):
+    """The K/V one decoder layer of one cache holds. Shapes: keys/values [B, H_kv, T, D]."""
+
+    def __init__(self, layer_idx: int, info: ModelInfo):
+        self.layer_idx = layer_idx
+        self.info = info
+        self.seq_len = 0  # tokens held; maintained by the cache after each append
+        self.cache_state: dict[str, Any] = {}  # shared by the layers of one cache (set by the cache)
+
+    @abstractmethod
+    def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
+        """Store new post-RoPE keys/values (and whatever the observation lets the method derive)."""
+
+    @abstractmethod
+    def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """All K/V held, reconstructed for attention: ([B, H_kv, T, D], [B, H_kv, T, D])."""
+
+    @abstractmethod
+    def memory(self) -> MemoryReport:
+        """Bytes really held by this layer, by category, with payload bits and element count."""
+
+    def observe_attention(self, queries: torch.Tensor, probs: torch.Tensor | None) -> None:  # noqa: B027
+        """Queries [B, H, Tq, D] (post-RoPE) and attention probabilities [B, H, Tq, Tk] of the
+        forward that just read this layer (only delivered when the method asks for them)."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select/reorder the batch (beam search). Methods that support it override this."""
+        raise NotImplementedError(f"{type(self).__name__} does not support batch reordering (beam search)")
+
+
+# --------------------------------------------------------------------------------------------
+# Methods and their registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodConfig:
+    """Base config; each method subclasses it. ``validate`` raises MethodSpecError on bad values."""
+
+    def validate(self) -> None:  # noqa: B027
+        pass
+
+
+class KVCacheMethod(ABC):
+    """A KV-cache compression method. Subclasses set ``config_class`` and implement ``new_layer_store``."""
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    #: signals from ``SIGNALS`` this method needs; hooks are installed for these only
+    signals: ClassVar[frozenset[str]] = frozenset()
+    #: registry name, set by ``register_method``
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig | None = None, name: str | None = None):
+        self.config = config if config is not None else self.config_class()
+        self.config.validate()
+        self.label = name or self.name
+        self.info: ModelInfo | None = None
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def check_model(self, info: ModelInfo) -> None:  # noqa: B027
+        """Raise UnsupportedModelError / MethodSpecError if the method cannot serve this model."""
+
+    def attach(self, model: torch.nn.Module, info: ModelInfo) -> None:  # noqa: B027
+        """Optional weight folding at attach time (e.g. QoQ's SmoothAttention)."""
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    def calibrate(self, model: torch.nn.Module, calibration_batches: Iterable[torch.Tensor]) -> None:  # noqa: B027
+        """Optional calibration on windows of the calibration split (never the test split)."""
+
+    @property
+    def quantize_prefill(self) -> bool:
+        """If False, prefill attention uses the full-precision K/V (as KIVI's own code does)."""
+        return bool(getattr(self.config, "quantize_prefill", True))
+
+    @abstractmethod
+    def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
+        """A fresh, empty store for one layer of a new cache."""
+
+    def new_cache_state(self) -> dict[str, Any]:
+        """State shared by the layers of one cache (e.g. MoQAE's routing decisions for sharing)."""
+        return {}
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+
+@dataclass
+class _Entry:
+    cls: type[KVCacheMethod]
+    defaults: dict[str, Any]
+    description: str
+
+
+_METHODS: dict[str, _Entry] = {}
+
+
+def register_method(name: str, description: str = "", **defaults: Any):
+    """Class decorator: register a method under ``name`` (with optional default option overrides).
+
+    ``register_variant`` adds further names for the same class (e.g. ``kivi-2``).
+    """
+
+    def deco(cls: type[KVCacheMethod]) -> type[KVCacheMethod]:
+        cls.name = cls.name or name
+        register_variant(name, cls, description or (cls.__doc__ or "").strip().splitlines()[0], **defaults)
+        return cls
+
+    return deco
+
+
+def register_variant(name: str, cls: type[KVCacheMethod], description: str = "", **defaults: Any) -> None:
+    if name in _METHODS and _METHODS[name].cls is not cls:
+        raise ValueError(f"method name {name!r} is already registered by {_METHODS[name].cls.__name__}")
+    names = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = set(defaults) - names
+    if unknown:
+        raise ValueError(f"variant {name!r} sets unknown options {sorted(unknown)}")
+    _METHODS[name] = _Entry(cls, defaults, description)
+
+
+def _load_builtin_methods() -> None:
+    """Import the packages whose modules register methods (idempotent)."""
+    import baselines  # noqa: F401
+    import moqae  # noqa: F401
+
+
+def method_names() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def method_entry(name: str) -> _Entry:
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise MethodSpecError(f"unknown method {name!r}; accepted: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def _coerce(value: str, typ: Any, key: str, method: str) -> Any:
+    t = typ if isinstance(typ, type) else str(typ)
+    try:
+        if t in (bool, "bool"):
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if t in (int, "int"):
+            return int(value)
+        if t in (float, "float"):
+            return float(value)
+    except ValueError:
+        raise MethodSpecError(
+            f"{method}: option {key}={value!r} is not a valid {getattr(t, '__name__', t)}"
+        ) from None
+    return value
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"kivi:bits=2,group=32"`` -> ``("kivi", {"bits": "2", "group": "32"})``."""
+    name, _, rest = spec.strip().partition(":")
+    opts: dict[str, str] = {}
+    if rest:
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise MethodSpecError(f"{name}: bad option {item!r}; write {name}:key=value,key=value")
+            opts[key.strip()] = value.strip()
+    return name.strip(), opts
+
+
+def build_method(spec: str) -> KVCacheMethod:
+    """Build a method from ``name`` or ``name:key=value,...``. Bad input raises MethodSpecError."""
+    name, opts = parse_method_spec(spec)
+    entry = method_entry(name)
+    fields = {f.name: f for f in dataclasses.fields(entry.cls.config_class)}
+    unknown = sorted(set(opts) - set(fields))
+    if unknown:
+        accepted = ", ".join(fields) or "none"
+        raise MethodSpecError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
+    values: dict[str, Any] = dict(entry.defaults)
+    for key, raw in opts.items():
+        values[key] = _coerce(raw, fields[key].type, key, name)
+    try:
+        config = entry.cls.config_class(**values)
+    except TypeError as e:
+        raise MethodSpecError(f"{name}: {e}") from None
+    label = name if not opts else f"{name}:" + ",".join(f"{k}={v}" for k, v in opts.items())
+    return entry.cls(config, name=label)
+
+
+def describe_methods() -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, description, default options) for every registered method."""
+    out = []
+    for name in method_names():
+        entry = _METHODS[name]
+        defaults = dataclasses.asdict(entry.cls.config_class(**entry.defaults))
+        out.append((name, entry.description, defaults))
+    return out

@@ -1,0 +1,203 @@
+"""Quantization primitives shared by every KV-cache method.
+
+One module, vectorised torch, no Python loops over tokens or channels:
+
+* ``quantize`` — asymmetric min-max (KIVI, MoQAE, uniform INT-N) or symmetric round-to-nearest
+  quantization in groups of ``group`` consecutive elements along any ``axis``.
+* ``pack_bits`` / ``unpack_bits`` — 2, 4 and 8-bit codes packed into bytes along the last dim.
+* ``QuantizedTensor`` — what a cache stores: packed codes (uint8) plus fp16 scale and zero-point.
+
+Math (asymmetric, as in KIVI's ``quant/new_pack.py`` and the MoQAE paper):
+    s = (max - min) / (2^b - 1),   q = round(clamp((x - min) / s, 0, 2^b - 1)),   x̂ = q·s + min
+Symmetric RTN: s = max|x| / (2^(b-1) - 1), q = clamp(round(x / s), -(2^(b-1) - 1), 2^(b-1) - 1),
+x̂ = q·s; codes are stored offset by 2^(b-1) so they are unsigned.
+
+Scale and zero-point are stored in fp16 (the papers' convention) and the codes are computed against
+the *stored* fp16 values, so dequantization reproduces exactly what was accounted for.
+Rounding is ``torch.round`` (round half to even). A constant group has s = 0: every code is 0 and
+x̂ = min, exact up to the fp16 rounding of min (exact for fp16 inputs); no NaN is produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 4, 8)
+META_DTYPE = torch.float16
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS} for packed storage, got {bits}")
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2^bits) along the last dim into uint8 (little-end first).
+
+    ``codes``: [..., n] with n divisible by 8 // bits  ->  [..., n * bits // 8] uint8.
+    """
+    _check_bits(bits)
+    per_byte = 8 // bits
+    n = codes.shape[-1]
+    if n % per_byte:
+        raise ValueError(f"last dim {n} is not divisible by {per_byte} ({bits}-bit packing)")
+    c = codes.to(torch.uint8)
+    if per_byte == 1:
+        return c.contiguous()
+    c = c.reshape(*c.shape[:-1], n // per_byte, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=c.device)  # [per_byte]
+    return (c << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: [..., m] uint8 -> [..., m * 8 // bits] uint8 codes."""
+    _check_bits(bits)
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    codes = (packed.unsqueeze(-1) >> shifts) & mask  # [..., m, per_byte]
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed integer codes with fp16 scale / zero-point, grouped along one axis.
+
+    Layout: ``codes`` keeps the original tensor's shape except the last dim, which is packed
+    (``shape[-1] * bits / 8`` bytes). ``scale`` and ``zero`` have the original shape with the
+    group axis reduced to ``shape[axis] // group`` (one entry per group). ``zero`` is None for
+    symmetric quantization.
+    """
+
+    codes: torch.Tensor  # uint8, [..., D * bits / 8]
+    scale: torch.Tensor  # fp16, group axis reduced
+    zero: torch.Tensor | None  # fp16, same shape as scale; None when symmetric
+    bits: int
+    axis: int  # negative index of the group axis
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = list(self.codes.shape)
+        s[-1] = s[-1] * 8 // self.bits
+        return tuple(s)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = unpack_bits(self.codes, self.bits)
+        shape = q.shape
+        ax = self.axis % len(shape)
+        grouped = shape[:ax] + (shape[ax] // self.group, self.group) + shape[ax + 1 :]
+        qg = q.reshape(grouped).to(dtype)
+        scale = self.scale.to(dtype).unsqueeze(ax + 1)
+        if self.zero is None:
+            x = (qg - 2 ** (self.bits - 1)) * scale
+        else:
+            x = qg * scale + self.zero.to(dtype).unsqueeze(ax + 1)
+        return x.reshape(shape)
+
+    # --- storage accounting -------------------------------------------------------------
+    @property
+    def code_bytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size()
+
+    @property
+    def meta_bytes(self) -> int:
+        n = self.scale.numel() * self.scale.element_size()
+        if self.zero is not None:
+            n += self.zero.numel() * self.zero.element_size()
+        return n
+
+    @property
+    def numel(self) -> int:
+        return self.codes.numel() * 8 // self.bits
+
+    @staticmethod
+    def cat(parts: list[QuantizedTensor], dim: int) -> QuantizedTensor:
+        """Concatenate along a non-packed dim (e.g. tokens). Groups must not straddle parts."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        if dim % first.codes.dim() == first.codes.dim() - 1:
+            raise ValueError("cannot concatenate along the packed last dim")
+        for p in parts[1:]:
+            if (p.bits, p.axis, p.group, p.symmetric) != (first.bits, first.axis, first.group, first.symmetric):
+                raise ValueError("cannot concatenate quantized tensors with different layouts")
+        return QuantizedTensor(
+            codes=torch.cat([p.codes for p in parts], dim=dim),
+            scale=torch.cat([p.scale for p in parts], dim=dim),
+            zero=None if first.zero is None else torch.cat([p.zero for p in parts], dim=dim),
+            bits=first.bits,
+            axis=first.axis,
+            group=first.group,
+        )
+
+    def index_select(self, dim: int, index: torch.Tensor) -> QuantizedTensor:
+        """Select along a non-packed, non-group dim (batch reordering for beam search)."""
+        return QuantizedTensor(
+            codes=self.codes.index_select(dim, index),
+            scale=self.scale.index_select(dim, index),
+            zero=None if self.zero is None else self.zero.index_select(dim, index),
+            bits=self.bits,
+            axis=self.axis,
+            group=self.group,
+        )
+
+
+def _grouped(x: torch.Tensor, axis: int, group: int) -> tuple[torch.Tensor, int]:
+    """Reshape ``x`` so the group axis splits into (n_groups, group); return the view and its index."""
+    ax = axis % x.dim()
+    n = x.shape[ax]
+    if group < 1 or n % group:
+        raise ValueError(f"group size {group} does not divide axis of length {n}")
+    return x.reshape(x.shape[:ax] + (n // group, group) + x.shape[ax + 1 :]), ax
+
+
+def quantize(
+    x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: bool = False
+) -> QuantizedTensor:
+    """Quantize ``x`` in groups of ``group`` consecutive elements along ``axis``.
+
+    Keys per channel (KIVI): ``x`` [B, H, T, D], ``axis=-2`` (groups of tokens, one range per channel).
+    Values per token: ``axis=-1`` (groups of channels, one range per token).
+    """
+    _check_bits(bits)
+    axis = axis - x.dim() if axis >= 0 else axis
+    xg, ax = _grouped(x.float(), axis, group)
+    gax = ax + 1  # index of the within-group axis
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        amax = xg.abs().amax(dim=gax)
+        scale = (amax / qmax).to(META_DTYPE)
+        s = scale.float().unsqueeze(gax)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.clamp(torch.round(xg / safe), -qmax, qmax) + 2 ** (bits - 1)
+        q = torch.where(s > 0, q, torch.full_like(q, 2 ** (bits - 1)))
+        zero = None
+    else:
+        qmax = 2**bits - 1
+        lo = xg.amin(dim=gax)
+        hi = xg.amax(dim=gax)
+        zero = lo.to(META_DTYPE)
+        scale = ((hi - zero.float()) / qmax).to(META_DTYPE)
+        s = scale.float().unsqueeze(gax)
+        z = zero.float().unsqueeze(gax)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.round(torch.clamp((xg - z) / safe, 0, qmax))
+        q = torch.where(s > 0, q, torch.zeros_like(q))
+    codes = pack_bits(q.reshape(x.shape).to(torch.uint8), bits)
+    return QuantizedTensor(codes=codes, scale=scale, zero=zero, bits=bits, axis=axis, group=group)
+
+
+def fake_quantize(
+    x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: bool = False
+) -> torch.Tensor:
+    """Quantize then dequantize (for error analysis and calibration searches, never for storage)."""
+    return quantize(x, bits, group, axis, symmetric).dequantize(x.dtype)

@@ -1,0 +1,135 @@
+"""Token-sequence containers that methods compose into their ``LayerStore``.
+
+* ``FullPrecisionSeq`` — tokens kept as 16-bit floats (the fp16 method, residual windows, sinks).
+* ``QuantizedSeq`` — tokens kept as packed codes + fp16 scale/zero (``harness.quant``), growing
+  along the token axis. The group layout is fixed per sequence (per-token groups along channels, or
+  per-channel groups of ``group`` tokens); each append must hold whole groups.
+
+Both report the bytes they really hold; nothing keeps a full-precision copy of quantized history.
+Shapes: [B, H_kv, T, D].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness.interface import LayerStore, MemoryReport, ModelInfo, Observation, tensor_bytes
+from harness.quant import QuantizedTensor, quantize
+
+TOKEN_DIM = -2
+
+
+class FullPrecisionSeq:
+    """Tokens held in a 16-bit float dtype (fp16 by default: the papers' reference)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float16):
+        self.dtype = dtype
+        self.data: torch.Tensor | None = None  # [B, H, T, D]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.data is None else self.data.shape[TOKEN_DIM]
+
+    def append(self, x: torch.Tensor) -> None:
+        x = x.to(self.dtype)
+        self.data = x if self.data is None else torch.cat([self.data, x], dim=TOKEN_DIM)
+
+    def take_front(self, n: int) -> torch.Tensor:
+        """Remove and return the oldest ``n`` tokens (to hand them to a quantizer)."""
+        assert self.data is not None and n <= self.length
+        front, self.data = self.data[..., :n, :], self.data[..., n:, :]
+        self.data = self.data.contiguous() if self.data.shape[TOKEN_DIM] else None
+        return front
+
+    def read(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.data is None else self.data.to(dtype)
+
+    def memory(self) -> MemoryReport:
+        r = MemoryReport()
+        if self.data is not None:
+            r.add("fp_tokens", tensor_bytes(self.data))
+            r.elements = self.data.numel()
+            r.payload_bits = float(self.data.numel() * self.data.element_size() * 8)
+        return r
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.data is not None:
+            self.data = self.data.index_select(0, index)
+
+
+class QuantizedSeq:
+    """Tokens held as packed integer codes with fp16 scale/zero-point.
+
+    ``axis=-1``: one range per token per group of ``group`` channels (per-token quantization).
+    ``axis=-2``: one range per channel per group of ``group`` consecutive tokens (per-channel).
+    """
+
+    def __init__(self, bits: int, group: int, axis: int, symmetric: bool = False):
+        if axis not in (-1, -2):
+            raise ValueError("axis must be -1 (per token) or -2 (per channel)")
+        self.bits, self.group, self.axis, self.symmetric = bits, group, axis, symmetric
+        self.q: QuantizedTensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.q is None else self.q.codes.shape[TOKEN_DIM]
+
+    def append(self, x: torch.Tensor) -> None:
+        """Quantize and store ``x`` [B, H, T, D]; with axis=-2, T must be a multiple of ``group``."""
+        if x.shape[TOKEN_DIM] == 0:
+            return
+        part = quantize(x, self.bits, self.group, self.axis, self.symmetric)
+        self.q = part if self.q is None else QuantizedTensor.cat([self.q, part], dim=TOKEN_DIM)
+
+    def read(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.q is None else self.q.dequantize(dtype)
+
+    def memory(self) -> MemoryReport:
+        r = MemoryReport()
+        if self.q is not None:
+            r.add("codes", self.q.code_bytes)
+            r.add("scales", self.q.meta_bytes)
+            r.elements = self.q.numel
+            r.payload_bits = float(self.q.numel * self.bits)
+        return r
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.q is not None:
+            self.q = self.q.index_select(0, index)
+
+
+Seq = FullPrecisionSeq | QuantizedSeq
+
+
+def cat_tokens(parts: list[torch.Tensor | None]) -> torch.Tensor:
+    """Concatenate the non-empty parts along the token axis."""
+    present = [p for p in parts if p is not None]
+    return present[0] if len(present) == 1 else torch.cat(present, dim=TOKEN_DIM)
+
+
+class SeqPairStore(LayerStore):
+    """A layer store made of one sequence container for keys and one for values.
+
+    Serves every method whose keys and values are each one ``FullPrecisionSeq`` / ``QuantizedSeq``
+    that stores each appended token right away (fp16, uniform INT-N).
+    """
+
+    def __init__(self, layer_idx: int, info: ModelInfo, k: Seq, v: Seq):
+        super().__init__(layer_idx, info)
+        self.k, self.v = k, v
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
+        self.k.append(keys)
+        self.v.append(values)
+
+    def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k.read(dtype), self.v.read(dtype)
+
+    def memory(self) -> MemoryReport:
+        r = self.k.memory()
+        r += self.v.memory()
+        return r
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.k.reorder(index)
+        self.v.reorder(index)
