@@ -61,7 +61,11 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def model_info(model: torch.nn.Module) -> ModelInfo:
     """Attention geometry from the model config; refuses layer types the cache cannot serve."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cfg = (
+        model.config.get_text_config(decoder=True)
+        if hasattr(model.config, "get_text_config")
+        else model.config
+    )
     if getattr(cfg, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{cfg.model_type}: encoder-decoder models are not supported")
     layers = decoder_layers(model)
@@ -351,6 +355,7 @@ class AttachedMethod:
 
 
 def _cache_kwarg(fn: Any) -> str:
+    """The keyword under which this transformers release takes a cache (``forward`` and ``generate`` agree)."""
     params = inspect.signature(fn).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -366,5 +371,5 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache | None
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache | None = None, **kwargs: Any):
     """``model.generate`` with the given cache (a fresh ``HarnessCache`` per call)."""
     if cache is not None:
-        kwargs[_cache_kwarg(model.generate)] = cache
+        kwargs[_cache_kwarg(model.forward)] = cache
     return model.generate(input_ids=input_ids, **kwargs)

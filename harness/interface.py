@@ -225,38 +225,87 @@ class KVCacheMethod(ABC):
         return dataclasses.asdict(self.config)
 
 
-@dataclass
-class _Entry:
-    cls: type[KVCacheMethod]
-    defaults: dict[str, Any]
-    description: str
+class Registry:
+    """Named classes with a config dataclass, built from ``name`` or ``name:key=value,...`` specs.
 
-
-_METHODS: dict[str, _Entry] = {}
-
-
-def register_method(name: str, description: str = "", **defaults: Any):
-    """Class decorator: register a method under ``name`` (with optional default option overrides).
-
-    ``register_variant`` adds further names for the same class (e.g. ``kivi-2``).
+    Serves methods and tasks alike (lm-evaluation-harness style: register by decorator, look up by
+    name). ``load`` imports the packages whose modules register entries.
     """
 
-    def deco(cls: type[KVCacheMethod]) -> type[KVCacheMethod]:
-        cls.name = cls.name or name
-        register_variant(name, cls, description or (cls.__doc__ or "").strip().splitlines()[0], **defaults)
-        return cls
+    def __init__(self, kind: str, load: Any):
+        self.kind = kind
+        self._load = load
+        self._entries: dict[str, _Entry] = {}
 
-    return deco
+    def register(self, name: str, description: str = "", **defaults: Any):
+        """Class decorator registering ``cls`` under ``name``; ``variant`` adds more names."""
+
+        def deco(cls):
+            cls.name = cls.name or name
+            doc = description or (cls.__doc__ or "").strip().splitlines()[0]
+            self.variant(name, cls, doc, **defaults)
+            return cls
+
+        return deco
+
+    def variant(self, name: str, cls: type, description: str = "", **defaults: Any) -> None:
+        if name in self._entries and self._entries[name].cls is not cls:
+            raise ValueError(
+                f"{self.kind} name {name!r} is already registered by {self._entries[name].cls.__name__}"
+            )
+        unknown = set(defaults) - {f.name for f in dataclasses.fields(cls.config_class)}
+        if unknown:
+            raise ValueError(f"{self.kind} {name!r} sets unknown options {sorted(unknown)}")
+        self._entries[name] = _Entry(cls, defaults, description)
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._entries)
+
+    def entry(self, name: str) -> _Entry:
+        self._load()
+        if name not in self._entries:
+            raise MethodSpecError(
+                f"unknown {self.kind} {name!r}; accepted: {', '.join(sorted(self._entries))}"
+            )
+        return self._entries[name]
+
+    def config(self, spec: str, **overrides: Any) -> tuple[str, _Entry, Any, dict[str, str]]:
+        """Parse ``spec`` into (name, entry, validated config, explicit options)."""
+        name, opts = parse_spec(spec)
+        entry = self.entry(name)
+        fields = {f.name: f for f in dataclasses.fields(entry.cls.config_class)}
+        unknown = sorted(set(opts) - set(fields))
+        if unknown:
+            accepted = ", ".join(fields) or "none"
+            raise MethodSpecError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
+        values: dict[str, Any] = dict(entry.defaults)
+        values.update({k: v for k, v in overrides.items() if k in fields and v is not None})
+        for key, raw in opts.items():
+            values[key] = _coerce(raw, fields[key].type, key, name)
+        try:
+            config = entry.cls.config_class(**values)
+        except TypeError as e:
+            raise MethodSpecError(f"{name}: {e}") from None
+        config.validate()
+        return name, entry, config, opts
+
+    def describe(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(name, description, default options) for every entry."""
+        out = []
+        for name in self.names():
+            entry = self._entries[name]
+            out.append(
+                (name, entry.description, dataclasses.asdict(entry.cls.config_class(**entry.defaults)))
+            )
+        return out
 
 
-def register_variant(name: str, cls: type[KVCacheMethod], description: str = "", **defaults: Any) -> None:
-    if name in _METHODS and _METHODS[name].cls is not cls:
-        raise ValueError(f"method name {name!r} is already registered by {_METHODS[name].cls.__name__}")
-    names = {f.name for f in dataclasses.fields(cls.config_class)}
-    unknown = set(defaults) - names
-    if unknown:
-        raise ValueError(f"variant {name!r} sets unknown options {sorted(unknown)}")
-    _METHODS[name] = _Entry(cls, defaults, description)
+@dataclass
+class _Entry:
+    cls: type
+    defaults: dict[str, Any]
+    description: str
 
 
 def _load_builtin_methods() -> None:
@@ -265,19 +314,19 @@ def _load_builtin_methods() -> None:
     import moqae  # noqa: F401
 
 
+METHODS = Registry("method", _load_builtin_methods)
+register_method = METHODS.register
+
+
+def register_variant(name: str, cls: type[KVCacheMethod], description: str = "", **defaults: Any) -> None:
+    METHODS.variant(name, cls, description, **defaults)
+
+
 def method_names() -> list[str]:
-    _load_builtin_methods()
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
-def method_entry(name: str) -> _Entry:
-    _load_builtin_methods()
-    if name not in _METHODS:
-        raise MethodSpecError(f"unknown method {name!r}; accepted: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
-
-
-def _coerce(value: str, typ: Any, key: str, method: str) -> Any:
+def _coerce(value: str, typ: Any, key: str, owner: str) -> Any:
     t = typ if isinstance(typ, type) else str(typ)
     try:
         if t in (bool, "bool"):
@@ -291,14 +340,16 @@ def _coerce(value: str, typ: Any, key: str, method: str) -> Any:
             return int(value)
         if t in (float, "float"):
             return float(value)
+        if t in ("int | None",):
+            return None if value.lower() in ("none", "") else int(value)
     except ValueError:
         raise MethodSpecError(
-            f"{method}: option {key}={value!r} is not a valid {getattr(t, '__name__', t)}"
+            f"{owner}: option {key}={value!r} is not a valid {getattr(t, '__name__', t)}"
         ) from None
     return value
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """``"kivi:bits=2,group=32"`` -> ``("kivi", {"bits": "2", "group": "32"})``."""
     name, _, rest = spec.strip().partition(":")
     opts: dict[str, str] = {}
@@ -313,29 +364,10 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 def build_method(spec: str) -> KVCacheMethod:
     """Build a method from ``name`` or ``name:key=value,...``. Bad input raises MethodSpecError."""
-    name, opts = parse_method_spec(spec)
-    entry = method_entry(name)
-    fields = {f.name: f for f in dataclasses.fields(entry.cls.config_class)}
-    unknown = sorted(set(opts) - set(fields))
-    if unknown:
-        accepted = ", ".join(fields) or "none"
-        raise MethodSpecError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
-    values: dict[str, Any] = dict(entry.defaults)
-    for key, raw in opts.items():
-        values[key] = _coerce(raw, fields[key].type, key, name)
-    try:
-        config = entry.cls.config_class(**values)
-    except TypeError as e:
-        raise MethodSpecError(f"{name}: {e}") from None
+    name, entry, config, opts = METHODS.config(spec)
     label = name if not opts else f"{name}:" + ",".join(f"{k}={v}" for k, v in opts.items())
     return entry.cls(config, name=label)
 
 
 def describe_methods() -> list[tuple[str, str, dict[str, Any]]]:
-    """(name, description, default options) for every registered method."""
-    out = []
-    for name in method_names():
-        entry = _METHODS[name]
-        defaults = dataclasses.asdict(entry.cls.config_class(**entry.defaults))
-        out.append((name, entry.description, defaults))
-    return out
+    return METHODS.describe()

@@ -128,7 +128,12 @@ class QuantizedTensor:
         if dim % first.codes.dim() == first.codes.dim() - 1:
             raise ValueError("cannot concatenate along the packed last dim")
         for p in parts[1:]:
-            if (p.bits, p.axis, p.group, p.symmetric) != (first.bits, first.axis, first.group, first.symmetric):
+            if (p.bits, p.axis, p.group, p.symmetric) != (
+                first.bits,
+                first.axis,
+                first.group,
+                first.symmetric,
+            ):
                 raise ValueError("cannot concatenate quantized tensors with different layouts")
         return QuantizedTensor(
             codes=torch.cat([p.codes for p in parts], dim=dim),

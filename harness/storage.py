@@ -20,9 +20,10 @@ TOKEN_DIM = -2
 
 
 class FullPrecisionSeq:
-    """Tokens held in a 16-bit float dtype (fp16 by default: the papers' reference)."""
+    """Tokens held in a float dtype: fp16 by default (the papers' reference); ``dtype=None`` keeps
+    the model's compute dtype (the ``full`` method: no rounding at all)."""
 
-    def __init__(self, dtype: torch.dtype = torch.float16):
+    def __init__(self, dtype: torch.dtype | None = torch.float16):
         self.dtype = dtype
         self.data: torch.Tensor | None = None  # [B, H, T, D]
 
@@ -31,7 +32,7 @@ class FullPrecisionSeq:
         return 0 if self.data is None else self.data.shape[TOKEN_DIM]
 
     def append(self, x: torch.Tensor) -> None:
-        x = x.to(self.dtype)
+        x = x.to(self.dtype) if self.dtype is not None else x
         self.data = x if self.data is None else torch.cat([self.data, x], dim=TOKEN_DIM)
 
     def take_front(self, n: int) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""Command line: ``python -m harness list`` and ``python -m harness run``.
+
+Bad input (unknown method or task, unsupported bits, a group that does not divide head_dim, a
+missing dataset or model) prints one ``error:`` line and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from harness.interface import MethodSpecError, UnsupportedModelError
+
+EXIT_USAGE = 2
+
+
+def split_specs(values: Sequence[str] | None) -> list[str]:
+    """``["fp16,kivi:bits=2,group=32", "int4"]`` -> ``["fp16", "kivi:bits=2,group=32", "int4"]``.
+
+    A comma separates specs, except before a ``key=value`` that continues the previous spec's options.
+    """
+    specs: list[str] = []
+    for value in values or []:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" in part and ":" not in part and specs and ":" in specs[-1]:
+                specs[-1] += "," + part
+            else:
+                specs.append(part)
+    return specs
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from harness.evaluation import TASKS
+    from harness.interface import describe_methods
+    from harness.models import MODEL_ALIASES
+
+    def options(opts: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in opts.items()) or "-"
+
+    print("methods (use NAME or NAME:key=value,key=value):")
+    for name, desc, opts in describe_methods():
+        print(f"  {name:<14} {desc}\n  {'':<14} options: {options(opts)}")
+    print("tasks:")
+    for name, desc, opts in TASKS.describe():
+        print(f"  {name:<14} {desc}\n  {'':<14} options: {options(opts)}")
+    print("model aliases (or a hub id, a local folder, a .gguf file):")
+    for name, desc in MODEL_ALIASES.items():
+        print(f"  {name:<18} {desc}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from harness.runner import results_table, run
+
+    summary = run(
+        methods=split_specs(args.methods),
+        tasks=split_specs(args.tasks),
+        model=args.model,
+        out_dir=args.out,
+        data_dir=args.data_dir,
+        device=args.device,
+        dtype=args.dtype,
+        force=args.force,
+        progress=not args.no_progress,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+    )
+    paths = summary.done + summary.skipped
+    if paths:
+        print(results_table(paths))
+    print(f"summary: {len(summary.done)} done, {len(summary.skipped)} skipped, {len(summary.failed)} failed")
+    for path, reason in summary.failed:
+        print(f"  failed: {path.name}: {reason}")
+    return 1 if summary.failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description="KV-cache quantization benchmark harness")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list registered methods, tasks and model aliases").set_defaults(fn=_cmd_list)
+    r = sub.add_parser("run", help="run methods x tasks on one model, one JSON record per cell")
+    r.add_argument("--methods", action="append", required=True, help="comma-separated method specs")
+    r.add_argument("--tasks", action="append", default=None, help="comma-separated task specs (default wikitext2)")
+    r.add_argument("--model", default="smollm2-135m", help="alias, hub id, local folder or .gguf file")
+    r.add_argument("--out", default="results", help="directory for the JSON records")
+    r.add_argument("--data-dir", default=None, help="local data mirror (else $MOQAE_DATA_DIR, else the hub)")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: bf16/fp16 on GPU, fp32 on CPU)")
+    r.add_argument("--seqlen", type=int, default=None, help="perplexity window length (wikitext2 default 2048)")
+    r.add_argument("--max-windows", type=int, default=None, help="at most N perplexity windows (quick runs)")
+    r.add_argument("--force", action="store_true", help="recompute records that already exist")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(fn=_cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and not args.tasks:
+        args.tasks = ["wikitext2"]
+    from harness.data import MissingDataError
+    from harness.models import ModelLoadError
+
+    try:
+        return args.fn(args)
+    except (MethodSpecError, UnsupportedModelError, MissingDataError, ModelLoadError, ValueError) as e:
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: finished records are kept; re-run the same command to resume", file=sys.stderr)
+        return 130

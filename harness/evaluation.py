@@ -1,0 +1,58 @@
+"""Tasks: data plus a scorer, registered by name (lm-evaluation-harness style).
+
+A task gets a ``TaskContext`` (model, tokenizer, the attached KV-cache method, data location) and
+returns its metrics together with the KV memory the method's cache really held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from harness.integration import AttachedMethod
+from harness.interface import MethodConfig, Registry
+
+
+@dataclass
+class TaskContext:
+    model: torch.nn.Module
+    tokenizer: Any
+    attached: AttachedMethod
+    data_dir: Path | None
+    progress: bool = True
+
+
+class Task(ABC):
+    """An evaluation: ``evaluate`` returns {"metrics": {...}, "kv": MemoryReport.as_dict(), ...}."""
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig | None = None, name: str | None = None):
+        self.config = config if config is not None else self.config_class()
+        self.label = name or self.name
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    @abstractmethod
+    def evaluate(self, ctx: TaskContext) -> dict[str, Any]: ...
+
+
+def _load_builtin_tasks() -> None:
+    import tasks  # noqa: F401
+
+
+TASKS = Registry("task", _load_builtin_tasks)
+register_task = TASKS.register
+
+
+def build_task(spec: str, **overrides: Any) -> Task:
+    """Build a task from ``name`` or ``name:key=value``; ``overrides`` (CLI flags) fill known options."""
+    name, entry, config, opts = TASKS.config(spec, **overrides)
+    return entry.cls(config, name=name)

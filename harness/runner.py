@@ -1,0 +1,203 @@
+"""Run methods x tasks on one model and write one JSON record per (model, method, task).
+
+Records are keyed by the full configuration (model, dtype, device type, method options, task
+options): re-running skips records that exist, a failed cell is recorded with its reason and the
+sweep goes on, and every record is written atomically (no half-written file after a crash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.data import MissingDataError, calibration_windows, resolve_data_dir
+from harness.env import environment
+from harness.evaluation import Task, TaskContext, build_task
+from harness.integration import AttachedMethod, model_info
+from harness.interface import KVCacheMethod, MethodSpecError, build_method
+from harness.models import is_random_weights, load_model, model_id
+
+CALIBRATION_WINDOWS = 16
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
+
+
+def record_key(model: str, dtype: str, device: str, method: KVCacheMethod, task: Task) -> dict[str, Any]:
+    return {
+        "model": model,
+        "dtype": dtype,
+        "device": device,
+        "method": method.name,
+        "method_config": method.options(),
+        "task": task.name,
+        "task_config": task.options(),
+    }
+
+
+def record_path(out_dir: Path, key: dict[str, Any], method_label: str) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return out_dir / f"{_slug(key['model'])}__{_slug(method_label)}__{key['task']}__{digest}.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_record(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class RunSummary:
+    done: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def build_all(methods: list[str], tasks: list[str], **task_overrides: Any) -> tuple[list[KVCacheMethod], list[Task]]:
+    """Parse every spec before any model is loaded, so bad input fails fast."""
+    if not methods:
+        raise MethodSpecError("no method given; use --methods fp16,int4,...")
+    if not tasks:
+        raise MethodSpecError("no task given; use --tasks wikitext2")
+    return [build_method(m) for m in methods], [build_task(t, **task_overrides) for t in tasks]
+
+
+def run(
+    methods: list[str],
+    tasks: list[str],
+    model: str,
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Any = print,
+    **task_overrides: Any,
+) -> RunSummary:
+    out = Path(out_dir)
+    method_objs, task_objs = build_all(methods, tasks, **task_overrides)
+    data = resolve_data_dir(data_dir)
+    if is_random_weights(model) and any(t.name == "wikitext2" for t in task_objs):
+        raise MethodSpecError(f"{model} has random weights: perplexity is never reported for it")
+    t0 = time.perf_counter()
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    load_seconds = time.perf_counter() - t0
+    info = model_info(lm)
+    for m in method_objs:  # group sizes, bits vs head_dim etc., before any work
+        m.check_model(info)
+    name, dev = model_id(model), info.device.type
+    dtype_name = str(info.dtype).removeprefix("torch.")
+    env = environment(info.device)
+    summary = RunSummary()
+    for method in method_objs:
+        cells = [(t, record_key(name, dtype_name, dev, method, t)) for t in task_objs]
+        cells = [(t, k, record_path(out, k, method.label)) for t, k in cells]
+        todo = []
+        for task, key, path in cells:
+            rec = None if force else load_record(path)
+            if rec is not None and rec.get("status") == "done":
+                summary.skipped.append(path)
+                log(f"skip {path.name} (exists)")
+            else:
+                todo.append((task, key, path))
+        if not todo:
+            continue
+        calib_seconds = 0.0
+        with AttachedMethod(lm, method) as attached:
+            if method.needs_calibration:
+                c0 = time.perf_counter()
+                seqlen = getattr(todo[0][0].config, "seqlen", 2048)
+                attached.calibrate(calibration_windows(tokenizer, data, seqlen, CALIBRATION_WINDOWS))
+                calib_seconds = time.perf_counter() - c0
+            for task, key, path in todo:
+                record: dict[str, Any] = {
+                    "key": key,
+                    "model": name,
+                    "method": method.label,
+                    "task": task.label,
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "command": " ".join(sys.argv),
+                    "environment": env,
+                    "model_load_seconds": load_seconds,
+                    "calibration_seconds": calib_seconds,
+                }
+                w0 = time.perf_counter()
+                try:
+                    ctx = TaskContext(lm, tokenizer, attached, data, progress=progress)
+                    result = task.evaluate(ctx)
+                except MissingDataError:
+                    raise
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as e:  # a failed cell is recorded and the sweep goes on
+                    if isinstance(e, torch.OutOfMemoryError):
+                        reason = "out of memory: " + str(e).splitlines()[0]
+                    else:
+                        reason = f"{type(e).__name__}: {e}"
+                    record.update(status="failed", reason=reason, traceback=traceback.format_exc())
+                    write_json_atomic(path, record)
+                    summary.failed.append((path, reason))
+                    log(f"FAILED {method.label} / {task.label}: {reason}")
+                    continue
+                record.update(status="done", wall_seconds=time.perf_counter() - w0, **result)
+                write_json_atomic(path, record)
+                summary.done.append(path)
+                log(f"done {method.label} / {task.label}: {_fmt_metrics(result['metrics'])} -> {path.name}")
+    return summary
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def results_table(paths: list[Path]) -> str:
+    """A Markdown table of records; KV byte ratios are against the fp16 record of the same task."""
+    recs = [r for r in (load_record(p) for p in paths) if r and r.get("status") == "done"]
+    ref = {
+        (r["model"], json.dumps(r["key"]["task_config"], sort_keys=True)): r["kv"]["total_bytes"]
+        for r in recs
+        if r["key"]["method"] == "fp16"
+    }
+    lines = [
+        "| model | method | task | metric | nominal bits | effective bits | KV bytes | × fp16 bytes |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in recs:
+        fp16 = ref.get((r["model"], json.dumps(r["key"]["task_config"], sort_keys=True)))
+        kv = r["kv"]
+        ratio = f"{kv['total_bytes'] / fp16:.3f}" if fp16 else "—"
+        metric = _fmt_metrics(r["metrics"])
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['task']} | {metric} | {kv['nominal_bits']:.2f} "
+            f"| {kv['effective_bits']:.2f} | {kv['total_bytes']:,} | {ratio} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""WikiText-2 perplexity by the papers' protocol (GPTQ / KIVI / KVQuant / MoQAE evaluation scripts).
+
+The raw test split is joined with "\\n\\n", tokenized once, and cut into non-overlapping windows of
+``seqlen`` tokens (the incomplete tail is dropped). Each window runs as one forward through a fresh
+cache of the method, so the method's quantization applies to the window's own attention (prefill),
+unless the method keeps prefill in full precision. PPL = exp(mean token NLL over all windows).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from harness.data import token_windows, wikitext2_test_text
+from harness.evaluation import Task, TaskContext, register_task
+from harness.integration import forward
+from harness.interface import MethodConfig, MethodSpecError
+
+
+@dataclass
+class WikiText2Config(MethodConfig):
+    seqlen: int = 2048
+    max_windows: int | None = None  # None = the whole test split
+
+    def validate(self) -> None:
+        if self.seqlen < 2:
+            raise MethodSpecError(f"wikitext2: seqlen={self.seqlen} must be >= 2")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise MethodSpecError(f"wikitext2: max_windows={self.max_windows} must be >= 1")
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of a window (fp32) and the number of predicted tokens."""
+    nll = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+    return nll.item(), ids.shape[1] - 1
+
+
+@register_task("wikitext2", "WikiText-2 (raw) test perplexity, non-overlapping windows of seqlen tokens")
+class WikiText2(Task):
+    config_class = WikiText2Config
+    _ids_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    def token_ids(self, ctx: TaskContext) -> torch.Tensor:
+        key = (id(ctx.tokenizer), str(ctx.data_dir))
+        if key not in self._ids_cache:
+            text = wikitext2_test_text(ctx.data_dir)
+            self._ids_cache[key] = ctx.tokenizer(text, return_tensors="pt").input_ids[0]
+        return self._ids_cache[key]
+
+    @torch.no_grad()
+    def evaluate(self, ctx: TaskContext) -> dict:
+        windows = token_windows(self.token_ids(ctx), self.config.seqlen, self.config.max_windows)
+        device = next(ctx.model.parameters()).device
+        total_nll, total_tokens, memory = 0.0, 0, None
+        start = time.perf_counter()
+        bar = tqdm(windows, desc=f"wikitext2 {ctx.attached.method.label}", disable=not ctx.progress, leave=False)
+        for window in bar:
+            ids = window.view(1, -1).to(device)
+            cache = ctx.attached.new_cache()
+            logits = forward(ctx.model, ids, cache).logits
+            nll, n = window_nll(logits, ids)
+            total_nll, total_tokens = total_nll + nll, total_tokens + n
+            memory = cache.memory()
+            bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+        return {
+            "metrics": {"ppl": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens},
+            "kv": memory.as_dict(),  # one window's cache (all windows have seqlen tokens)
+            "windows": len(windows),
+            "tokens": total_tokens,
+            "eval_seconds": time.perf_counter() - start,
+        }

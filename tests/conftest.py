@@ -1,0 +1,59 @@
+"""Shared fixtures: paths to the local data/model mirror (tests skip where it is absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def shared_models_dir() -> Path:
+    return Path(os.environ.get("MOQAE_MODELS_DIR", SHARED / "models"))
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("MOQAE_DATA_DIR", SHARED / "data"))
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    path = shared_models_dir() / "stories260K"
+    if not (path / "config.json").exists():
+        pytest.skip(f"stories260K not found at {path} (set MOQAE_MODELS_DIR to the shared models folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if not (path / "wikitext-2-raw" / "wiki.test.raw").exists():
+        pytest.skip(f"WikiText-2 mirror not found under {path} (set MOQAE_DATA_DIR to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories(stories_dir):
+    from harness.models import load_model
+
+    return load_model(str(stories_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def stories_kv(stories):
+    """Real post-RoPE keys and values of layer 2 of stories260K on a short prompt."""
+    from harness.integration import AttachedMethod, forward
+    from harness.interface import build_method
+
+    model, tok = stories
+    ids = tok("Once upon a time there was a little girl named Lily. She loved to play", return_tensors="pt").input_ids
+    with AttachedMethod(model, build_method("full")) as am:
+        cache = am.new_cache()
+        with torch.no_grad():
+            forward(model, ids, cache)
+        k, v = cache.stores[2].read(torch.float32)
+    return k, v
