@@ -1,4 +1,6 @@
-"""The reference and uniform baselines: ``fp16``, ``int8``, ``int4``, ``int2``.
+"""The reference and uniform baselines: ``full``, ``fp16``, ``int8``, ``int4``, ``int2``.
+
+* ``full`` keeps K/V in the model's compute dtype: the same numbers as running without a cache.
 
 * ``fp16`` stores K/V as 16-bit floats, the papers' reference. With a model running in fp16 its
   logits equal a run without a cache; in fp32 the only change is the fp16 rounding of K/V.
@@ -39,6 +41,16 @@ class FP16(KVCacheMethod):
 
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
         return SeqPairStore(layer_idx, info, FullPrecisionSeq(), FullPrecisionSeq())
+
+
+@register_method("full", "K/V kept in the model's compute dtype (equals running without quantization)")
+class FullPrecision(KVCacheMethod):
+    """K/V kept exactly as the model computed them (fp32 on CPU): a no-quantization check."""
+
+    config_class = FP16Config
+
+    def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
+        return SeqPairStore(layer_idx, info, FullPrecisionSeq(None), FullPrecisionSeq(None))
 
 
 @dataclass

@@ -61,11 +61,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def model_info(model: torch.nn.Module) -> ModelInfo:
     """Attention geometry from the model config; refuses layer types the cache cannot serve."""
-    cfg = (
-        model.config.get_text_config(decoder=True)
-        if hasattr(model.config, "get_text_config")
-        else model.config
-    )
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     if getattr(cfg, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{cfg.model_type}: encoder-decoder models are not supported")
     layers = decoder_layers(model)
@@ -189,8 +185,7 @@ class HarnessCache(Cache):
         self.method = method
         self.state = method.new_cache_state()
         layers = [
-            HarnessLayer(method.new_layer_store(i, info), method.quantize_prefill, board)
-            for i in range(info.n_layers)
+            HarnessLayer(method.new_layer_store(i, info), method.quantize_prefill, board) for i in range(info.n_layers)
         ]
         for layer in layers:
             layer.store.cache_state = self.state

@@ -250,9 +250,7 @@ class Registry:
 
     def variant(self, name: str, cls: type, description: str = "", **defaults: Any) -> None:
         if name in self._entries and self._entries[name].cls is not cls:
-            raise ValueError(
-                f"{self.kind} name {name!r} is already registered by {self._entries[name].cls.__name__}"
-            )
+            raise ValueError(f"{self.kind} name {name!r} is already registered by {self._entries[name].cls.__name__}")
         unknown = set(defaults) - {f.name for f in dataclasses.fields(cls.config_class)}
         if unknown:
             raise ValueError(f"{self.kind} {name!r} sets unknown options {sorted(unknown)}")
@@ -265,9 +263,7 @@ class Registry:
     def entry(self, name: str) -> _Entry:
         self._load()
         if name not in self._entries:
-            raise MethodSpecError(
-                f"unknown {self.kind} {name!r}; accepted: {', '.join(sorted(self._entries))}"
-            )
+            raise MethodSpecError(f"unknown {self.kind} {name!r}; accepted: {', '.join(sorted(self._entries))}")
         return self._entries[name]
 
     def config(self, spec: str, **overrides: Any) -> tuple[str, _Entry, Any, dict[str, str]]:
@@ -295,9 +291,7 @@ class Registry:
         out = []
         for name in self.names():
             entry = self._entries[name]
-            out.append(
-                (name, entry.description, dataclasses.asdict(entry.cls.config_class(**entry.defaults)))
-            )
+            out.append((name, entry.description, dataclasses.asdict(entry.cls.config_class(**entry.defaults))))
         return out
 
 
@@ -343,9 +337,7 @@ def _coerce(value: str, typ: Any, key: str, owner: str) -> Any:
         if t in ("int | None",):
             return None if value.lower() in ("none", "") else int(value)
     except ValueError:
-        raise MethodSpecError(
-            f"{owner}: option {key}={value!r} is not a valid {getattr(t, '__name__', t)}"
-        ) from None
+        raise MethodSpecError(f"{owner}: option {key}={value!r} is not a valid {getattr(t, '__name__', t)}") from None
     return value
 
 

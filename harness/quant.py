@@ -165,9 +165,7 @@ def _grouped(x: torch.Tensor, axis: int, group: int) -> tuple[torch.Tensor, int]
     return x.reshape(x.shape[:ax] + (n // group, group) + x.shape[ax + 1 :]), ax
 
 
-def quantize(
-    x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: bool = False
-) -> QuantizedTensor:
+def quantize(x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: bool = False) -> QuantizedTensor:
     """Quantize ``x`` in groups of ``group`` consecutive elements along ``axis``.
 
     Keys per channel (KIVI): ``x`` [B, H, T, D], ``axis=-2`` (groups of tokens, one range per channel).
@@ -201,8 +199,6 @@ def quantize(
     return QuantizedTensor(codes=codes, scale=scale, zero=zero, bits=bits, axis=axis, group=group)
 
 
-def fake_quantize(
-    x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: bool = False
-) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: bool = False) -> torch.Tensor:
     """Quantize then dequantize (for error analysis and calibration searches, never for storage)."""
     return quantize(x, bits, group, axis, symmetric).dequantize(x.dtype)

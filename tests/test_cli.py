@@ -1,0 +1,115 @@
+"""CLI: bad input exits 2 with one line; a run writes a valid record; a second run skips it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness.cli import main, split_specs
+from harness.interface import MethodSpecError, build_method
+
+
+def test_split_specs_keeps_options_together():
+    assert split_specs(["fp16,int:bits=2,group=8,int4", "int8"]) == ["fp16", "int:bits=2,group=8", "int4", "int8"]
+
+
+def test_build_method_options_and_variants():
+    m = build_method("int:bits=2,group=8")
+    assert (m.config.bits, m.config.group) == (2, 8)
+    assert m.label == "int:bits=2,group=8"
+    assert build_method("int4").config.bits == 4
+    with pytest.raises(MethodSpecError, match="accepted: .*fp16"):
+        build_method("nosuch")
+    with pytest.raises(MethodSpecError, match="accepted bits"):
+        build_method("int:bits=3")
+    with pytest.raises(MethodSpecError, match="unknown option"):
+        build_method("int4:chunk=3")
+    with pytest.raises(MethodSpecError, match="not a valid int"):
+        build_method("int:bits=four")
+
+
+def _run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["run", "--methods", "nosuch"], "unknown method 'nosuch'; accepted:"),
+        (["run", "--methods", "int:bits=3"], "accepted bits"),
+        (["run", "--methods", "fp16", "--tasks", "nosuch"], "unknown task 'nosuch'"),
+        (["run", "--methods", "fp16", "--seqlen", "1"], "seqlen=1 must be >= 2"),
+        (["run", "--methods", "fp16", "--model", "./no/such/model"], "no/such/model"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
+    code, out, err = _run_cli(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_group_not_dividing_head_dim_exits_2(capsys, stories_dir, tmp_path):
+    # stories260K has head_dim 8
+    code, out, err = _run_cli(
+        capsys, "run", "--methods", "int:group=3", "--model", str(stories_dir), "--out", str(tmp_path)
+    )
+    assert code == 2
+    assert err.count("\n") == 1 and "does not divide head_dim=8" in err
+
+
+def test_missing_data_exits_2_naming_both_ways(capsys, stories_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = _run_cli(
+        capsys,
+        "run",
+        "--methods",
+        "fp16",
+        "--model",
+        str(stories_dir),
+        "--data-dir",
+        str(empty),
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "--data-dir" in err and "hub" in err
+
+
+def test_run_writes_record_and_skips_it_next_time(capsys, stories_dir, data_dir, tmp_path):
+    args = ["run", "--methods", "fp16,int4", "--model", str(stories_dir), "--data-dir", str(data_dir)]
+    args += ["--seqlen", "256", "--max-windows", "2", "--out", str(tmp_path), "--no-progress"]
+    code, out, err = _run_cli(capsys, *args)
+    assert code == 0, err
+    records = sorted(tmp_path.glob("*.json"))
+    assert len(records) == 2
+    rec = json.loads(records[0].read_text())
+    assert rec["status"] == "done" and rec["windows"] == 2 and rec["key"]["task_config"]["seqlen"] == 256
+    assert rec["metrics"]["ppl"] > 1
+    for field in ("kv", "method", "model", "environment", "wall_seconds"):
+        assert field in rec
+    assert rec["environment"]["versions"]["torch"]
+    assert "summary: 2 done, 0 skipped, 0 failed" in out
+    mtimes = [p.stat().st_mtime_ns for p in records]
+    code, out, err = _run_cli(capsys, *args)
+    assert code == 0 and "summary: 0 done, 2 skipped, 0 failed" in out
+    assert [p.stat().st_mtime_ns for p in records] == mtimes
+
+
+def test_list_and_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "harness", "list"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("fp16", "int8", "int4", "int2", "wikitext2", "smollm2-135m"):
+        assert name in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "run", "--methods", "nosuch"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown method")
