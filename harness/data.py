@@ -57,30 +57,25 @@ def raw_file_rows(path: Path) -> list[str]:
     return rows
 
 
+def _wikitext_text(data_dir: str | Path | None, rel: str, hub_split: str, what: str) -> str:
+    """Rows from the mirror file ``rel`` (or the hub split), joined with "\\n\\n"."""
+    d = resolve_data_dir(data_dir)
+    if d is None:
+        return "\n\n".join(_hub_rows(hub_split, None, rel))
+    path = d / rel
+    if not path.exists():
+        raise _missing(what, d, rel, "/".join(WIKITEXT_HUB))
+    return "\n\n".join(raw_file_rows(path))
+
+
 def wikitext2_test_text(data_dir: str | Path | None) -> str:
     """The papers' evaluation text: the raw test split's rows joined with "\\n\\n"."""
-    d = resolve_data_dir(data_dir)
-    if d is not None:
-        path = d / WIKITEXT_TEST
-        if not path.exists():
-            raise _missing("WikiText-2 test split", d, WIKITEXT_TEST, "/".join(WIKITEXT_HUB))
-        rows = raw_file_rows(path)
-    else:
-        rows = _hub_rows("test", None, WIKITEXT_TEST)
-    return "\n\n".join(rows)
+    return _wikitext_text(data_dir, WIKITEXT_TEST, "test", "WikiText-2 test split")
 
 
 def wikitext2_calibration_text(data_dir: str | Path | None) -> str:
     """Calibration text, never the test split: mirror ``wikitext-2/valid.txt``, else the hub's train split."""
-    d = resolve_data_dir(data_dir)
-    if d is not None:
-        path = d / WIKITEXT_CALIBRATION
-        if not path.exists():
-            raise _missing("WikiText-2 calibration split", d, WIKITEXT_CALIBRATION, "/".join(WIKITEXT_HUB))
-        rows = raw_file_rows(path)
-    else:
-        rows = _hub_rows("train", None, WIKITEXT_CALIBRATION)
-    return "\n\n".join(rows)
+    return _wikitext_text(data_dir, WIKITEXT_CALIBRATION, "train", "WikiText-2 calibration split")
 
 
 def token_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> list[torch.Tensor]:
