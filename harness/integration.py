@@ -91,6 +91,17 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
 # --------------------------------------------------------------------------------------------
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the Llama / Mistral / Qwen2 modeling code applies it: x [B, H, T, D], cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
 class _SignalBoard:
     """Signals captured by hooks during the current forward, picked up by the layer's update()."""
 
@@ -127,10 +138,14 @@ class HarnessLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         start, n_new = self.store.seq_len, key_states.shape[-2]
         signals = self.board.take(self.store.layer_idx)
+        rope = signals.get("rope")
+        queries = signals.get("pre_rope_queries")
         obs = Observation(
             positions=torch.arange(start, start + n_new, device=key_states.device),
             pre_rope_keys=signals.get("pre_rope_keys"),
             block_input=signals.get("block_input"),
+            queries=apply_rope(queries, *rope) if queries is not None and rope is not None else None,
+            rope=rope,
             is_prefill=start == 0,
         )
         dtype = key_states.dtype
@@ -247,7 +262,7 @@ def _harness_attention(module, query, key, value, attention_mask, **kwargs):
     cache = board.cache
     if cache is not None:
         scaling = kwargs.get("scaling") or module.head_dim**-0.5
-        probs = attention_probs(query, key, attention_mask, scaling) if "attention" in signals else None
+        probs = attention_probs(query, key, attention_mask, scaling)
         cache.layers[module.layer_idx].store.observe_attention(query, probs)
     return out
 
@@ -272,24 +287,43 @@ class AttachedMethod:
         layers = decoder_layers(model)
         if "pre_rope_keys" in method.signals:
             for i, layer in enumerate(layers):
-                self._handles.append(layer.self_attn.k_proj.register_forward_hook(self._pre_rope_hook(i)))
+                self._handles.append(layer.self_attn.k_proj.register_forward_hook(self._proj_hook(i, "pre_rope_keys")))
+        if "queries" in method.signals:
+            for i, layer in enumerate(layers):
+                self._handles.append(
+                    layer.self_attn.q_proj.register_forward_hook(self._proj_hook(i, "pre_rope_queries"))
+                )
+        if method.signals & {"pre_rope_keys", "queries"}:
+            for i, layer in enumerate(layers):
+                self._handles.append(layer.self_attn.register_forward_pre_hook(self._rope_hook(i), with_kwargs=True))
         if "block_input" in method.signals:
             for i, layer in enumerate(layers):
                 norm = getattr(layer, "input_layernorm", None)
                 if norm is None:
                     raise UnsupportedModelError(f"{self.info.family}: layer {i} has no input_layernorm")
                 self._handles.append(norm.register_forward_hook(self._block_input_hook(i)))
-        if method.signals & {"queries", "attention"}:
+        if "attention" in method.signals:
             self._install_attention()
         method.attach(model, self.info)
 
     # ---- hooks -------------------------------------------------------------------------------
-    def _pre_rope_hook(self, layer_idx: int):
+    def _proj_hook(self, layer_idx: int, name: str):
         d = self.info.head_dim
 
         def hook(_module, _inputs, output):
             b, t, _ = output.shape
-            self.board.put(layer_idx, "pre_rope_keys", output.view(b, t, -1, d).transpose(1, 2))
+            self.board.put(layer_idx, name, output.view(b, t, -1, d).transpose(1, 2))
+
+        return hook
+
+    def _rope_hook(self, layer_idx: int):
+        def hook(_module, _args, kwargs):
+            pe = kwargs.get("position_embeddings")
+            if pe is None:
+                raise UnsupportedModelError(
+                    f"{self.info.family}: attention gets no position_embeddings; RoPE tables are needed"
+                )
+            self.board.put(layer_idx, "rope", pe)
 
         return hook
 

@@ -37,6 +37,8 @@ class UnsupportedModelError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 #: Signals a method can ask for (``KVCacheMethod.signals``); hooks are installed only for these.
+#: pre_rope_keys / block_input / queries arrive in the ``Observation`` of each append; "attention"
+#: delivers queries and attention probabilities to ``LayerStore.observe_attention`` after attention.
 SIGNALS = frozenset({"pre_rope_keys", "block_input", "queries", "attention"})
 
 
@@ -60,12 +62,16 @@ class Observation:
 
     Shapes: ``pre_rope_keys`` [B, H_kv, T, D] (output of k_proj, before RoPE, as KVQuant quantizes);
     ``block_input`` [B, T, hidden] (the hidden states entering the decoder block after its input norm,
-    MoQAE's router input); ``positions`` [T] absolute token positions of the appended tokens.
+    MoQAE's router input); ``queries`` [B, H, T, D] post-RoPE queries of the same tokens (MiKV's
+    channel balancing); ``rope`` the (cos, sin) tables [B, T, D] of these tokens, to re-apply RoPE
+    with ``harness.integration.apply_rope``; ``positions`` [T] absolute positions.
     """
 
     positions: torch.Tensor
     pre_rope_keys: torch.Tensor | None = None
     block_input: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
     is_prefill: bool = False
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.integration import AttachedMethod, forward, generate, model_info
+from harness.integration import AttachedMethod, apply_rope, forward, generate, model_info
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -155,6 +155,11 @@ def test_signals_reach_the_layer_stores(family):
     assert prefill.block_input.shape == (1, 10, info.hidden_size)
     q, probs = store.attn[0]
     assert q.shape == (1, info.n_heads, 10, info.head_dim)
+    # queries at update time (post-RoPE, rebuilt from q_proj + the RoPE tables) equal attention's
+    assert torch.allclose(prefill.queries, q, atol=1e-5)
+    assert torch.allclose(step.queries, store.attn[1][0], atol=1e-5)
+    # re-applying RoPE to the pre-RoPE keys gives the keys the cache received
+    assert torch.allclose(apply_rope(prefill.pre_rope_keys, *prefill.rope), store.k[..., :10, :], atol=1e-5)
     assert probs.shape == (1, info.n_heads, 10, 10)
     assert torch.allclose(probs.sum(-1), torch.ones(1, info.n_heads, 10))
     assert torch.all(probs[..., 0, 1:] == 0)  # causal
