@@ -178,7 +178,12 @@ class LayerStore(ABC):
 
 @dataclass
 class MethodConfig:
-    """Base config; each method subclasses it. ``validate`` raises MethodSpecError on bad values."""
+    """Base config; each method subclasses it. ``validate`` raises MethodSpecError on bad values.
+
+    ``aliases`` maps option names accepted on the command line to field names (``lambda`` -> ``lam``).
+    """
+
+    aliases: ClassVar[dict[str, str]] = {}
 
     def validate(self) -> None:  # noqa: B027
         pass
@@ -276,6 +281,8 @@ class Registry:
         """Parse ``spec`` into (name, entry, validated config, explicit options)."""
         name, opts = parse_spec(spec)
         entry = self.entry(name)
+        aliases = getattr(entry.cls.config_class, "aliases", {})
+        opts = {aliases.get(k, k): v for k, v in opts.items()}
         fields = {f.name: f for f in dataclasses.fields(entry.cls.config_class)}
         unknown = sorted(set(opts) - set(fields))
         if unknown:

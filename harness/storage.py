@@ -19,6 +19,21 @@ from harness.quant import QuantizedTensor, quantize
 TOKEN_DIM = -2
 
 
+def held_memory(t: QuantizedTensor | torch.Tensor | None) -> MemoryReport:
+    """The accounting of one held tensor: packed codes + fp16 scale/zero, or float tokens."""
+    r = MemoryReport()
+    if isinstance(t, QuantizedTensor):
+        r.add("codes", t.code_bytes)
+        r.add("scales", t.meta_bytes)
+        r.elements = t.numel
+        r.payload_bits = float(t.numel * t.bits)
+    elif t is not None:
+        r.add("fp_tokens", tensor_bytes(t))
+        r.elements = t.numel()
+        r.payload_bits = float(t.numel() * t.element_size() * 8)
+    return r
+
+
 class FullPrecisionSeq:
     """Tokens held in a float dtype: fp16 by default (the papers' reference); ``dtype=None`` keeps
     the model's compute dtype (the ``full`` method: no rounding at all)."""
@@ -46,12 +61,7 @@ class FullPrecisionSeq:
         return None if self.data is None else self.data.to(dtype)
 
     def memory(self) -> MemoryReport:
-        r = MemoryReport()
-        if self.data is not None:
-            r.add("fp_tokens", tensor_bytes(self.data))
-            r.elements = self.data.numel()
-            r.payload_bits = float(self.data.numel() * self.data.element_size() * 8)
-        return r
+        return held_memory(self.data)
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.data is not None:
@@ -86,13 +96,7 @@ class QuantizedSeq:
         return None if self.q is None else self.q.dequantize(dtype)
 
     def memory(self) -> MemoryReport:
-        r = MemoryReport()
-        if self.q is not None:
-            r.add("codes", self.q.code_bytes)
-            r.add("scales", self.q.meta_bytes)
-            r.elements = self.q.numel
-            r.payload_bits = float(self.q.numel * self.bits)
-        return r
+        return held_memory(self.q)
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.q is not None:

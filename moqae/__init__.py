@@ -1,0 +1,1 @@
+from moqae import method  # noqa: F401  (registers moqae)

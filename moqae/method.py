@@ -1,0 +1,272 @@
+"""MoQAE: mixed-precision KV-cache quantization with a mixture of quantization-aware experts.
+
+Algorithm (MoQAE, ACL 2025), per layer and per chunk of N tokens:
+
+1. The router of the layer (``moqae.router.ChunkRouter``) reads the hidden states entering the block
+   (after its input norm) and gives every token a distribution over the experts.
+2. Each token votes for its argmax expert; the chunk's majority picks its expert (ties: higher bits).
+3. Routing freezing (RF): the first chunk is always FP16 (it holds the attention sinks).
+   Routing sharing (RS): layers in consecutive groups of ``share`` reuse the decision of the group's
+   first layer; only that layer's router runs.
+4. The chunk is stored by its expert: FP16, or INT-b with keys per channel over the chunk's tokens
+   (the chunk is the key group) and values per token (group = head_dim, option ``value_group``),
+   asymmetric min-max from ``harness.quant``.
+5. In decode, new tokens wait in an fp16 buffer until a chunk is complete; the buffer counts in the
+   memory accounting. Token votes are computed as tokens arrive, so a chunk completed in decode gets
+   the same decision as the same tokens would at prefill.
+
+Choices where the paper is silent (documented options): experts default ``16,4,2``; router hidden
+width = number of experts; with batch > 1 each sequence routes its own chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from harness.interface import (
+    KVCacheMethod,
+    LayerStore,
+    MemoryReport,
+    MethodConfig,
+    MethodSpecError,
+    ModelInfo,
+    Observation,
+    register_method,
+)
+from harness.quant import SUPPORTED_BITS, QuantizedTensor, quantize
+from harness.storage import FullPrecisionSeq, cat_tokens, held_memory
+from moqae.router import RouterBank, chunk_votes
+
+FP16_BITS = 16
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+
+
+def parse_experts(text: str) -> tuple[int, ...]:
+    """``"16,4,2"`` -> (16, 4, 2); 16 is the FP16 expert, others must be packable bit-widths."""
+    try:
+        bits = tuple(int(b) for b in str(text).replace("/", ",").split(",") if b.strip())
+    except ValueError:
+        raise MethodSpecError(f"moqae: experts={text!r} must be bit-widths like 16,4,2") from None
+    allowed = (FP16_BITS, *SUPPORTED_BITS)
+    bad = [b for b in bits if b not in allowed]
+    if bad or len(bits) < 2 or len(set(bits)) != len(bits):
+        raise MethodSpecError(f"moqae: experts={text!r}: need >= 2 distinct bit-widths from {allowed}")
+    return bits
+
+
+@dataclass
+class MoQAEConfig(MethodConfig):
+    experts: str = "16,4,2"
+    chunk: int = 32
+    value_group: int = 0  # channels per value range; 0 = head_dim
+    freeze_first: bool = True  # routing freezing (RF)
+    share: int = 3  # routing sharing (RS): layers per group; 1 = off
+    router_width: int = 0  # 0 = number of experts
+    lam: float = 0.5  # the λ of the router's training loss (selects the shipped checkpoint)
+    ckpt: str = ""  # router checkpoint; "" = the shipped one for this model and λ; "random" = untrained
+    seed: int = 0  # initialisation of an untrained router (ckpt=random)
+
+    aliases: ClassVar[dict[str, str]] = {"lambda": "lam"}
+
+    def validate(self) -> None:
+        parse_experts(self.experts)
+        if self.chunk < 1:
+            raise MethodSpecError(f"moqae: chunk={self.chunk} must be >= 1")
+        if self.share < 1:
+            raise MethodSpecError(f"moqae: share={self.share} must be >= 1")
+        if not 0.0 <= self.lam <= 1.0:
+            raise MethodSpecError(f"moqae: lambda={self.lam} must be in [0, 1]")
+
+    @property
+    def expert_bits(self) -> tuple[int, ...]:
+        return parse_experts(self.experts)
+
+
+def model_signature(info: ModelInfo) -> str:
+    """A checkpoint key for a model geometry (routers depend on the hidden size and layer count)."""
+    return f"{info.family}-L{info.n_layers}-D{info.hidden_size}"
+
+
+def default_checkpoint(info: ModelInfo, lam: float) -> Path:
+    return CHECKPOINT_DIR / f"{model_signature(info)}-lambda{lam:g}.pt"
+
+
+@dataclass
+class Chunk:
+    expert: int
+    k: QuantizedTensor | torch.Tensor  # [1, H, N, D] codes or fp16
+    v: QuantizedTensor | torch.Tensor
+
+
+class MoQAEStore(LayerStore):
+    """Chunks of one layer, each stored by its expert, plus an fp16 buffer of the incomplete chunk."""
+
+    def __init__(self, layer_idx: int, info: ModelInfo, method: MoQAE):
+        super().__init__(layer_idx, info)
+        self.method = method
+        self.cfg = method.config
+        self.bits = method.expert_bits
+        self.chunks: list[list[Chunk]] = []  # per batch row
+        self.buf_k = FullPrecisionSeq()
+        self.buf_v = FullPrecisionSeq()
+        self.votes: torch.Tensor | None = None  # [B, T_buf] token votes of buffered tokens (leaders)
+        self.leader = method.bank.leader(layer_idx) if method.bank is not None else layer_idx
+
+    # ---- routing ---------------------------------------------------------------------------
+    def _token_votes(self, obs: Observation) -> torch.Tensor:
+        if obs.block_input is None:
+            raise RuntimeError("moqae needs the block input hidden states (signal block_input)")
+        probs = self.method.route(self.layer_idx, obs.block_input)  # [B, T, E]
+        return probs.argmax(dim=-1).to(torch.uint8)  # one byte per buffered token vote
+
+    def _decide(self, chunk_idx: int, votes: torch.Tensor | None) -> torch.Tensor:
+        """Expert index per batch row for chunk ``chunk_idx`` (RF, RS, forced decisions)."""
+        state = self.cache_state
+        forced = state.get("forced")  # training / analysis: {leader layer: [B, n_chunks]}
+        if forced is not None and self.leader in forced:
+            return forced[self.leader][:, chunk_idx]
+        if self.cfg.freeze_first and chunk_idx == 0:
+            return torch.full((len(self.chunks),), self.method.top_expert, dtype=torch.long)
+        key = ("decision", self.leader, chunk_idx)
+        if self.layer_idx == self.leader:
+            state[key] = chunk_votes(votes, self.bits)
+        return state[key]
+
+    # ---- storage ---------------------------------------------------------------------------
+    def _store(self, row: int, expert: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        bits = self.bits[expert]
+        if bits == FP16_BITS:
+            self.chunks[row].append(Chunk(expert, k.to(torch.float16), v.to(torch.float16)))
+            return
+        vg = self.cfg.value_group or self.info.head_dim
+        qk = quantize(k, bits, group=k.shape[-2], axis=-2)  # per channel over the chunk's tokens
+        qv = quantize(v, bits, group=vg, axis=-1)  # per token
+        self.chunks[row].append(Chunk(expert, qk, qv))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
+        batch = keys.shape[0]
+        if not self.chunks:
+            self.chunks = [[] for _ in range(batch)]
+        self.buf_k.append(keys)
+        self.buf_v.append(values)
+        routes = self.layer_idx == self.leader and self.cache_state.get("forced") is None
+        if routes:
+            new_votes = self._token_votes(obs)  # [B, T_new]
+            self.votes = new_votes if self.votes is None else torch.cat([self.votes, new_votes], dim=-1)
+        n = self.cfg.chunk
+        while self.buf_k.length >= n:
+            chunk_idx = len(self.chunks[0])
+            votes = None
+            if routes:
+                votes, self.votes = self.votes[:, :n], self.votes[:, n:]
+            experts = self._decide(chunk_idx, votes)
+            k, v = self.buf_k.take_front(n), self.buf_v.take_front(n)  # fp16 [B, H, N, D]
+            for row in range(batch):
+                self._store(row, int(experts[row]), k[row : row + 1].float(), v[row : row + 1].float())
+
+    def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = [], []
+        for row_chunks in self.chunks:
+            ks = [c.k.dequantize(dtype) if isinstance(c.k, QuantizedTensor) else c.k.to(dtype) for c in row_chunks]
+            vs = [c.v.dequantize(dtype) if isinstance(c.v, QuantizedTensor) else c.v.to(dtype) for c in row_chunks]
+            keys.append(torch.cat(ks, dim=-2) if ks else None)
+            values.append(torch.cat(vs, dim=-2) if vs else None)
+        bk, bv = self.buf_k.read(dtype), self.buf_v.read(dtype)
+        if keys and keys[0] is not None:
+            k = cat_tokens([torch.cat(keys, dim=0), bk])
+            v = cat_tokens([torch.cat(values, dim=0), bv])
+            return k, v
+        return bk, bv
+
+    def memory(self) -> MemoryReport:
+        r = self.buf_k.memory()
+        r += self.buf_v.memory()
+        for row_chunks in self.chunks:
+            for c in row_chunks:
+                for t in (c.k, c.v):
+                    r += held_memory(t)
+        if self.votes is not None:
+            r.add("router", self.votes.numel() * self.votes.element_size())
+        return r
+
+    def expert_counts(self) -> torch.Tensor:
+        """Chunks per expert in this layer (summed over the batch)."""
+        counts = torch.zeros(len(self.bits), dtype=torch.long)
+        for row_chunks in self.chunks:
+            for c in row_chunks:
+                counts[c.expert] += 1
+        return counts
+
+
+@register_method("moqae", "MoQAE: chunk router picks FP16/INT4/INT2 per chunk (RF, RS); options lambda, ckpt")
+class MoQAE(KVCacheMethod):
+    """Mixture of quantization-aware experts: routers choose a bit-width per chunk and layer."""
+
+    config_class = MoQAEConfig
+    signals = frozenset({"block_input"})
+
+    def __init__(self, config: MoQAEConfig | None = None, name: str | None = None):
+        super().__init__(config, name)
+        self.expert_bits = self.config.expert_bits
+        self.top_expert = max(range(len(self.expert_bits)), key=lambda i: self.expert_bits[i])
+        self.bank: RouterBank | None = None
+
+    def checkpoint_path(self, info: ModelInfo) -> Path | None:
+        if self.config.ckpt == "random":
+            return None
+        return Path(self.config.ckpt) if self.config.ckpt else default_checkpoint(info, self.config.lam)
+
+    def check_model(self, info: ModelInfo) -> None:
+        path = self.checkpoint_path(info)
+        if path is not None and not path.exists():
+            raise MethodSpecError(
+                f"{self.label}: no router checkpoint {path.name} for this model ({model_signature(info)}, "
+                f"lambda={self.config.lam:g}); train one with: python -m moqae train --model MODEL "
+                f"--lambda {self.config.lam:g} --out DIR, then use moqae:ckpt=DIR/router.pt "
+                "(or moqae:ckpt=random for an untrained router)"
+            )
+        vg = self.config.value_group or info.head_dim
+        if info.head_dim % vg:
+            raise MethodSpecError(f"{self.label}: value_group={vg} does not divide head_dim={info.head_dim}")
+        for b in self.expert_bits:
+            if b != FP16_BITS and info.head_dim * b % 8:
+                raise MethodSpecError(f"{self.label}: head_dim={info.head_dim} cannot be packed at {b} bits")
+
+    def new_bank(self, info: ModelInfo) -> RouterBank:
+        torch.manual_seed(self.config.seed)
+        return RouterBank(
+            info.n_layers, info.hidden_size, len(self.expert_bits), self.config.router_width or None, self.config.share
+        )
+
+    def attach(self, model: torch.nn.Module, info: ModelInfo) -> None:
+        if self.bank is None:
+            self.bank = self.new_bank(info)
+            path = self.checkpoint_path(info)
+            if path is not None:
+                self.load_checkpoint(path)
+        self.bank.to(info.device).eval().requires_grad_(False)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state.get("config", {})
+        for key in ("experts", "share", "router_width"):
+            if key in saved and str(saved[key]) != str(getattr(self.config, key)):
+                raise MethodSpecError(
+                    f"{self.label}: checkpoint {path.name} was trained with {key}={saved[key]}, "
+                    f"not {getattr(self.config, key)}"
+                )
+        self.bank.load_state_dict(state["routers"])
+
+    def route(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Expert probabilities [B, T, E] of the router serving ``layer_idx``."""
+        with torch.no_grad():
+            return self.bank.router(layer_idx)(hidden)
+
+    def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
+        if self.bank is None:
+            raise RuntimeError("moqae: attach the method to a model before making caches")
+        return MoQAEStore(layer_idx, info, self)
