@@ -120,8 +120,19 @@ class MoQAEStore(LayerStore):
     def _token_votes(self, obs: Observation) -> torch.Tensor:
         if obs.block_input is None:
             raise RuntimeError("moqae needs the block input hidden states (signal block_input)")
-        probs = self.method.route(self.layer_idx, obs.block_input)  # [B, T, E]
-        return probs.argmax(dim=-1).to(torch.uint8)  # one byte per buffered token vote
+        train = self.cache_state.get("train")
+        if train is None:
+            probs = self.method.route(self.layer_idx, obs.block_input)  # [B, T, E]
+            return probs.argmax(dim=-1).to(torch.uint8)  # one byte per buffered token vote
+        # router training (moqae.train): keep the probabilities with their graph
+        probs = self.method.bank.router(self.layer_idx)(obs.block_input)
+        train["probs"].setdefault(self.leader, []).append(probs)
+        if train["sample"]:
+            flat = probs.detach().reshape(-1, probs.shape[-1])
+            votes = torch.multinomial(flat, 1, generator=train["generator"]).view(probs.shape[:-1])
+        else:
+            votes = probs.detach().argmax(dim=-1)
+        return votes.to(torch.uint8)
 
     def _decide(self, chunk_idx: int, votes: torch.Tensor | None) -> torch.Tensor:
         """Expert index per batch row for chunk ``chunk_idx`` (RF, RS, forced decisions)."""
@@ -129,10 +140,10 @@ class MoQAEStore(LayerStore):
         forced = state.get("forced")  # training / analysis: {leader layer: [B, n_chunks]}
         if forced is not None and self.leader in forced:
             return forced[self.leader][:, chunk_idx]
-        if self.cfg.freeze_first and chunk_idx == 0:
-            return torch.full((len(self.chunks),), self.method.top_expert, dtype=torch.long)
         key = ("decision", self.leader, chunk_idx)
-        if self.layer_idx == self.leader:
+        if self.cfg.freeze_first and chunk_idx == 0:
+            state[key] = torch.full((len(self.chunks),), self.method.top_expert, dtype=torch.long)
+        elif self.layer_idx == self.leader:
             state[key] = chunk_votes(votes, self.bits)
         return state[key]
 

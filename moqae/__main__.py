@@ -1,0 +1,47 @@
+"""``python -m moqae train --model smollm2-135m --lambda 0.5 --out DIR``: router-only training."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harness.data import MissingDataError
+from harness.interface import MethodSpecError
+from harness.models import ModelLoadError, load_model
+from moqae.train import RouterTrainer, TrainConfig, summarize
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moqae", description="MoQAE router training (LLM frozen)")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the routers on the calibration split; resumable")
+    t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the model loss (0..1)")
+    t.add_argument("--out", required=True, help="folder for train_state.pt (resume) and router.pt")
+    t.add_argument("--data-dir", default=None, help="local data mirror (else $MOQAE_DATA_DIR, else the hub)")
+    t.add_argument("--method", default="moqae", help="base spec, e.g. moqae:chunk=64,share=1")
+    for field, typ in (("steps", int), ("seqlen", int), ("windows", int), ("lr", float), ("seed", int)):
+        t.add_argument(f"--{field}", type=typ, default=getattr(TrainConfig, field))
+    t.add_argument("--estimator", choices=("reinforce", "paper"), default=TrainConfig.estimator)
+    t.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    cfg = TrainConfig(
+        lam=args.lam, steps=args.steps, seqlen=args.seqlen, windows=args.windows, lr=args.lr,
+        estimator=args.estimator, seed=args.seed, method=args.method,
+    )  # fmt: skip
+    try:
+        model, tok = load_model(args.model, device="cpu", dtype="fp32")
+        trainer = RouterTrainer(model, tok, cfg, data_dir=args.data_dir, out=args.out)
+        path = trainer.train(progress=not args.no_progress)
+    except (MethodSpecError, MissingDataError, ModelLoadError, ValueError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume from the last saved step", file=sys.stderr)
+        return 130
+    print(f"router checkpoint: {path}  (last steps: {summarize(trainer.history)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

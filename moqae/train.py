@@ -1,0 +1,220 @@
+"""Router-only training of MoQAE (the LLM stays frozen): L = λ·L_model + (1−λ)·L_mem.
+
+Each step runs the frozen model on a calibration window through a MoQAE cache whose leader-layer
+routers run with gradients; the chosen experts are discrete, so the language-model loss reaches the
+routers only through the probability each token gave to its chunk's chosen expert, p_sel.
+
+Estimators (option ``estimator``):
+
+* ``paper`` — the published loss as written in secondary sources, with the memory term made to
+  penalise high-bit experts as the paper's prose says:
+      L_model = mean_t p_sel(t)·NLL(t)/B_sel(t),     L_mem = mean_t p_sel(t)·B_sel(t)/16
+  NLL(t) is the token's own next-token NLL under the quantized cache; experts are the argmax votes.
+  ∇(p·cost) = p·cost·∇log p: a REINFORCE-style estimator without baseline or exploration.
+* ``reinforce`` (default) — REINFORCE with exploration and a baseline: token votes are sampled from
+  the router's distribution, each chunk's model cost is its attributed NLL increase over the FP16
+  cache (the mean ΔNLL of the tokens in the next ``horizon`` chunks, which read this chunk), and
+      loss = mean_t log p_sel(t) · (λ·ΔNLL_chunk/σ + (1−λ)·B_sel/16 − baseline)
+  with a running-mean baseline. Straight-through estimators do not apply: the cache's quantization
+  is not differentiable in the routing decision, so a score-function estimator is the honest path.
+
+Training reads the calibration split only (the mirror's wikitext-2/valid.txt or the hub's train
+split), uses a fixed seed, writes a resumable training state every ``save_every`` steps and a final
+router checkpoint (weights + config) that ``moqae:ckpt=PATH`` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from harness.data import calibration_windows
+from harness.integration import AttachedMethod, forward
+from harness.interface import build_method
+from moqae.method import MoQAE, model_signature
+
+
+@dataclass
+class TrainConfig:
+    lam: float = 0.5
+    steps: int = 200
+    seqlen: int = 512
+    windows: int = 64  # distinct calibration windows, cycled
+    lr: float = 1e-2
+    estimator: str = "reinforce"  # reinforce | paper
+    horizon: int = 4  # chunks after a chunk whose ΔNLL is attributed to it (reinforce)
+    seed: int = 0
+    save_every: int = 25
+    method: str = "moqae"  # base spec: experts, chunk, share, freeze_first ...
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def token_nll(model: torch.nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Per-position next-token NLL [T-1]. The LM's parameters are frozen, so no graph is built
+    through it; only router probabilities computed inside the cache carry gradients."""
+    logits = forward(model, ids, cache).logits
+    return F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none").detach()
+
+
+class RouterTrainer:
+    """Trains the routers of a MoQAE method attached to a frozen model."""
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig, data_dir=None, out: str | Path = "router-out"):
+        self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        spec = cfg.method + ("," if ":" in cfg.method else ":") + f"ckpt=random,seed={cfg.seed},lam={cfg.lam}"
+        self.method: MoQAE = build_method(spec)
+        self.attached = AttachedMethod(model, self.method)
+        self.info = self.attached.info
+        self.bank = self.method.bank
+        self.bank.train().requires_grad_(True)
+        self.bits = torch.tensor(self.method.expert_bits, dtype=torch.float32)
+        self.opt = torch.optim.Adam(self.bank.parameters(), lr=cfg.lr)
+        self.windows = calibration_windows(tokenizer, data_dir, cfg.seqlen, cfg.windows, seed=cfg.seed)
+        self.fp16 = build_method("fp16")
+        self._fp16_nll: dict[int, torch.Tensor] = {}
+        self.step, self.history = 0, []
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.baseline = 0.0
+        self.state_path = self.out / "train_state.pt"
+        if self.state_path.exists():
+            self._resume()
+
+    # ---- state -------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        if state["train_config"] != dataclasses.asdict(self.cfg):
+            raise ValueError(f"{self.state_path} was written with another configuration; use another --out")
+        self.bank.load_state_dict(state["routers"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.history, self.baseline = state["step"], state["history"], state["baseline"]
+        self.gen.set_state(state["generator"])
+
+    def _save_state(self) -> None:
+        _save_atomic(
+            {
+                "routers": self.bank.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "step": self.step,
+                "history": self.history,
+                "baseline": self.baseline,
+                "generator": self.gen.get_state(),
+                "train_config": dataclasses.asdict(self.cfg),
+            },
+            self.state_path,
+        )
+
+    def checkpoint(self) -> dict:
+        c = self.method.config
+        return {
+            "routers": {k: v.detach().clone() for k, v in self.bank.state_dict().items()},
+            "config": {"experts": c.experts, "share": c.share, "router_width": c.router_width, "chunk": c.chunk},
+            "lambda": self.cfg.lam,
+            "signature": model_signature(self.info),
+            "train_config": dataclasses.asdict(self.cfg),
+            "steps": self.step,
+        }
+
+    # ---- one step ----------------------------------------------------------------------------
+    def fp16_nll(self, i: int) -> torch.Tensor:
+        if i not in self._fp16_nll:
+            with AttachedMethod(self.model, self.fp16) as am, torch.no_grad():
+                self._fp16_nll[i] = token_nll(self.model, self.windows[i], am.new_cache())
+        return self._fp16_nll[i]
+
+    def train_step(self) -> dict:
+        cfg, n = self.cfg, self.method.config.chunk
+        i = self.step % len(self.windows)
+        ids = self.windows[i]
+        ref = self.fp16_nll(i) if cfg.estimator == "reinforce" else None
+        cache = self.attached.new_cache()
+        cache.state["train"] = {"probs": {}, "sample": cfg.estimator == "reinforce", "generator": self.gen}
+        with torch.enable_grad():
+            nll = token_nll(self.model, ids, cache)
+            losses, total_bits, total_tokens = [], 0.0, 0
+            for leader, parts in cache.state["train"]["probs"].items():
+                probs = torch.cat(parts, dim=1)[0]  # [T, E] with grad
+                n_chunks = probs.shape[0] // n
+                decided = torch.stack([cache.state[("decision", leader, c)][0] for c in range(n_chunks)])
+                routed = torch.ones(n_chunks, dtype=torch.bool)
+                if self.method.config.freeze_first:
+                    routed[0] = False
+                tok_expert = decided.repeat_interleave(n)  # [n_chunks * N]
+                p_sel = probs[: n_chunks * n].gather(1, tok_expert[:, None]).squeeze(1).clamp_min(1e-8)
+                b_sel = self.bits[tok_expert]
+                mask = routed.repeat_interleave(n)
+                if cfg.estimator == "paper":
+                    tok_nll = F.pad(nll, (0, 1))[: n_chunks * n]
+                    cost = cfg.lam * tok_nll / b_sel + (1 - cfg.lam) * b_sel / 16
+                    term = p_sel * cost
+                else:
+                    delta = F.pad(nll - ref, (0, 1))  # [T] ΔNLL per position
+                    per_chunk = delta[: n_chunks * n].view(n_chunks, n).mean(1)
+                    attributed = torch.stack(
+                        [per_chunk[c : c + cfg.horizon].mean() for c in range(n_chunks)]
+                    ).repeat_interleave(n)
+                    scale = per_chunk.abs().mean().clamp_min(1e-3)
+                    cost = cfg.lam * attributed / scale + (1 - cfg.lam) * b_sel / 16
+                    term = torch.log(p_sel) * (cost - self.baseline)
+                    self.baseline = 0.9 * self.baseline + 0.1 * cost[mask].mean().item()
+                losses.append(term[mask].mean())
+                total_bits += float((b_sel * mask).sum())
+                total_tokens += int(mask.sum())
+            loss = torch.stack(losses).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        rec = {
+            "step": self.step,
+            "loss": loss.item(),
+            "nll": nll.mean().item(),
+            "routed_bits": total_bits / max(total_tokens, 1),
+            "kv_nominal_bits": cache.memory().nominal_bits,
+        }
+        self.history.append(rec)
+        return rec
+
+    def train(self, progress: bool = True) -> Path:
+        t0 = time.perf_counter()
+        bar = tqdm(
+            total=self.cfg.steps, initial=self.step, desc=f"moqae router λ={self.cfg.lam:g}", disable=not progress
+        )
+        while self.step < self.cfg.steps:
+            rec = self.train_step()
+            bar.update(1)
+            bar.set_postfix(nll=f"{rec['nll']:.3f}", bits=f"{rec['kv_nominal_bits']:.2f}")
+            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
+                self._save_state()
+        bar.close()
+        path = self.out / "router.pt"
+        ckpt = self.checkpoint()
+        ckpt["train_seconds_this_run"] = time.perf_counter() - t0
+        _save_atomic(ckpt, path)
+        (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
+        self.attached.detach()
+        return path
+
+
+def summarize(history: list[dict], last: int = 20) -> dict:
+    tail = history[-last:]
+    return {k: sum(r[k] for r in tail) / len(tail) for k in ("loss", "nll", "kv_nominal_bits")} if tail else {}
+
+
+def perplexity_of(history: list[dict]) -> float:
+    return math.exp(summarize(history)["nll"])
