@@ -270,7 +270,8 @@ def _harness_attention(module, query, key, value, attention_mask, **kwargs):
 class AttachedMethod:
     """A method attached to a model: hooks installed, weights folded, ready to make caches.
 
-    Use as a context manager, or call ``detach()``; folded weights are not restored.
+    Use as a context manager, or call ``detach()``, which removes the hooks and lets the method
+    undo any weight folding (``KVCacheMethod.detach``).
     """
 
     def __init__(self, model: torch.nn.Module, method: KVCacheMethod):
@@ -284,7 +285,17 @@ class AttachedMethod:
         self.board = _SignalBoard()
         self._handles: list[Any] = []
         self._original_attn: str | None = None
-        layers = decoder_layers(model)
+        self._attached = False
+        try:
+            self._install_hooks()
+            method.attach(model, self.info)
+            self._attached = True
+        except BaseException:
+            self.detach()  # leave the model as it was
+            raise
+
+    def _install_hooks(self) -> None:
+        method, layers = self.method, decoder_layers(self.model)
         if "pre_rope_keys" in method.signals:
             for i, layer in enumerate(layers):
                 self._handles.append(layer.self_attn.k_proj.register_forward_hook(self._proj_hook(i, "pre_rope_keys")))
@@ -304,7 +315,6 @@ class AttachedMethod:
                 self._handles.append(norm.register_forward_hook(self._block_input_hook(i)))
         if "attention" in method.signals:
             self._install_attention()
-        method.attach(model, self.info)
 
     # ---- hooks -------------------------------------------------------------------------------
     def _proj_hook(self, layer_idx: int, name: str):
@@ -362,6 +372,9 @@ class AttachedMethod:
         self.method.calibrate(self.model, batches)
 
     def detach(self) -> None:
+        if self._attached:
+            self.method.detach(self.model, self.info)
+            self._attached = False
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -212,6 +212,9 @@ class KVCacheMethod(ABC):
     def attach(self, model: torch.nn.Module, info: ModelInfo) -> None:  # noqa: B027
         """Optional weight folding at attach time (e.g. QoQ's SmoothAttention)."""
 
+    def detach(self, model: torch.nn.Module, info: ModelInfo) -> None:  # noqa: B027
+        """Undo what ``attach`` (or ``calibrate``) changed in the model's weights."""
+
     @property
     def needs_calibration(self) -> bool:
         return False
