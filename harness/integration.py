@@ -211,6 +211,9 @@ class HarnessCache(Cache):
     def stores(self) -> list[LayerStore]:
         return [layer.store for layer in self.layers]
 
+    def layer_stats(self) -> list[dict[str, list[float]]]:
+        return [store.stats() for store in self.stores]
+
     def memory(self) -> MemoryReport:
         """Bytes really held by every layer's store, summed."""
         total = MemoryReport()

@@ -166,6 +166,10 @@ class LayerStore(ABC):
         """Queries [B, H, Tq, D] (post-RoPE) and attention probabilities [B, H, Tq, Tk] of the
         forward that just read this layer (only delivered when the method asks for them)."""
 
+    def stats(self) -> dict[str, list[float]]:
+        """Per-layer counters a method reports (e.g. MoQAE's chunks per expert); summed over windows."""
+        return {}
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder the batch (beam search). Methods that support it override this."""
         raise NotImplementedError(f"{type(self).__name__} does not support batch reordering (beam search)")

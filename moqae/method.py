@@ -204,13 +204,13 @@ class MoQAEStore(LayerStore):
             r.add("router", self.votes.numel() * self.votes.element_size())
         return r
 
-    def expert_counts(self) -> torch.Tensor:
-        """Chunks per expert in this layer (summed over the batch)."""
-        counts = torch.zeros(len(self.bits), dtype=torch.long)
+    def stats(self) -> dict[str, list[float]]:
+        """Chunks per expert in this layer (summed over the batch), experts in config order."""
+        counts = [0] * len(self.bits)
         for row_chunks in self.chunks:
             for c in row_chunks:
                 counts[c.expert] += 1
-        return counts
+        return {"expert_chunks": counts}
 
 
 @register_method("moqae", "MoQAE: chunk router picks FP16/INT4/INT2 per chunk (RF, RS); options lambda, ckpt")

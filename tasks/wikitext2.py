@@ -40,6 +40,16 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     return nll.item(), ids.shape[1] - 1
 
 
+def add_stats(total: list[dict] | None, new: list[dict]) -> list[dict]:
+    """Element-wise sum of per-layer counters over windows."""
+    if total is None:
+        return [{k: list(v) for k, v in layer.items()} for layer in new]
+    for acc, layer in zip(total, new, strict=True):
+        for k, v in layer.items():
+            acc[k] = [a + b for a, b in zip(acc[k], v, strict=True)]
+    return total
+
+
 @register_task("wikitext2", "WikiText-2 (raw) test perplexity, non-overlapping windows of seqlen tokens")
 class WikiText2(Task):
     config_class = WikiText2Config
@@ -56,7 +66,7 @@ class WikiText2(Task):
     def evaluate(self, ctx: TaskContext) -> dict:
         windows = token_windows(self.token_ids(ctx), self.config.seqlen, self.config.max_windows)
         device = next(ctx.model.parameters()).device
-        total_nll, total_tokens, memory = 0.0, 0, None
+        total_nll, total_tokens, memory, layer_stats = 0.0, 0, None, None
         start = time.perf_counter()
         bar = tqdm(windows, desc=f"wikitext2 {ctx.attached.method.label}", disable=not ctx.progress, leave=False)
         for window in bar:
@@ -66,6 +76,7 @@ class WikiText2(Task):
             nll, n = window_nll(logits, ids)
             total_nll, total_tokens = total_nll + nll, total_tokens + n
             memory = cache.memory()
+            layer_stats = add_stats(layer_stats, cache.layer_stats())
             bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
         return {
             "metrics": {"ppl": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens},
@@ -73,4 +84,5 @@ class WikiText2(Task):
             "windows": len(windows),
             "tokens": total_tokens,
             "eval_seconds": time.perf_counter() - start,
+            "layer_stats": layer_stats if any(layer_stats) else None,
         }

@@ -128,6 +128,8 @@ def test_memory_equals_bytes_held_and_nominal_bits(model):
         payload += 2 * store.buf_k.data.numel() * 16
         elements += 2 * store.buf_k.data.numel()
     mem = cache.memory()
+    # 44 tokens, chunk 8: 5 complete chunks per sequence, 2 sequences
+    assert all(sum(layer["expert_chunks"]) == 10 for layer in cache.layer_stats())
     assert mem.total_bytes == held
     assert mem.elements == elements == 2 * info.n_layers * 2 * info.n_kv_heads * 44 * info.head_dim
     assert mem.nominal_bits == pytest.approx(payload / elements)
