@@ -15,7 +15,7 @@ Algorithm (MoQAE, ACL 2025), per layer and per chunk of N tokens:
    memory accounting. Token votes are computed as tokens arrive, so a chunk completed in decode gets
    the same decision as the same tokens would at prefill.
 
-Choices where the paper is silent (documented options): experts default ``16,4,2``; router hidden
+Choices where the paper is silent (documented options): experts default ``16/4/2``; router hidden
 width = number of experts; with batch > 1 each sequence routes its own chunks.
 """
 
@@ -46,11 +46,11 @@ CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
 
 def parse_experts(text: str) -> tuple[int, ...]:
-    """``"16,4,2"`` -> (16, 4, 2); 16 is the FP16 expert, others must be packable bit-widths."""
+    """``"16/4/2"`` -> (16, 4, 2); 16 is the FP16 expert, others must be packable bit-widths."""
     try:
         bits = tuple(int(b) for b in str(text).replace("/", ",").split(",") if b.strip())
     except ValueError:
-        raise MethodSpecError(f"moqae: experts={text!r} must be bit-widths like 16,4,2") from None
+        raise MethodSpecError(f"moqae: experts={text!r} must be bit-widths like 16/4/2") from None
     allowed = (FP16_BITS, *SUPPORTED_BITS)
     bad = [b for b in bits if b not in allowed]
     if bad or len(bits) < 2 or len(set(bits)) != len(bits):
@@ -60,7 +60,7 @@ def parse_experts(text: str) -> tuple[int, ...]:
 
 @dataclass
 class MoQAEConfig(MethodConfig):
-    experts: str = "16,4,2"
+    experts: str = "16/4/2"  # bit-widths separated by "/" (a comma separates spec options)
     chunk: int = 32
     value_group: int = 0  # channels per value range; 0 = head_dim
     freeze_first: bool = True  # routing freezing (RF)
@@ -264,11 +264,14 @@ class MoQAE(KVCacheMethod):
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state.get("config", {})
-        for key in ("experts", "share", "router_width"):
-            if key in saved and str(saved[key]) != str(getattr(self.config, key)):
+        mine = {"experts": self.expert_bits, "share": self.config.share, "router_width": self.config.router_width}
+        theirs = dict(saved)
+        if "experts" in theirs:
+            theirs["experts"] = parse_experts(theirs["experts"])
+        for key, value in mine.items():
+            if key in theirs and theirs[key] != value:
                 raise MethodSpecError(
-                    f"{self.label}: checkpoint {path.name} was trained with {key}={saved[key]}, "
-                    f"not {getattr(self.config, key)}"
+                    f"{self.label}: checkpoint {path.name} was trained with {key}={saved[key]}, not {value}"
                 )
         self.bank.load_state_dict(state["routers"])
 
