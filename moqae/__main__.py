@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--method", default="moqae", help="base spec, e.g. moqae:chunk=64,share=1")
     for field, typ in (("steps", int), ("seqlen", int), ("windows", int), ("lr", float), ("seed", int)):
         t.add_argument(f"--{field}", type=typ, default=getattr(TrainConfig, field))
-    t.add_argument("--estimator", choices=("reinforce", "paper"), default=TrainConfig.estimator)
+    t.add_argument("--estimator", choices=("gumbel", "reinforce", "paper"), default=TrainConfig.estimator)
     t.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     cfg = TrainConfig(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from harness.interface import (
     KVCacheMethod,
@@ -37,7 +38,7 @@ from harness.interface import (
     Observation,
     register_method,
 )
-from harness.quant import SUPPORTED_BITS, QuantizedTensor, quantize
+from harness.quant import SUPPORTED_BITS, QuantizedTensor, fake_quantize, quantize
 from harness.storage import FullPrecisionSeq, cat_tokens, held_memory
 from moqae.router import RouterBank, chunk_votes
 
@@ -114,6 +115,7 @@ class MoQAEStore(LayerStore):
         self.buf_k = FullPrecisionSeq()
         self.buf_v = FullPrecisionSeq()
         self.votes: torch.Tensor | None = None  # [B, T_buf] token votes of buffered tokens (leaders)
+        self.soft: torch.Tensor | None = None  # [B, T_buf, E] relaxed token weights (training only)
         self.leader = method.bank.leader(layer_idx) if method.bank is not None else layer_idx
 
     # ---- routing ---------------------------------------------------------------------------
@@ -125,8 +127,15 @@ class MoQAEStore(LayerStore):
             probs = self.method.route(self.layer_idx, obs.block_input)  # [B, T, E]
             return probs.argmax(dim=-1).to(torch.uint8)  # one byte per buffered token vote
         # router training (moqae.train): keep the probabilities with their graph
-        probs = self.method.bank.router(self.layer_idx)(obs.block_input)
+        probs = self.method.bank.router(self.layer_idx)(obs.block_input.detach())
         train["probs"].setdefault(self.leader, []).append(probs)
+        if train.get("relaxed"):
+            # Gumbel-softmax: perturbed token choices; soft weights carry the gradient
+            u = torch.rand(probs.shape, generator=train["generator"]).clamp(1e-9, 1 - 1e-9)
+            logits = probs.clamp_min(1e-9).log() - torch.log(-torch.log(u))
+            soft = torch.softmax(logits / train["tau"], dim=-1)  # [B, T, E]
+            self.soft = soft if self.soft is None else torch.cat([self.soft, soft], dim=1)
+            return logits.detach().argmax(dim=-1).to(torch.uint8)
         if train["sample"]:
             flat = probs.detach().reshape(-1, probs.shape[-1])
             votes = torch.multinomial(flat, 1, generator=train["generator"]).view(probs.shape[:-1])
@@ -158,6 +167,39 @@ class MoQAEStore(LayerStore):
         qv = quantize(v, bits, group=vg, axis=-1)  # per token
         self.chunks[row].append(Chunk(expert, qk, qv))
 
+    def _store_relaxed(self, chunk_idx: int, experts: torch.Tensor, k, v, train: dict) -> None:
+        """Training only: the chunk's K/V as Σ_e w_e·Q_e(x) with straight-through weights (forward value
+        = the chosen expert's reconstruction, gradient through the soft Gumbel weights)."""
+        key = ("weights", self.leader, chunk_idx)
+        if key not in self.cache_state:
+            hard = F.one_hot(experts, len(self.bits)).float()  # [B, E]
+            routed = not (self.cfg.freeze_first and chunk_idx == 0)
+            if routed and self.soft is not None:
+                soft, self.soft = self.soft[:, : self.cfg.chunk].mean(dim=1), self.soft[:, self.cfg.chunk :]
+                w = hard - soft.detach() + soft
+                train["weights"].append(w)
+            else:
+                if self.soft is not None:
+                    self.soft = self.soft[:, self.cfg.chunk :]
+                w = hard
+            self.cache_state[key] = w
+        w = self.cache_state[key]
+        vg = self.cfg.value_group or self.info.head_dim
+        cands_k, cands_v = [], []
+        for bits in self.bits:
+            if bits == FP16_BITS:
+                cands_k.append(k.half().float())
+                cands_v.append(v.half().float())
+            else:
+                cands_k.append(fake_quantize(k, bits, group=k.shape[-2], axis=-2))
+                cands_v.append(fake_quantize(v, bits, group=vg, axis=-1))
+        wk = w.view(w.shape[0], 1, 1, 1, -1)  # [B, 1, 1, 1, E]
+        mixed_k = (torch.stack(cands_k, dim=-1) * wk).sum(-1)
+        mixed_v = (torch.stack(cands_v, dim=-1) * wk).sum(-1)
+        for row in range(k.shape[0]):
+            expert = int(experts[row])
+            self.chunks[row].append(Chunk(expert, mixed_k[row : row + 1], mixed_v[row : row + 1]))
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
         batch = keys.shape[0]
         if not self.chunks:
@@ -176,6 +218,10 @@ class MoQAEStore(LayerStore):
                 votes, self.votes = self.votes[:, :n], self.votes[:, n:]
             experts = self._decide(chunk_idx, votes)
             k, v = self.buf_k.take_front(n), self.buf_v.take_front(n)  # fp16 [B, H, N, D]
+            train = self.cache_state.get("train")
+            if train is not None and train.get("relaxed"):
+                self._store_relaxed(chunk_idx, experts, k.float(), v.float(), train)
+                continue
             for row in range(batch):
                 self._store(row, int(experts[row]), k[row : row + 1].float(), v[row : row + 1].float())
 

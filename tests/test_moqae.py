@@ -165,7 +165,7 @@ def _trainer(stories, data_dir, out, steps=3, estimator="reinforce", seed=0):
     return RouterTrainer(model, tok, cfg, data_dir=data_dir, out=out)
 
 
-@pytest.mark.parametrize("estimator", ["reinforce", "paper"])
+@pytest.mark.parametrize("estimator", ["gumbel", "reinforce", "paper"])
 def test_training_gradients_reach_only_the_router(stories, data_dir, tmp_path, estimator):
     model, _ = stories
     before = {k: v.clone() for k, v in model.state_dict().items()}
