@@ -1,1 +1,1 @@
-from baselines import uniform  # noqa: F401  (registers fp16, int, int8, int4, int2)
+from baselines import kivi, mikv, uniform  # noqa: F401  (each module registers its methods)
