@@ -1,1 +1,1 @@
-from baselines import kivi, mikv, uniform  # noqa: F401  (each module registers its methods)
+from baselines import kivi, kvquant, mikv, qoq, uniform  # noqa: F401  (each module registers its methods)

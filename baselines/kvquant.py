@@ -1,0 +1,739 @@
+"""KVQuant (Hooper et al. 2024, arXiv:2401.18079): pre-RoPE per-channel keys, non-uniform datatypes,
+dense-and-sparse outliers, attention-sink-aware fp16 first token.
+
+Official code: ``SqueezeAILab/KVQuant`` — ``quant/kvquant/simquant_module_quantizer.py`` (``SimQuant``
+calibration, ``quant_fn_nuq_recon``, ``get_outliers`` / ``get_outliers_dynamic``),
+``quant/llama_simquant.py`` (which tensors get which quantizer) and ``gradients/run-fisher.py``
+(Fisher information). Where the paper and the code differ, the code is followed:
+
+* **Keys** are the k_proj output (pre-RoPE, ``obs.pre_rope_keys``), quantized **per channel** of the
+  whole k_proj output (H_kv·D channels) with **static** ranges from calibration: lower/upper =
+  the 0.5th / 99.5th percentile of each channel over the calibration tokens (``np.percentile``,
+  linear interpolation; min / max without dense-and-sparse), zp = (upper + lower)/2,
+  r = (upper − lower)/2, x' = (k − zp)/r. With dense-and-sparse, keys strictly outside
+  [lower, upper] are outliers. ``read`` dequantizes and re-applies RoPE; cos/sin are recomputed with
+  the model's own rotary-embedding module (taken in ``attach``) from the token positions, which are
+  implicit (token i of the cache is position i: the harness never evicts), so nothing per token is
+  kept for RoPE. RoPE variants whose tables depend on the sequence length (dynamic NTK, longrope)
+  are refused.
+* **Values** are quantized **per token, dynamically**; as in the code (``v_proj`` output rows), one
+  range spans the whole v_proj output of a token (all KV heads), not one head. With
+  dense-and-sparse, per-token outliers are the entries ≥ the 99.5th or ≤ the 0.5th percentile of the
+  token (``get_outliers_dynamic``: inclusive), and the range is the min / max of the remaining
+  entries.
+* **nuq datatype**: per layer one lookup table of 2^b levels for K and one for V in the normalized
+  domain x' ∈ [−1, 1], fitted by k-means weighted by Fisher information (the squared gradient of the
+  LM loss w.r.t. the k_proj / v_proj outputs, as ``run-fisher.py``) on every calibration element
+  that is neither an outlier (|x'| > 1) nor one of the ``first_few_fp16`` tokens of a window.
+  The official code runs sklearn ``KMeans(max_iter=50, k-means++)`` on all elements; here the
+  normalized elements are first summed into a 16384-bin weighted histogram over [−1, 1] (each bin
+  at the weighted mean of its elements, so memory does not grow with the calibration set), then a
+  weighted Lloyd k-means with greedy k-means++ seeding (seed 0) runs on the bins, at most
+  ``kmeans_iters`` = 50 iterations. Reconstruction picks the nearest level (ties: the lower level,
+  as ``argmin`` in ``round_to_nearest_pole_sim``). Codes are b-bit indices packed with
+  ``harness.quant.pack_bits`` (2 and 4 bits) or, for 3 bits, eight codes per three bytes
+  (``pack_3bit``), so 3-bit codes really take 3 bits.
+* **Dense-and-sparse**: outliers are kept exactly in fp16, each with an int32 index into the
+  token-major [T, B, H_kv·D] layout of the quantized segment (int64 once that layout outgrows
+  int32), counted as category "outliers" (2 + 4 bytes each).
+* **Attention sink**: the first ``first_few_fp16`` tokens (default 1; the code's default is −1,
+  off) are stored in fp16 (post-RoPE keys) and never quantized. As in the code they are excluded
+  from the k-means but *included* in the per-channel key ranges of the calibration.
+* **Calibration** uses the windows the harness passes (the runner: 16 windows of the calibration
+  split); the result is cached under ``$MOQAE_HARNESS_CACHE/calibration`` (default
+  ``~/.cache/moqae-harness/calibration``), keyed by the model (config and a parameter fingerprint),
+  the method options and the calibration token ids, so a second run does not recalibrate.
+* **Accounting**: packed codes ("codes"); the per-token value ranges (fp16 lower/upper) plus, once
+  per layer, the static per-channel key ranges (fp16) and the two fp32 lookup tables ("scales");
+  the sink tokens ("fp_tokens"); outlier values and indices ("outliers"). Nominal bits count b per
+  quantized element and 16 per outlier or sink element.
+
+Not reproduced: the code's optional Q-Norm (``--norm``, used for its 2-bit DBRX checkpoints),
+per-token outlier capping (``--cap_outliers``) and the NormalFloat tables (``--nf``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from harness.integration import apply_rope, decoder_layers, forward, model_info
+from harness.interface import (
+    KVCacheMethod,
+    LayerStore,
+    MemoryReport,
+    MethodConfig,
+    MethodSpecError,
+    ModelInfo,
+    Observation,
+    UnsupportedModelError,
+    register_method,
+    register_variant,
+    tensor_bytes,
+)
+from harness.models import cache_root
+from harness.quant import pack_bits, unpack_bits
+from harness.storage import FullPrecisionSeq
+
+NUQ_BITS = (2, 3, 4)
+HIST_BINS = 16384
+CACHE_VERSION = 1
+
+# --------------------------------------------------------------------------------------------
+# Primitives (self-contained; candidates for harness/quant.py)
+# --------------------------------------------------------------------------------------------
+
+
+def pack_3bit(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 3-bit codes along the last dim, 8 codes into 3 bytes (little-end first): [..., n] -> [..., 3n/8]."""
+    n = codes.shape[-1]
+    if n % 8:
+        raise ValueError(f"last dim {n} is not divisible by 8 (3-bit packing)")
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], n // 8, 8)
+    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=c.device)
+    word = (c << shifts).sum(dim=-1)  # [..., n/8], 24 bits used
+    out = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], dim=-1).to(torch.uint8)
+    return out.reshape(*codes.shape[:-1], n // 8 * 3)
+
+
+def unpack_3bit(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_3bit``: [..., 3m] uint8 -> [..., 8m] uint8 codes."""
+    m = packed.shape[-1] // 3
+    b = packed.to(torch.int32).reshape(*packed.shape[:-1], m, 3)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
+    return ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8).reshape(*packed.shape[:-1], m * 8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return pack_3bit(codes) if bits == 3 else pack_bits(codes, bits)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_3bit(packed) if bits == 3 else unpack_bits(packed, bits)
+
+
+def nearest_level(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of the ascending lookup table ``lut`` for each element (uint8);
+    an exact tie goes to the lower level."""
+    mids = (lut[1:] + lut[:-1]) / 2
+    return torch.bucketize(x.contiguous(), mids.to(x.dtype)).to(torch.uint8)
+
+
+def percentile(x: torch.Tensor, q: float, dim: int = -1) -> torch.Tensor:
+    """``np.percentile(x, 100 q, axis=dim)`` with linear interpolation (no size limit)."""
+    s = torch.sort(x, dim=dim).values
+    n = s.shape[dim]
+    pos = q * (n - 1)
+    lo = int(pos // 1)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    a, b = s.select(dim, lo), s.select(dim, hi)
+    return a + (b - a) * frac
+
+
+def weighted_kmeans_1d(
+    points: torch.Tensor, weights: torch.Tensor, k: int, iters: int = 50, seed: int = 0
+) -> torch.Tensor:
+    """Weighted 1-D k-means (greedy k-means++ seeding, Lloyd updates); returns k ascending centroids.
+
+    ``points``, ``weights``: [N]. Points with zero weight are ignored; with fewer distinct points
+    than ``k``, the table repeats its largest point (duplicates are never selected twice).
+    """
+    x, w = points.double().flatten(), weights.double().flatten()
+    keep = w > 0
+    x, w = x[keep], w[keep]
+    if x.numel() == 0:
+        return torch.linspace(-1, 1, k, dtype=torch.float32)
+    distinct = torch.unique(x)
+    if distinct.numel() <= k:
+        pad = distinct[-1:].expand(k - distinct.numel())
+        return torch.cat([distinct, pad]).float()
+    g = torch.Generator().manual_seed(seed)
+    n_trials = 2 + int(torch.log(torch.tensor(float(k))).item())
+    centers = x[torch.multinomial(w, 1, generator=g)]
+    d2 = (x - centers[0]) ** 2
+    for _ in range(1, k):
+        cand = x[torch.multinomial(w * d2 + 1e-300, n_trials, replacement=True, generator=g)]
+        cand_d2 = torch.minimum(d2.unsqueeze(0), (x.unsqueeze(0) - cand.unsqueeze(1)) ** 2)  # [trials, N]
+        best = torch.argmin((cand_d2 * w).sum(dim=1))
+        centers = torch.cat([centers, cand[best : best + 1]])
+        d2 = cand_d2[best]
+    centers = torch.sort(centers).values
+    for _ in range(iters):
+        assign = torch.bucketize(x, (centers[1:] + centers[:-1]) / 2)
+        wsum = torch.zeros(k, dtype=x.dtype).index_add_(0, assign, w)
+        wx = torch.zeros(k, dtype=x.dtype).index_add_(0, assign, w * x)
+        new = torch.where(wsum > 0, wx / wsum.clamp_min(1e-300), centers)
+        new = torch.sort(new).values
+        if torch.equal(new, centers):
+            break
+        centers = new
+    return centers.float()
+
+
+def _fp16_outward(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round a range to fp16 outwards, so every value inside [lower, upper] stays inside."""
+    lo16, hi16 = lower.to(torch.float16), upper.to(torch.float16)
+    down = torch.nextafter(lo16, torch.full_like(lo16, -torch.inf))
+    up = torch.nextafter(hi16, torch.full_like(hi16, torch.inf))
+    lo16 = torch.where(lo16.double() > lower.double(), down, lo16)
+    hi16 = torch.where(hi16.double() < upper.double(), up, hi16)
+    return lo16, hi16
+
+
+def _normalize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """x' = (x − zp)/r with zp = (upper + lower)/2, r = (upper − lower)/2 (fp32; x' = 0 where r = 0)."""
+    lo, hi = lower.float(), upper.float()
+    zp, r = (hi + lo) / 2, (hi - lo) / 2
+    return torch.where(r > 0, (x.float() - zp) / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(zp))
+
+
+def _denormalize(xn: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    lo, hi = lower.float(), upper.float()
+    return (hi + lo) / 2 + xn * (hi - lo) / 2
+
+
+def token_outliers(tok: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Dynamic per-token outlier mask of ``tok`` [..., C]: entries >= the ``t``-th or <= the
+    ``1 − t``-th percentile of their token, t = 1 − (1 − threshold)/2 (``get_outliers_dynamic``)."""
+    t = 1 - (1 - threshold) / 2
+    hi = percentile(tok.float(), t, dim=-1).unsqueeze(-1)
+    lo = percentile(tok.float(), 1 - t, dim=-1).unsqueeze(-1)
+    return (tok >= hi) | (tok <= lo)
+
+
+def channel_outliers(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """Static outlier mask (``get_outliers``): strictly outside [lower, upper] (broadcast per channel)."""
+    return (x > upper.float()) | (x < lower.float())
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerCalibration:
+    """Static quantizer state of one layer (held once per model, counted once per layer store)."""
+
+    k_lower: torch.Tensor  # [H_kv * D] fp16, per-channel pre-RoPE key range
+    k_upper: torch.Tensor  # [H_kv * D] fp16
+    k_lut: torch.Tensor  # [2^b] fp32, ascending normalized levels
+    v_lut: torch.Tensor  # [2^b] fp32
+
+    def to(self, device: torch.device) -> LayerCalibration:
+        return LayerCalibration(*(t.to(device) for t in (self.k_lower, self.k_upper, self.k_lut, self.v_lut)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(t) for t in (self.k_lower, self.k_upper, self.k_lut, self.v_lut))
+
+
+class _TailTracker:
+    """Streaming per-channel percentile: keeps only the extreme order statistics it needs."""
+
+    def __init__(self, n_total: int, q: float, largest: bool):
+        self.n, self.q, self.largest = n_total, q, largest
+        pos = q * (n_total - 1)
+        self.lo = int(pos // 1)
+        self.frac = pos - self.lo
+        self.m = (n_total - self.lo) if largest else min(self.lo + 2, n_total)
+        self.vals: torch.Tensor | None = None  # [m, C]
+
+    def add(self, rows: torch.Tensor) -> None:  # rows [N, C]
+        x = rows.float() if self.vals is None else torch.cat([self.vals, rows.float()], dim=0)
+        self.vals = torch.topk(x, min(self.m, x.shape[0]), dim=0, largest=self.largest).values
+
+    def value(self) -> torch.Tensor:
+        s = torch.sort(self.vals, dim=0).values.double()  # ascending
+        offset = (self.n - s.shape[0]) if self.largest else 0  # global index of s[0]
+        i = self.lo - offset
+        j = min(i + 1, s.shape[0] - 1)
+        return s[i] + (s[j] - s[i]) * self.frac
+
+
+class _Histogram:
+    """Weighted histogram of normalized values on [−1, 1]: weight and weighted sum per bin."""
+
+    def __init__(self, bins: int = HIST_BINS):
+        self.bins = bins
+        self.w = torch.zeros(bins, dtype=torch.float64)
+        self.wx = torch.zeros(bins, dtype=torch.float64)
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.cx = torch.zeros(bins, dtype=torch.float64)
+
+    def add(self, xn: torch.Tensor, w: torch.Tensor) -> None:
+        x, w = xn.detach().double().flatten().cpu(), w.detach().double().flatten().cpu()
+        idx = ((x + 1) / 2 * self.bins).floor().clamp(0, self.bins - 1).long()
+        self.w.index_add_(0, idx, w)
+        self.wx.index_add_(0, idx, w * x)
+        self.count.index_add_(0, idx, torch.ones_like(x))
+        self.cx.index_add_(0, idx, x)
+
+    def lut(self, k: int, iters: int) -> torch.Tensor:
+        w, wx = (self.w, self.wx) if self.w.sum() > 0 else (self.count, self.cx)  # all-zero Fisher: unweighted
+        nz = w > 0
+        return weighted_kmeans_1d(wx[nz] / w[nz], w[nz], k, iters)
+
+
+def _window_positions(b: int, t: int) -> torch.Tensor:
+    """Position within its window of every row of a flattened [B*T, C] tensor."""
+    return torch.arange(t).repeat(b)
+
+
+def calibrate_kvquant(
+    model: torch.nn.Module, windows: list[torch.Tensor], info: ModelInfo, cfg: KVQuantConfig
+) -> list[LayerCalibration]:
+    """Per-layer KVQuant quantizers from calibration ``windows`` ([B, T] token ids).
+
+    Pass 1 (forward): per-channel key percentiles over all calibration tokens. Pass 2 (forward +
+    backward when ``cfg.fisher``): normalized keys/values and their Fisher weights summed into one
+    histogram per layer and tensor, then weighted k-means gives the lookup tables.
+    """
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    sparse = cfg.sparsity_threshold < 1.0
+    t = 1 - (1 - cfg.sparsity_threshold) / 2 if sparse else 1.0
+    n_total = sum(w.numel() for w in windows)
+    if n_total < 2:
+        raise ValueError("kvquant: calibration needs at least two tokens")
+
+    # ---- pass 1: per-channel key ranges ----------------------------------------------------
+    uppers = [_TailTracker(n_total, t, largest=True) for _ in layers]
+    lowers = [_TailTracker(n_total, 1 - t, largest=False) for _ in layers]
+
+    def range_hook(i):
+        def hook(_module, _inputs, output):
+            rows = output.detach().reshape(-1, output.shape[-1])
+            uppers[i].add(rows)
+            lowers[i].add(rows)
+
+        return hook
+
+    handles = [layer.self_attn.k_proj.register_forward_hook(range_hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for ids in windows:
+                forward(model, ids.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    k_ranges = [_fp16_outward(lo.value(), hi.value()) for lo, hi in zip(lowers, uppers, strict=True)]
+
+    # ---- pass 2: histograms of normalized values, Fisher-weighted --------------------------
+    k_hist = [_Histogram() for _ in layers]
+    v_hist = [_Histogram() for _ in layers]
+    acts: dict[tuple[int, str], torch.Tensor] = {}
+
+    def act_hook(i, name):
+        def hook(_module, _inputs, output):
+            leaf = output.detach().requires_grad_(cfg.fisher)
+            acts[(i, name)] = leaf
+            return leaf
+
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.self_attn.k_proj.register_forward_hook(act_hook(i, "k")))
+        handles.append(layer.self_attn.v_proj.register_forward_hook(act_hook(i, "v")))
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for ids in windows:
+            ids = ids.to(device)
+            acts.clear()
+            with torch.set_grad_enabled(cfg.fisher):
+                out = forward(model, ids, labels=ids)
+                if cfg.fisher:
+                    out.loss.backward()
+            b, tt = ids.shape
+            sink = _window_positions(b, tt).to(device) < cfg.first_few_fp16  # [B*T]
+            for i in range(len(layers)):
+                k = acts[(i, "k")].detach().reshape(b * tt, -1).float()
+                v = acts[(i, "v")].detach().reshape(b * tt, -1).float()
+                kw, vw = (_fisher(acts[(i, n)], x, cfg.fisher) for n, x in (("k", k), ("v", v)))
+                lo, hi = k_ranges[i]
+                kn = _normalize(k, lo.to(device), hi.to(device))
+                keep = (kn.abs() <= 1) & ~sink[:, None]
+                k_hist[i].add(kn[keep], kw[keep])
+                v_lo = percentile(v, 1 - t, dim=-1).unsqueeze(-1)
+                v_hi = percentile(v, t, dim=-1).unsqueeze(-1)
+                vn = _normalize(v, v_lo, v_hi)
+                keep = (vn.abs() <= 1) & ~sink[:, None]
+                v_hist[i].add(vn[keep], vw[keep])
+            acts.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    k = 2**cfg.bits
+    return [
+        LayerCalibration(
+            k_lower=k_ranges[i][0].cpu(),
+            k_upper=k_ranges[i][1].cpu(),
+            k_lut=k_hist[i].lut(k, cfg.kmeans_iters),
+            v_lut=v_hist[i].lut(k, cfg.kmeans_iters),
+        )
+        for i in range(len(layers))
+    ]
+
+
+def _fisher(leaf: torch.Tensor, like: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """Squared gradient of the loss w.r.t. an activation ([B*T, C] like ``like``); ones when disabled."""
+    if not enabled:
+        return torch.ones_like(like)
+    if leaf.grad is None:  # the activation does not reach the loss
+        return torch.zeros_like(like)
+    return leaf.grad.reshape(like.shape).float() ** 2
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of a model's config and weights (float64 sums of every parameter)."""
+    h = hashlib.sha1()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(p.detach().double().sum().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def calibration_cache_path(model: torch.nn.Module, windows: list[torch.Tensor], cfg: KVQuantConfig) -> Path:
+    h = hashlib.sha1()
+    h.update(model_fingerprint(model).encode())
+    opts = {k: getattr(cfg, k) for k in ("bits", "sparsity_threshold", "first_few_fp16", "fisher", "kmeans_iters")}
+    h.update(json.dumps({"v": CACHE_VERSION, "method": "kvquant", **opts}, sort_keys=True).encode())
+    for w in windows:
+        h.update(str(tuple(w.shape)).encode())
+        h.update(w.detach().to(torch.int64).cpu().numpy().tobytes())
+    name = str(getattr(model.config, "_name_or_path", "") or model.config.model_type).rstrip("/").split("/")[-1]
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
+    return cache_root() / "calibration" / f"kvquant-{slug}-{h.hexdigest()[:16]}.pt"
+
+
+def _save_calibration(path: Path, calib: list[LayerCalibration]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save([{k: getattr(c, k) for k in ("k_lower", "k_upper", "k_lut", "v_lut")} for c in calib], tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_calibration(path: Path, n_layers: int) -> list[LayerCalibration] | None:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return None
+    if not isinstance(data, list) or len(data) != n_layers:
+        return None
+    return [LayerCalibration(**d) for d in data]
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------
+
+
+class _Sparse:
+    """Outliers kept exactly: fp16 values at flat indices of the token-major [T, B, C] layout."""
+
+    def __init__(self) -> None:
+        self.idx: torch.Tensor | None = None  # int32 (int64 beyond 2^31 elements)
+        self.val: torch.Tensor | None = None  # fp16
+
+    def append(self, x: torch.Tensor, mask: torch.Tensor, offset: int) -> None:
+        """``x``, ``mask``: [Tc, B, C] of a new chunk starting at flat element ``offset``."""
+        flat = torch.nonzero(mask.reshape(-1)).squeeze(-1) + offset
+        if flat.numel() == 0:
+            return
+        val = x.reshape(-1)[flat - offset].to(torch.float16)
+        idx_dtype = torch.int32 if int(flat.max()) < 2**31 else torch.int64
+        if self.idx is None:
+            self.idx, self.val = flat.to(idx_dtype), val
+            return
+        if idx_dtype == torch.int64 or self.idx.dtype == torch.int64:
+            self.idx = self.idx.to(torch.int64)
+            idx_dtype = torch.int64
+        self.idx = torch.cat([self.idx, flat.to(idx_dtype)])
+        self.val = torch.cat([self.val, val])
+
+    @property
+    def count(self) -> int:
+        return 0 if self.idx is None else self.idx.numel()
+
+    def scatter(self, dense: torch.Tensor) -> torch.Tensor:
+        """Write the outliers into ``dense`` [T, B, C] (float)."""
+        if self.idx is not None:
+            flat = dense.reshape(-1)
+            flat[self.idx.long()] = self.val.to(dense.dtype)
+            dense = flat.view_as(dense)
+        return dense
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.idx) + tensor_bytes(self.val)
+
+
+class KVQuantStore(LayerStore):
+    """One layer of a KVQuant cache: fp16 sink tokens, then nuq codes in token-major [T, B, C]
+    layout (C = H_kv·D): pre-RoPE keys with static per-channel ranges, values with per-token
+    ranges, plus the sparse fp16 outliers of each."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        info: ModelInfo,
+        calib: LayerCalibration,
+        cfg: KVQuantConfig,
+        rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ):
+        super().__init__(layer_idx, info)
+        self.calib, self.cfg, self.rope = calib, cfg, rope
+        self.sink_k, self.sink_v = FullPrecisionSeq(), FullPrecisionSeq()  # post-RoPE keys, values
+        self.k_codes: torch.Tensor | None = None  # [T, B, C * bits / 8] uint8
+        self.v_codes: torch.Tensor | None = None
+        self.v_lower: torch.Tensor | None = None  # [T, B] fp16
+        self.v_upper: torch.Tensor | None = None
+        self.k_sparse, self.v_sparse = _Sparse(), _Sparse()
+        self.q_start: int | None = None  # position of the first quantized token
+        self.q_len = 0
+        self._calib_dev: LayerCalibration | None = None
+
+    @property
+    def sparse(self) -> bool:
+        return self.cfg.sparsity_threshold < 1.0
+
+    def _cal(self, device: torch.device) -> LayerCalibration:
+        if self._calib_dev is None or self._calib_dev.k_lut.device != device:
+            self._calib_dev = self.calib.to(device)
+        return self._calib_dev
+
+    # ---- append ------------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
+        if obs.pre_rope_keys is None:
+            raise RuntimeError("kvquant: the cache got no pre-RoPE keys (the 'pre_rope_keys' signal)")
+        pos = obs.positions
+        n_sink = int((pos < self.cfg.first_few_fp16).sum())
+        if n_sink:
+            if self.q_len:
+                raise RuntimeError("kvquant: sink tokens arrived after quantized tokens")
+            self.sink_k.append(keys[..., :n_sink, :])
+            self.sink_v.append(values[..., :n_sink, :])
+        if n_sink == keys.shape[-2]:
+            return
+        first = int(pos[n_sink])
+        if self.q_start is None:
+            self.q_start = first
+        elif first != self.q_start + self.q_len:
+            raise RuntimeError(
+                f"kvquant: positions must be contiguous (expected {self.q_start + self.q_len}, got {first})"
+            )
+        b, h, _, d = keys.shape
+        # token-major [Tc, B, C]
+        k = obs.pre_rope_keys[..., n_sink:, :].permute(2, 0, 1, 3).reshape(-1, b, h * d).float()
+        v = values[..., n_sink:, :].permute(2, 0, 1, 3).reshape(-1, b, h * d).float()
+        cal = self._cal(k.device)
+        offset = self.q_len * b * h * d
+        # keys: static per-channel range
+        k_codes = nearest_level(_normalize(k, cal.k_lower, cal.k_upper), cal.k_lut)
+        if self.sparse:
+            self.k_sparse.append(k, channel_outliers(k, cal.k_lower, cal.k_upper), offset)
+        # values: dynamic per-token range (over all KV heads of the token)
+        if self.sparse:
+            mask = token_outliers(v, self.cfg.sparsity_threshold)
+            inf = torch.full_like(v, torch.inf)
+            lo = torch.where(mask, inf, v).amin(dim=-1)
+            hi = torch.where(mask, -inf, v).amax(dim=-1)
+            none = ~torch.isfinite(lo)  # every entry an outlier: any range will do
+            lo, hi = torch.where(none, 0.0, lo), torch.where(none, 0.0, hi)
+            self.v_sparse.append(v, mask, offset)
+        else:
+            lo, hi = v.amin(dim=-1), v.amax(dim=-1)
+        lo16, hi16 = _fp16_outward(lo, hi)  # [Tc, B]
+        v_codes = nearest_level(_normalize(v, lo16[..., None], hi16[..., None]), cal.v_lut)
+        bits = self.cfg.bits
+        self.k_codes = _cat(self.k_codes, pack_codes(k_codes, bits))
+        self.v_codes = _cat(self.v_codes, pack_codes(v_codes, bits))
+        self.v_lower, self.v_upper = _cat(self.v_lower, lo16), _cat(self.v_upper, hi16)
+        self.q_len += k.shape[0]
+
+    # ---- read --------------------------------------------------------------------------------
+    def _dequant_keys(self) -> torch.Tensor:
+        """Pre-RoPE keys [T, B, C] (fp32) of the quantized segment, outliers restored."""
+        cal = self._cal(self.k_codes.device)
+        xn = cal.k_lut[unpack_codes(self.k_codes, self.cfg.bits).long()]
+        return self.k_sparse.scatter(_denormalize(xn, cal.k_lower, cal.k_upper))
+
+    def _dequant_values(self) -> torch.Tensor:
+        cal = self._cal(self.v_codes.device)
+        xn = cal.v_lut[unpack_codes(self.v_codes, self.cfg.bits).long()]
+        return self.v_sparse.scatter(_denormalize(xn, self.v_lower[..., None], self.v_upper[..., None]))
+
+    def _to_bhtd(self, x: torch.Tensor) -> torch.Tensor:
+        t, b, _ = x.shape
+        return x.view(t, b, self.info.n_kv_heads, self.info.head_dim).permute(1, 2, 0, 3)
+
+    def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        ks, vs = [self.sink_k.read(dtype)], [self.sink_v.read(dtype)]
+        if self.q_len:
+            k_pre = self._to_bhtd(self._dequant_keys())  # [B, H, T, D]
+            positions = torch.arange(self.q_start, self.q_start + self.q_len, device=k_pre.device)
+            cos, sin = self.rope(positions)
+            ks.append(apply_rope(k_pre, cos, sin).to(dtype))
+            vs.append(self._to_bhtd(self._dequant_values()).to(dtype))
+        ks, vs = [k for k in ks if k is not None], [v for v in vs if v is not None]
+        k = ks[0] if len(ks) == 1 else torch.cat(ks, dim=-2)
+        v = vs[0] if len(vs) == 1 else torch.cat(vs, dim=-2)
+        return k.contiguous(), v.contiguous()
+
+    # ---- accounting --------------------------------------------------------------------------
+    def memory(self) -> MemoryReport:
+        r = self.sink_k.memory()
+        r += self.sink_v.memory()
+        if self.q_len:
+            n = 2 * self.q_len * self.k_codes.shape[1] * self.info.n_kv_heads * self.info.head_dim
+            n_out = self.k_sparse.count + self.v_sparse.count
+            r.add("codes", tensor_bytes(self.k_codes) + tensor_bytes(self.v_codes))
+            r.add("scales", tensor_bytes(self.v_lower) + tensor_bytes(self.v_upper) + self.calib.nbytes)
+            r.add("outliers", self.k_sparse.nbytes() + self.v_sparse.nbytes())
+            r.elements += n
+            r.payload_bits += float((n - n_out) * self.cfg.bits + 16 * n_out)
+        return r
+
+    def stats(self) -> dict[str, list[float]]:
+        return {"outliers": [float(self.k_sparse.count), float(self.v_sparse.count)]}
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KVQuantConfig(MethodConfig):
+    bits: int = 4  # nuq bits: 2, 3, 4
+    sparsity_threshold: float = 0.99  # 1.0: dense only; 0.99: the 1% outside the 0.5/99.5th percentiles in fp16
+    first_few_fp16: int = 1  # attention-sink tokens kept in fp16
+    fisher: bool = True  # weight the k-means by Fisher information
+    kmeans_iters: int = 50
+    cache: bool = True  # reuse a calibration cached on disk
+
+    aliases: ClassVar[dict[str, str]] = {"threshold": "sparsity_threshold", "sparsity": "sparsity_threshold"}
+
+    def validate(self) -> None:
+        if self.bits not in NUQ_BITS:
+            raise MethodSpecError(f"kvquant: bits={self.bits} is not supported; accepted bits: {NUQ_BITS}")
+        if not 0.5 < self.sparsity_threshold <= 1.0:
+            raise MethodSpecError(
+                f"kvquant: sparsity_threshold={self.sparsity_threshold} must be in (0.5, 1] (1 = no outliers)"
+            )
+        if self.first_few_fp16 < 0:
+            raise MethodSpecError(f"kvquant: first_few_fp16={self.first_few_fp16} must be >= 0")
+        if self.kmeans_iters < 1:
+            raise MethodSpecError(f"kvquant: kmeans_iters={self.kmeans_iters} must be >= 1")
+
+
+@register_method("kvquant", "KVQuant: pre-RoPE per-channel keys, Fisher-weighted nuq, dense-and-sparse, fp16 sink")
+class KVQuant(KVCacheMethod):
+    """KVQuant: pre-RoPE per-channel keys, per-token values, nuq lookup tables, sparse outliers, sink."""
+
+    config_class = KVQuantConfig
+    signals = frozenset({"pre_rope_keys"})
+
+    def __init__(self, config: KVQuantConfig | None = None, name: str | None = None):
+        super().__init__(config, name)
+        self.calibration: list[LayerCalibration] | None = None
+        self.calibration_source: str | None = None  # "computed" or the cache file it came from
+        self._rotary: torch.nn.Module | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def check_model(self, info: ModelInfo) -> None:
+        c = info.n_kv_heads * info.head_dim
+        per = {2: 4, 3: 8, 4: 2}[self.config.bits]
+        if c % per:
+            raise MethodSpecError(
+                f"{self.label}: H_kv*head_dim={c} cannot be packed at {self.config.bits} bits "
+                f"(needs a multiple of {per})"
+            )
+
+    def attach(self, model: torch.nn.Module, info: ModelInfo) -> None:
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        if rotary is None:
+            raise UnsupportedModelError(f"{self.label}: no model.model.rotary_emb to re-apply RoPE to pre-RoPE keys")
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise UnsupportedModelError(
+                f"{self.label}: RoPE type {rope_type!r} depends on the sequence length; pre-RoPE keys cannot be "
+                "re-rotated exactly (accepted: static RoPE types such as default, linear, llama3, yarn)"
+            )
+        probe = torch.zeros(1, device=info.device, dtype=torch.float32)
+        cos, _ = rotary(probe, torch.zeros(1, 1, dtype=torch.long, device=info.device))
+        if cos.shape[-1] != info.head_dim:
+            raise UnsupportedModelError(
+                f"{self.label}: partial rotary embeddings ({cos.shape[-1]} of {info.head_dim} dims) are not supported"
+            )
+        self._rotary = rotary
+
+    def detach(self, model: torch.nn.Module, info: ModelInfo) -> None:
+        self._rotary = None
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [1, T, D] in fp32 for absolute ``positions`` [T], from the model's rotary module."""
+        if self._rotary is None:
+            raise RuntimeError(f"{self.label}: not attached to a model")
+        probe = torch.zeros(1, device=positions.device, dtype=torch.float32)
+        return self._rotary(probe, positions.view(1, -1))
+
+    def calibrate(self, model: torch.nn.Module, calibration_batches: Iterable[torch.Tensor]) -> None:
+        info = self.info or model_info(model)
+        windows = [w if w.dim() == 2 else w.view(1, -1) for w in calibration_batches]
+        if not windows:
+            raise ValueError(f"{self.label}: calibration got no windows")
+        path = calibration_cache_path(model, windows, self.config)
+        if self.config.cache and path.exists():
+            calib = _load_calibration(path, info.n_layers)
+            if calib is not None:
+                self.calibration, self.calibration_source = calib, str(path)
+                return
+        was_training = model.training
+        model.eval()
+        try:
+            self.calibration = calibrate_kvquant(model, windows, info, self.config)
+        finally:
+            model.train(was_training)
+        self.calibration_source = "computed"
+        if self.config.cache:
+            _save_calibration(path, self.calibration)
+
+    def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
+        if self.calibration is None:
+            raise RuntimeError(f"{self.label}: not calibrated; call AttachedMethod.calibrate(windows) first")
+        return KVQuantStore(layer_idx, info, self.calibration[layer_idx], self.config, self.rope_tables)
+
+
+register_variant("kvquant-4b", KVQuant, "KVQuant nuq4, dense only (no outliers), fp16 sink", sparsity_threshold=1.0)
+register_variant("kvquant-4b-1%", KVQuant, "KVQuant nuq4-1%: 1% outliers in fp16, fp16 sink", bits=4)
+register_variant("kvquant-3b-1%", KVQuant, "KVQuant nuq3-1%: 1% outliers in fp16, fp16 sink", bits=3)
+register_variant("kvquant-2b-1%", KVQuant, "KVQuant nuq2-1%: 1% outliers in fp16, fp16 sink", bits=2)
