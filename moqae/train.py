@@ -65,7 +65,7 @@ class TrainConfig:
     horizon: int = 4  # chunks after a chunk whose ΔNLL is attributed to it (reinforce)
     nll_weight: float = 1.0  # nats of ΔNLL per unit of the memory term's scale (reinforce)
     seed: int = 0
-    save_every: int = 25
+    save_every: int = 10
     method: str = "moqae"  # base spec: experts, chunk, share, freeze_first ...
 
 
