@@ -1,9 +1,10 @@
 """Evaluation and calibration data: a local mirror (``--data-dir`` / ``$MOQAE_DATA_DIR``) or the hub.
 
 Mirror layout (as ``../shared/data``):
-    wikitext-2-raw/wiki.test.raw   WikiText-2-raw test split, original release file
+    wikitext-2-raw/wiki.test.raw   WikiText-2-raw test split, the original release file
     wikitext-2/valid.txt           WikiText-2 v1 validation split: the offline calibration split
 
+Without a mirror the same data comes from the Hugging Face hub dataset ``wikitext/wikitext-2-raw-v1``.
 Never calibrate on the test split: calibration text comes from ``valid.txt`` (mirror) or the hub's
 ``train`` split.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,29 +33,34 @@ def resolve_data_dir(arg: str | Path | None) -> Path | None:
     return Path(value).expanduser() if value is not None else None
 
 
-def _missing(what: str, data_dir: Path | None, rel: str, hub: str) -> MissingDataError:
-    where = f"not found at {data_dir / rel}" if data_dir else "no local mirror given and the hub is unreachable"
+def _missing(what: str, data_dir: Path | None, rel: str) -> MissingDataError:
+    hub = "/".join(WIKITEXT_HUB)
+    where = f"not found at {data_dir / rel}" if data_dir else "no local mirror given, hub unreachable"
     return MissingDataError(
-        f"{what}: {where}; provide it with --data-dir DIR (or ${DATA_DIR_ENV}) holding {rel}, "
+        f"{what}: {where}; provide it with --data-dir DIR (or ${DATA_DIR_ENV}=DIR) holding {rel}, "
         f"or with network access to the Hugging Face hub dataset {hub}"
     )
 
 
-def _hub_rows(split: str, data_dir: Path | None, rel: str) -> list[str]:
-    hub = "/".join(WIKITEXT_HUB)
+def _hub_rows(split: str, what: str, rel: str) -> list[str]:
+    """The rows of a split of the hub's ``wikitext-2-raw-v1`` (blank lines "", others end in "\\n")."""
     try:
         import datasets
 
         return list(datasets.load_dataset(*WIKITEXT_HUB, split=split)["text"])
     except Exception as e:  # offline, not found, ...: one clear message
-        raise _missing(f"WikiText-2 {split} split", data_dir, rel, hub) from e
+        raise _missing(what, None, rel) from e
 
 
 def raw_file_rows(path: Path) -> list[str]:
-    """The hub's rows from an original release file: blank lines (" ") become "", others keep "\\n"."""
+    """The hub's rows from an original release file: blank lines (" ") become "", others keep "\\n".
+
+    This is what the hub's ``wikitext`` loading script does with each line of the file.
+    """
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        rows.append("" if line.strip() == "" else line if line.endswith("\n") else line + "\n")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            rows.append(line if line.strip() else "")
     return rows
 
 
@@ -61,25 +68,34 @@ def _wikitext_text(data_dir: str | Path | None, rel: str, hub_split: str, what: 
     """Rows from the mirror file ``rel`` (or the hub split), joined with "\\n\\n"."""
     d = resolve_data_dir(data_dir)
     if d is None:
-        return "\n\n".join(_hub_rows(hub_split, None, rel))
+        return "\n\n".join(_hub_rows(hub_split, what, rel))
     path = d / rel
-    if not path.exists():
-        raise _missing(what, d, rel, "/".join(WIKITEXT_HUB))
+    if not path.is_file():
+        raise _missing(what, d, rel)
     return "\n\n".join(raw_file_rows(path))
 
 
 def wikitext2_test_text(data_dir: str | Path | None) -> str:
-    """The papers' evaluation text: the raw test split's rows joined with "\\n\\n"."""
+    """The papers' evaluation text: the rows of WikiText-2-raw ``test`` joined with "\\n\\n".
+
+    From the mirror (``wikitext-2-raw/wiki.test.raw``) or the hub; both routes give the same text.
+    """
     return _wikitext_text(data_dir, WIKITEXT_TEST, "test", "WikiText-2 test split")
 
 
 def wikitext2_calibration_text(data_dir: str | Path | None) -> str:
-    """Calibration text, never the test split: mirror ``wikitext-2/valid.txt``, else the hub's train split."""
+    """Calibration text, never the test split: the mirror's ``wikitext-2/valid.txt`` (WikiText-2 v1
+    validation), else the hub's ``wikitext-2-raw-v1`` ``train`` split; rows joined with "\\n\\n"."""
     return _wikitext_text(data_dir, WIKITEXT_CALIBRATION, "train", "WikiText-2 calibration split")
 
 
 def token_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> list[torch.Tensor]:
-    """Non-overlapping windows of exactly ``seqlen`` tokens of a 1-D id tensor (tail dropped)."""
+    """Non-overlapping windows of exactly ``seqlen`` tokens of a 1-D id tensor, at most ``max_windows``.
+
+    The incomplete tail is dropped, as GPTQ/KIVI-style perplexity scripts do.
+    """
+    if ids.dim() != 1:
+        raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
     if seqlen < 2:
         raise ValueError(f"seqlen={seqlen} must be >= 2")
     n = ids.numel() // seqlen
@@ -91,10 +107,13 @@ def token_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None
 
 
 def calibration_windows(
-    tokenizer, data_dir: str | Path | None, seqlen: int, n: int, seed: int = 0
+    tokenizer: Any, data_dir: str | Path | None, seqlen: int, n: int, seed: int = 0
 ) -> list[torch.Tensor]:
-    """``n`` windows [1, seqlen] at random offsets (fixed seed) of the tokenized calibration text."""
-    ids = tokenizer(wikitext2_calibration_text(data_dir), return_tensors="pt").input_ids[0]
+    """``n`` long tensors [1, seqlen] at random start offsets (``torch.Generator`` seeded with ``seed``)
+    of the tokenized calibration text (:func:`wikitext2_calibration_text`, never the test split)."""
+    if tokenizer is None:
+        raise ValueError("calibration needs a tokenizer (random-weight shape models have none)")
+    ids = tokenizer(wikitext2_calibration_text(data_dir), return_tensors="pt").input_ids[0].long()
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration text has {ids.numel()} tokens, not more than seqlen={seqlen}")
     g = torch.Generator().manual_seed(seed)

