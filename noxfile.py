@@ -15,6 +15,7 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
 TORCH = "torch==2.13.0"
+REPRODUCE_METHODS = "fp16,int8,int4,int2,kivi-4,kivi-2,kvquant-4b,qoq,mikv,moqae"
 PYTHON = "3.11"
 
 
@@ -39,7 +40,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def reproduce(session: nox.Session) -> None:
-    """WikiText-2 perplexity of every method on the embedded SmolLM2-135M (quick profile).
+    """WikiText-2 perplexity of the methods on the embedded SmolLM2-135M (quick profile).
 
     Data come from ``$MOQAE_DATA_DIR`` when set, else from the Hugging Face hub. Records land in
     ``results/reproduce`` and re-running resumes where it stopped.
@@ -48,7 +49,7 @@ def reproduce(session: nox.Session) -> None:
     out = os.environ.get("MOQAE_RESULTS", "results/reproduce")
     session.run(
         "python", "-m", "harness", "run",
-        "--methods", "fp16,int8,int4,int2",
+        "--methods", os.environ.get("MOQAE_METHODS", REPRODUCE_METHODS),
         "--tasks", "wikitext2",
         "--model", "smollm2-135m",
         "--max-windows", os.environ.get("MOQAE_MAX_WINDOWS", "8"),

@@ -57,3 +57,27 @@ def stories_kv(stories):
             forward(model, ids, cache)
         k, v = cache.stores[2].read(torch.float32)
     return k, v
+
+
+def evaluate_wikitext(stories, data_dir, specs, seqlen: int = 256, windows: int = 4) -> dict[str, dict]:
+    """WikiText-2 results of each method spec on stories260K (methods that calibrate get 4 windows
+    of the calibration split), keyed by spec."""
+    from harness.data import calibration_windows
+    from harness.evaluation import TaskContext, build_task
+    from harness.integration import AttachedMethod
+    from harness.interface import build_method
+
+    model, tok = stories
+    task = build_task("wikitext2", seqlen=seqlen, max_windows=windows)
+    results = {}
+    for spec in specs:
+        method = build_method(spec)
+        with AttachedMethod(model, method) as am:
+            if method.needs_calibration:
+                am.calibrate(calibration_windows(tok, data_dir, seqlen, 4))
+            results[spec] = task.evaluate(TaskContext(model, tok, am, data_dir, progress=False))
+    return results
+
+
+def wikitext_ppl(stories, data_dir, specs) -> dict[str, float]:
+    return {k: r["metrics"]["ppl"] for k, r in evaluate_wikitext(stories, data_dir, specs).items()}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import wikitext_ppl
 
 from baselines.kivi import KIVIConfig, KIVIStore
-from harness.evaluation import TaskContext, build_task
 from harness.integration import AttachedMethod, generate, model_info
 from harness.interface import MethodSpecError, ModelInfo, Observation, build_method, method_names
 from harness.models import tiny_random_model
@@ -214,11 +214,8 @@ def test_generate_all_residual_equals_fp16():
 
 def test_kivi8_perplexity_close_to_fp16(stories, data_dir):
     """stories260K has head_dim 8: group 8, residual 32."""
-    model, tok = stories
-    task = build_task("wikitext2", seqlen=256, max_windows=4)
-    ppl = {}
-    for spec in ["fp16", "kivi:bits=8,group=8,residual=32", "kivi:bits=2,group=8,residual=32"]:
-        with AttachedMethod(model, build_method(spec)) as am:
-            ppl[spec] = task.evaluate(TaskContext(model, tok, am, data_dir, progress=False))["metrics"]["ppl"]
+    ppl = wikitext_ppl(
+        stories, data_dir, ["fp16", "kivi:bits=8,group=8,residual=32", "kivi:bits=2,group=8,residual=32"]
+    )
     assert ppl["kivi:bits=8,group=8,residual=32"] == pytest.approx(ppl["fp16"], rel=5e-3)
     assert ppl["kivi:bits=2,group=8,residual=32"] > ppl["kivi:bits=8,group=8,residual=32"]

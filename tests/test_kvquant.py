@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import wikitext_ppl
 
 import baselines.kvquant as kvq
 from baselines.kvquant import (
@@ -19,8 +20,6 @@ from baselines.kvquant import (
     unpack_3bit,
     weighted_kmeans_1d,
 )
-from harness.data import calibration_windows
-from harness.evaluation import TaskContext, build_task
 from harness.integration import AttachedMethod, apply_rope, forward, generate, model_info
 from harness.interface import MethodSpecError, Observation, UnsupportedModelError, build_method, tensor_bytes
 from harness.models import tiny_random_model
@@ -284,16 +283,8 @@ def test_refusals():
 
 
 def test_stories_kvquant_4b_beats_int4(stories, data_dir):
-    model, tok = stories
-    task = build_task("wikitext2", seqlen=256, max_windows=4)
-    calib = calibration_windows(tok, data_dir, 256, 4)
-    ppl = {}
-    for spec in ("fp16", "int4", "kvquant-4b", "kvquant-4b-1%", "kvquant-3b-1%", "kvquant-2b-1%"):
-        method = build_method(spec)
-        with AttachedMethod(model, method) as am:
-            if method.needs_calibration:
-                am.calibrate(calib)
-            ppl[spec] = task.evaluate(TaskContext(model, tok, am, data_dir, progress=False))["metrics"]["ppl"]
+    specs = ("fp16", "int4", "kvquant-4b", "kvquant-4b-1%", "kvquant-3b-1%", "kvquant-2b-1%")
+    ppl = wikitext_ppl(stories, data_dir, specs)
     print("stories260K wikitext2 ppl (4 x 256):", {k: round(v, 3) for k, v in ppl.items()})
     assert ppl["kvquant-4b"] < ppl["int4"]
     assert ppl["kvquant-4b-1%"] < ppl["int4"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import wikitext_ppl
 
 from baselines.mikv import MiKVConfig, MiKVStore, balance_factors, column_scores
-from harness.evaluation import TaskContext, build_task
 from harness.integration import AttachedMethod, attention_probs, forward, generate, model_info
 from harness.interface import MethodSpecError, ModelInfo, Observation, build_method
 from harness.models import tiny_random_model
@@ -293,11 +293,6 @@ def test_all_high_precision_equals_fp16():
 
 
 def test_mikv_16_8_perplexity_close_to_fp16(stories, data_dir):
-    model, tok = stories
-    task = build_task("wikitext2", seqlen=256, max_windows=4)
-    ppl = {}
-    for spec in ["fp16", "mikv:high=16,low=8", "mikv"]:
-        with AttachedMethod(model, build_method(spec)) as am:
-            ppl[spec] = task.evaluate(TaskContext(model, tok, am, data_dir, progress=False))["metrics"]["ppl"]
+    ppl = wikitext_ppl(stories, data_dir, ["fp16", "mikv:high=16,low=8", "mikv"])
     assert ppl["mikv:high=16,low=8"] == pytest.approx(ppl["fp16"], rel=5e-3)
     assert ppl["mikv"] > ppl["mikv:high=16,low=8"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import evaluate_wikitext
 
 from harness.evaluation import TaskContext, build_task
 from harness.integration import AttachedMethod, forward
@@ -13,13 +14,7 @@ from tasks.wikitext2 import window_nll
 
 @pytest.fixture(scope="module")
 def ppl_results(stories, data_dir):
-    model, tok = stories
-    task = build_task("wikitext2", seqlen=256, max_windows=4)
-    results = {}
-    for spec in ["full", "fp16", "int8", "int4", "int2"]:
-        with AttachedMethod(model, build_method(spec)) as am:
-            results[spec] = task.evaluate(TaskContext(model, tok, am, data_dir, progress=False))
-    return results
+    return evaluate_wikitext(stories, data_dir, ["full", "fp16", "int8", "int4", "int2"])
 
 
 def test_window_nll_by_hand():

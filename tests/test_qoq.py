@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import wikitext_ppl
 
 from baselines.qoq import QoQ, smooth_scales, sylvester_hadamard
-from harness.data import calibration_windows
-from harness.evaluation import TaskContext, build_task
 from harness.integration import AttachedMethod, apply_rope, forward, generate, model_info
 from harness.interface import MethodSpecError, build_method
 from harness.models import tiny_random_model
@@ -229,15 +228,6 @@ def test_refusals():
 
 
 def test_stories_perplexity_between_fp16_and_int2(stories, data_dir):
-    model, tok = stories
-    task = build_task("wikitext2", seqlen=256, max_windows=4)
-    calib = calibration_windows(tok, data_dir, 256, 4)
-    ppl = {}
-    for spec in ("fp16", "int4", "int2", "qoq"):
-        method = build_method(spec)
-        with AttachedMethod(model, method) as am:
-            if method.needs_calibration:
-                am.calibrate(calib)
-            ppl[spec] = task.evaluate(TaskContext(model, tok, am, data_dir, progress=False))["metrics"]["ppl"]
+    ppl = wikitext_ppl(stories, data_dir, ("fp16", "int4", "int2", "qoq"))
     print("stories260K wikitext2 ppl (4 x 256):", {k: round(v, 3) for k, v in ppl.items()})
     assert ppl["fp16"] < ppl["qoq"] < ppl["int2"]
