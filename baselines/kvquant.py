@@ -65,7 +65,7 @@ from typing import ClassVar
 
 import torch
 
-from harness.integration import apply_rope, decoder_layers, forward, model_info
+from harness.integration import apply_rope, decoder_layers, forward, model_info, rotary_embedding
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -679,7 +679,7 @@ class KVQuant(KVCacheMethod):
             )
 
     def attach(self, model: torch.nn.Module, info: ModelInfo) -> None:
-        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        rotary = rotary_embedding(model)
         if rotary is None:
             raise UnsupportedModelError(f"{self.label}: no model.model.rotary_emb to re-apply RoPE to pre-RoPE keys")
         rope_type = getattr(rotary, "rope_type", "default")

@@ -59,6 +59,11 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
+def rotary_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's shared rotary-embedding module (``model.model.rotary_emb``), or None."""
+    return getattr(getattr(model, "model", None), "rotary_emb", None)
+
+
 def model_info(model: torch.nn.Module) -> ModelInfo:
     """Attention geometry from the model config; refuses layer types the cache cannot serve."""
     cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
