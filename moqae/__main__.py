@@ -23,11 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     for field, typ in (("steps", int), ("seqlen", int), ("windows", int), ("lr", float), ("seed", int)):
         t.add_argument(f"--{field}", type=typ, default=getattr(TrainConfig, field))
     t.add_argument("--estimator", choices=("gumbel", "reinforce", "paper"), default=TrainConfig.estimator)
+    t.add_argument(
+        "--nll-scale", choices=("chunk", "token"), default=TrainConfig.nll_scale,
+        help="model term per routing decision (chunk: N x mean NLL, default) or the mean token NLL",
+    )  # fmt: skip
     t.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     cfg = TrainConfig(
         lam=args.lam, steps=args.steps, seqlen=args.seqlen, windows=args.windows, lr=args.lr,
-        estimator=args.estimator, seed=args.seed, method=args.method,
+        estimator=args.estimator, seed=args.seed, method=args.method, nll_scale=args.nll_scale,
     )  # fmt: skip
     try:
         model, tok = load_model(args.model, device="cpu", dtype="fp32")

@@ -4,6 +4,12 @@ The raw test split is joined with "\\n\\n", tokenized once, and cut into non-ove
 ``seqlen`` tokens (the incomplete tail is dropped). Each window runs as one forward through a fresh
 cache of the method, so the method's quantization applies to the window's own attention (prefill),
 unless the method keeps prefill in full precision. PPL = exp(mean token NLL over all windows).
+
+``prefill_chunk=N`` (0 = off, the papers' protocol) feeds each window in consecutive pieces of N
+tokens through the same cache instead: every piece's queries read the cache as the method holds it
+after the earlier pieces (chunked prefill / streaming). This matters for methods whose decisions
+depend on the cache length or recency (MiKV's recent window and budget, KIVI's residual), which a
+single 2048-token prefill decides once, for the whole window, from the end of the window.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ from harness.interface import MethodConfig, MethodSpecError
 class WikiText2Config(MethodConfig):
     seqlen: int = 2048
     max_windows: int | None = None  # None = the whole test split
+    prefill_chunk: int = 0  # >0: feed each window in pieces of this many tokens through one cache
 
     def validate(self) -> None:
+        if self.prefill_chunk < 0:
+            raise MethodSpecError(f"wikitext2: prefill_chunk={self.prefill_chunk} must be >= 0")
         if self.seqlen < 2:
             raise MethodSpecError(f"wikitext2: seqlen={self.seqlen} must be >= 2")
         if self.max_windows is not None and self.max_windows < 1:
@@ -48,6 +57,13 @@ def add_stats(total: list[dict] | None, new: list[dict]) -> list[dict]:
         for k, v in layer.items():
             acc[k] = [a + b for a, b in zip(acc[k], v, strict=True)]
     return total
+
+
+def window_logits(model: torch.nn.Module, ids: torch.Tensor, cache, piece: int = 0) -> torch.Tensor:
+    """Logits [1, T, V] of a window: one forward, or (``piece`` > 0) consecutive pieces through ``cache``."""
+    if piece <= 0 or piece >= ids.shape[1]:
+        return forward(model, ids, cache).logits
+    return torch.cat([forward(model, ids[:, i : i + piece], cache).logits for i in range(0, ids.shape[1], piece)], 1)
 
 
 @register_task("wikitext2", "WikiText-2 (raw) test perplexity, non-overlapping windows of seqlen tokens")
@@ -72,7 +88,7 @@ class WikiText2(Task):
         for window in bar:
             ids = window.view(1, -1).to(device)
             cache = ctx.attached.new_cache()
-            logits = forward(ctx.model, ids, cache).logits
+            logits = window_logits(ctx.model, ids, cache, self.config.prefill_chunk)
             nll, n = window_nll(logits, ids)
             total_nll, total_tokens = total_nll + nll, total_tokens + n
             memory = cache.memory()

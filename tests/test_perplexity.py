@@ -63,3 +63,27 @@ def test_bytes_match_accounting(stories, ppl_results):
         assert kv[spec]["bytes"]["scales"] == expect_meta
         assert kv[spec]["nominal_bits"] == bits
         assert kv[spec]["effective_bits"] == pytest.approx(8 * (expect_codes + expect_meta) / n)
+
+
+def test_prefill_chunk_fp16_matches_one_forward(stories, data_dir, ppl_results):
+    """Feeding each window in 64-token pieces through the fp16 cache gives the one-forward PPL."""
+    model, tok = stories
+    task = build_task("wikitext2:prefill_chunk=64", seqlen=256, max_windows=4)
+    with AttachedMethod(model, build_method("fp16")) as am:
+        chunked = task.evaluate(TaskContext(model, tok, am, data_dir, progress=False))
+    assert chunked["metrics"]["ppl"] == pytest.approx(ppl_results["fp16"]["metrics"]["ppl"], rel=1e-4)
+    assert chunked["kv"]["elements"] == ppl_results["fp16"]["kv"]["elements"]
+
+
+def test_prefill_chunk_changes_quantized_prefill(stories, data_dir, ppl_results):
+    """MiKV's tiers depend on the cache length and recency: fed in pieces, every piece's queries see
+    their own recent tokens in FP16, so the perplexity differs from one 256-token prefill."""
+    model, tok = stories
+    task = build_task("wikitext2:prefill_chunk=64", seqlen=256, max_windows=4)
+    with AttachedMethod(model, build_method("mikv")) as am:
+        chunked = task.evaluate(TaskContext(model, tok, am, data_dir, progress=False))
+    with AttachedMethod(model, build_method("mikv")) as am:
+        whole = build_task("wikitext2", seqlen=256, max_windows=4).evaluate(
+            TaskContext(model, tok, am, data_dir, progress=False)
+        )
+    assert chunked["metrics"]["ppl"] != pytest.approx(whole["metrics"]["ppl"], rel=1e-6)
