@@ -80,104 +80,12 @@ from harness.interface import (
     tensor_bytes,
 )
 from harness.models import cache_root
-from harness.quant import pack_bits, unpack_bits
+from harness.quant import nearest_level, pack_codes, percentile, unpack_codes, weighted_kmeans_1d
 from harness.storage import FullPrecisionSeq
 
 NUQ_BITS = (2, 3, 4)
 HIST_BINS = 16384
 CACHE_VERSION = 1
-
-# --------------------------------------------------------------------------------------------
-# Primitives (self-contained; candidates for harness/quant.py)
-# --------------------------------------------------------------------------------------------
-
-
-def pack_3bit(codes: torch.Tensor) -> torch.Tensor:
-    """Pack 3-bit codes along the last dim, 8 codes into 3 bytes (little-end first): [..., n] -> [..., 3n/8]."""
-    n = codes.shape[-1]
-    if n % 8:
-        raise ValueError(f"last dim {n} is not divisible by 8 (3-bit packing)")
-    c = codes.to(torch.int32).reshape(*codes.shape[:-1], n // 8, 8)
-    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=c.device)
-    word = (c << shifts).sum(dim=-1)  # [..., n/8], 24 bits used
-    out = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], dim=-1).to(torch.uint8)
-    return out.reshape(*codes.shape[:-1], n // 8 * 3)
-
-
-def unpack_3bit(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``pack_3bit``: [..., 3m] uint8 -> [..., 8m] uint8 codes."""
-    m = packed.shape[-1] // 3
-    b = packed.to(torch.int32).reshape(*packed.shape[:-1], m, 3)
-    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
-    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
-    return ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8).reshape(*packed.shape[:-1], m * 8)
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    return pack_3bit(codes) if bits == 3 else pack_bits(codes, bits)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    return unpack_3bit(packed) if bits == 3 else unpack_bits(packed, bits)
-
-
-def nearest_level(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of the ascending lookup table ``lut`` for each element (uint8);
-    an exact tie goes to the lower level."""
-    mids = (lut[1:] + lut[:-1]) / 2
-    return torch.bucketize(x.contiguous(), mids.to(x.dtype)).to(torch.uint8)
-
-
-def percentile(x: torch.Tensor, q: float, dim: int = -1) -> torch.Tensor:
-    """``np.percentile(x, 100 q, axis=dim)`` with linear interpolation (no size limit)."""
-    s = torch.sort(x, dim=dim).values
-    n = s.shape[dim]
-    pos = q * (n - 1)
-    lo = int(pos // 1)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    a, b = s.select(dim, lo), s.select(dim, hi)
-    return a + (b - a) * frac
-
-
-def weighted_kmeans_1d(
-    points: torch.Tensor, weights: torch.Tensor, k: int, iters: int = 50, seed: int = 0
-) -> torch.Tensor:
-    """Weighted 1-D k-means (greedy k-means++ seeding, Lloyd updates); returns k ascending centroids.
-
-    ``points``, ``weights``: [N]. Points with zero weight are ignored; with fewer distinct points
-    than ``k``, the table repeats its largest point (duplicates are never selected twice).
-    """
-    x, w = points.double().flatten(), weights.double().flatten()
-    keep = w > 0
-    x, w = x[keep], w[keep]
-    if x.numel() == 0:
-        return torch.linspace(-1, 1, k, dtype=torch.float32)
-    distinct = torch.unique(x)
-    if distinct.numel() <= k:
-        pad = distinct[-1:].expand(k - distinct.numel())
-        return torch.cat([distinct, pad]).float()
-    g = torch.Generator().manual_seed(seed)
-    n_trials = 2 + int(torch.log(torch.tensor(float(k))).item())
-    centers = x[torch.multinomial(w, 1, generator=g)]
-    d2 = (x - centers[0]) ** 2
-    for _ in range(1, k):
-        cand = x[torch.multinomial(w * d2 + 1e-300, n_trials, replacement=True, generator=g)]
-        cand_d2 = torch.minimum(d2.unsqueeze(0), (x.unsqueeze(0) - cand.unsqueeze(1)) ** 2)  # [trials, N]
-        best = torch.argmin((cand_d2 * w).sum(dim=1))
-        centers = torch.cat([centers, cand[best : best + 1]])
-        d2 = cand_d2[best]
-    centers = torch.sort(centers).values
-    for _ in range(iters):
-        assign = torch.bucketize(x, (centers[1:] + centers[:-1]) / 2)
-        wsum = torch.zeros(k, dtype=x.dtype).index_add_(0, assign, w)
-        wx = torch.zeros(k, dtype=x.dtype).index_add_(0, assign, w * x)
-        new = torch.where(wsum > 0, wx / wsum.clamp_min(1e-300), centers)
-        new = torch.sort(new).values
-        if torch.equal(new, centers):
-            break
-        centers = new
-    return centers.float()
 
 
 def _fp16_outward(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

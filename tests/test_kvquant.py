@@ -8,21 +8,11 @@ import torch
 from conftest import wikitext_ppl
 
 import baselines.kvquant as kvq
-from baselines.kvquant import (
-    KVQuant,
-    KVQuantConfig,
-    LayerCalibration,
-    channel_outliers,
-    nearest_level,
-    pack_3bit,
-    percentile,
-    token_outliers,
-    unpack_3bit,
-    weighted_kmeans_1d,
-)
+from baselines.kvquant import KVQuant, KVQuantConfig, LayerCalibration, channel_outliers, token_outliers
 from harness.integration import AttachedMethod, apply_rope, forward, generate, model_info
 from harness.interface import MethodSpecError, Observation, UnsupportedModelError, build_method, tensor_bytes
 from harness.models import tiny_random_model
+from harness.quant import nearest_level, pack_3bit, percentile, unpack_3bit, weighted_kmeans_1d
 
 
 @pytest.fixture(autouse=True)
