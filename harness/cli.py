@@ -78,6 +78,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from harness.reports import write_report
+
+    for path in write_report(split_specs(args.results), args.out, args.title):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description="KV-cache quantization benchmark harness")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="recompute records that already exist")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
+    rep = sub.add_parser("report", help="table, MoQAE expert shares and PPL-vs-bits plot from run records")
+    rep.add_argument("--results", action="append", required=True, help="folders (or files) of run records")
+    rep.add_argument("--out", required=True, help="folder for results.md and ppl_vs_bits.png")
+    rep.add_argument("--title", default="", help="title of the report and plot")
+    rep.set_defaults(fn=_cmd_report)
     return p
 
 

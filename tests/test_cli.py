@@ -103,6 +103,17 @@ def test_run_writes_record_and_skips_it_next_time(capsys, stories_dir, data_dir,
     assert code == 0 and "summary: 0 done, 2 skipped, 0 failed" in out
     assert [p.stat().st_mtime_ns for p in records] == mtimes
 
+    # the report reads those records: the table holds their numbers, the plot is a real PNG
+    code, out, err = _run_cli(capsys, "report", "--results", str(tmp_path), "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    md = (tmp_path / "rep" / "results.md").read_text()
+    ppl = {json.loads(p.read_text())["method"]: json.loads(p.read_text())["metrics"]["ppl"] for p in records}
+    for method, value in ppl.items():
+        assert f"| {method} |" in md and f"{value:.4f}" in md
+    assert (tmp_path / "rep" / "ppl_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = _run_cli(capsys, "report", "--results", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2"))
+    assert code == 2 and err.startswith("error: no results at")
+
 
 def test_list_and_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "harness", "list"], capture_output=True, text=True, timeout=120)

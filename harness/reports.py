@@ -1,0 +1,131 @@
+"""Reports from run records: the comparison table, MoQAE expert shares and the PPL-vs-bits plot.
+
+Everything here reads the JSON records ``harness.runner`` wrote (real runs); nothing is typed in.
+``python -m harness report --results results/smollm2 --out reports/smollm2`` writes
+``results.md`` and ``ppl_vs_bits.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from harness.runner import load_record, results_table
+
+# method-name prefix -> family shown in the plot legend (longest prefix first)
+FAMILIES = (
+    ("moqae", "MoQAE"),
+    ("kvquant", "KVQuant"),
+    ("kivi", "KIVI"),
+    ("qoq", "QoQ"),
+    ("mikv", "MiKV"),
+    ("fp16", "uniform"),
+    ("int", "uniform"),
+)
+
+
+def record_paths(sources: Iterable[str | Path]) -> list[Path]:
+    """JSON records in the given folders (sorted) or the given files."""
+    paths: list[Path] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            paths += sorted(p.glob("*.json"))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise ValueError(f"no results at {p}: give a folder of run records (python -m harness run --out DIR)")
+    return paths
+
+
+def done_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    return [r for r in (load_record(p) for p in paths) if r and r.get("status") == "done"]
+
+
+def family(method: str) -> str:
+    for prefix, name in FAMILIES:
+        if method.startswith(prefix):
+            return name
+    return "other"
+
+
+def expert_shares(record: dict[str, Any]) -> list[float] | None:
+    """Share of chunks per expert over all layers (MoQAE records), experts in config order."""
+    stats = record.get("layer_stats") or []
+    counts = [layer["expert_chunks"] for layer in stats if "expert_chunks" in layer]
+    if not counts:
+        return None
+    totals = [sum(c[e] for c in counts) for e in range(len(counts[0]))]
+    n = sum(totals)
+    return [t / n for t in totals] if n else None
+
+
+def shares_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: MoQAE records with their experts and the share of chunks each received."""
+    lines = ["| method | experts (bits) | chunk share per expert |", "|---|---|---|"]
+    for r in records:
+        shares = expert_shares(r)
+        if shares is None:
+            continue
+        experts = str(r["key"]["method_config"].get("experts", ""))
+        lines.append(f"| {r['method']} | {experts} | {' / '.join(f'{100 * s:.1f} %' for s in shares)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def plot_ppl_vs_bits(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Perplexity against nominal KV bits, one marker per record, MoQAE points joined by bits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [
+        (r["kv"]["nominal_bits"], r["metrics"]["ppl"], r["method"], family(r["method"]))
+        for r in records
+        if "ppl" in r.get("metrics", {}) and r["kv"]["nominal_bits"] <= 16
+    ]
+    if not pts:
+        raise ValueError("no perplexity records to plot")
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = {"MoQAE": "o", "KIVI": "s", "KVQuant": "D", "QoQ": "^", "MiKV": "v", "uniform": "x", "other": "+"}
+    for fam in sorted({p[3] for p in pts}):
+        sel = sorted((p for p in pts if p[3] == fam), key=lambda p: p[0])
+        xs, ys = [p[0] for p in sel], [p[1] for p in sel]
+        ax.plot(xs, ys, marker=markers.get(fam, "+"), linestyle="-" if fam == "MoQAE" else "", label=fam)
+        for x, y, name, _ in sel:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("nominal KV bits per element")
+    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(sources: Iterable[str | Path], out_dir: str | Path, title: str = "") -> list[Path]:
+    """results.md (table + MoQAE shares + the commands that made the records) and ppl_vs_bits.png."""
+    paths = record_paths(sources)
+    records = done_records(paths)
+    if not records:
+        raise ValueError(f"no finished run records in {', '.join(map(str, sources))}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    commands = sorted({r.get("command", "") for r in records} - {""})
+    parts = [f"# {title or 'Results'}", "", results_table(paths), ""]
+    shares = shares_table(records)
+    if shares:
+        parts += ["## MoQAE: share of chunks per expert (all layers)", "", shares, ""]
+    parts += ["## Commands that made these records", "", *[f"    {c}" for c in commands], ""]
+    md = out / "results.md"
+    md.write_text("\n".join(parts))
+    written = [md]
+    if any("ppl" in r.get("metrics", {}) for r in records):
+        written.append(plot_ppl_vs_bits(records, out / "ppl_vs_bits.png", title))
+    return written
