@@ -1,4 +1,4 @@
-"""Command line: ``python -m harness list`` and ``python -m harness run``.
+"""Command line: ``python -m harness list | run | report | profile``.
 
 Bad input (unknown method or task, unsupported bits, a group that does not divide head_dim, a
 missing dataset or model) prints one ``error:`` line and exits with code 2, never a traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from harness.interface import MethodSpecError, UnsupportedModelError
 
@@ -86,6 +87,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from harness.profiling import overhead_table, profile
+    from harness.runner import write_json_atomic
+
+    rows = profile(
+        split_specs(args.methods), args.model, args.prompt, args.decode, args.repeats,
+        device=args.device, dtype=args.dtype, progress=not args.no_progress,
+    )  # fmt: skip
+    print(overhead_table(rows, reference=args.reference))
+    if args.out:
+        write_json_atomic(Path(args.out), {"command": " ".join(sys.argv), "rows": rows})
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description="KV-cache quantization benchmark harness")
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="folder for results.md and ppl_vs_bits.png")
     rep.add_argument("--title", default="", help="title of the report and plot")
     rep.set_defaults(fn=_cmd_report)
+    prof = sub.add_parser("profile", help="prefill and per-decode-step time, KV bytes, added parameters")
+    prof.add_argument("--methods", action="append", required=True, help="comma-separated method specs")
+    prof.add_argument("--model", default="smollm2-135m", help="alias, folder, hub id or a random *-shape alias")
+    prof.add_argument("--prompt", type=int, default=2048, help="prompt tokens (prefill)")
+    prof.add_argument("--decode", type=int, default=32, help="decode steps timed after each prefill")
+    prof.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
+    prof.add_argument("--reference", default="fp16", help="method the ratios are taken against")
+    prof.add_argument("--device", default=None)
+    prof.add_argument("--dtype", default=None)
+    prof.add_argument("--out", default=None, help="JSON file for the rows")
+    prof.add_argument("--no-progress", action="store_true")
+    prof.set_defaults(fn=_cmd_profile)
     return p
 
 

@@ -21,6 +21,7 @@ width = number of experts; with batch > 1 each sequence routes its own chunks.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -92,8 +93,10 @@ def model_signature(info: ModelInfo) -> str:
     return f"{info.family}-L{info.n_layers}-D{info.hidden_size}"
 
 
-def default_checkpoint(info: ModelInfo, lam: float) -> Path:
-    return CHECKPOINT_DIR / f"{model_signature(info)}-lambda{lam:g}.pt"
+def default_checkpoint(info: ModelInfo, lam: float, share: int = 3) -> Path:
+    """Shipped router for this model shape and λ (routing-sharing group 3; other groups are named)."""
+    suffix = "" if share == 3 else f"-share{share}"
+    return CHECKPOINT_DIR / f"{model_signature(info)}-lambda{lam:g}{suffix}.pt"
 
 
 @dataclass
@@ -271,11 +274,15 @@ class MoQAE(KVCacheMethod):
         self.expert_bits = self.config.expert_bits
         self.top_expert = max(range(len(self.expert_bits)), key=lambda i: self.expert_bits[i])
         self.bank: RouterBank | None = None
+        self.route_seconds = 0.0  # wall time spent in the routers (profiling reads it)
+        self.route_calls = 0
 
     def checkpoint_path(self, info: ModelInfo) -> Path | None:
         if self.config.ckpt == "random":
             return None
-        return Path(self.config.ckpt) if self.config.ckpt else default_checkpoint(info, self.config.lam)
+        if self.config.ckpt:
+            return Path(self.config.ckpt)
+        return default_checkpoint(info, self.config.lam, self.config.share)
 
     def check_model(self, info: ModelInfo) -> None:
         path = self.checkpoint_path(info)
@@ -323,8 +330,14 @@ class MoQAE(KVCacheMethod):
 
     def route(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
         """Expert probabilities [B, T, E] of the router serving ``layer_idx``."""
+        start = time.perf_counter()
         with torch.no_grad():
-            return self.bank.router(layer_idx)(hidden)
+            probs = self.bank.router(layer_idx)(hidden)
+        if probs.is_cuda:
+            torch.cuda.synchronize(probs.device)
+        self.route_seconds += time.perf_counter() - start
+        self.route_calls += 1
+        return probs
 
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
         if self.bank is None:
