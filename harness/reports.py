@@ -73,6 +73,23 @@ def shares_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def layer_shares_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: one row per layer, one column per MoQAE record, cells = chunk shares per expert (%)."""
+    cols = [(r["method"], r["layer_stats"]) for r in records if expert_shares(r) is not None]
+    if not cols:
+        return ""
+    n_layers = max(len(stats) for _, stats in cols)
+    lines = ["| layer | " + " | ".join(name for name, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    for i in range(n_layers):
+        cells = []
+        for _, stats in cols:
+            counts = stats[i]["expert_chunks"] if i < len(stats) else []
+            total = sum(counts)
+            cells.append(" / ".join(f"{100 * c / total:.0f}" for c in counts) if total else "—")
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_ppl_vs_bits(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Perplexity against nominal KV bits, one marker per record, MoQAE points joined by bits."""
     import matplotlib
@@ -122,6 +139,8 @@ def write_report(sources: Iterable[str | Path], out_dir: str | Path, title: str 
     shares = shares_table(records)
     if shares:
         parts += ["## MoQAE: share of chunks per expert (all layers)", "", shares, ""]
+        parts += ["## MoQAE: share of chunks per expert per layer (%, experts in config order)", ""]
+        parts += [layer_shares_table(records), ""]
     parts += ["## Commands that made these records", "", *[f"    {c}" for c in commands], ""]
     md = out / "results.md"
     md.write_text("\n".join(parts))
