@@ -11,15 +11,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness.interface import MethodSpecError, UnsupportedModelError
+from harness.interface import MethodSpecError, Registry, UnsupportedModelError
 
 EXIT_USAGE = 2
 
 
-def split_specs(values: Sequence[str] | None) -> list[str]:
+def split_specs(values: Sequence[str] | None, registry: Registry | None = None) -> list[str]:
     """``["fp16,kivi:bits=2,group=32", "int4"]`` -> ``["fp16", "kivi:bits=2,group=32", "int4"]``.
 
-    A comma separates specs, except before a ``key=value`` that continues the previous spec's options.
+    A comma separates specs, except before a ``key=value`` that continues the previous spec's options,
+    or, with ``registry``, before a bare item that is not a registered name when the previous spec's
+    entry takes bare items (``longbench:trec,samsum`` is one spec).
     """
     specs: list[str] = []
     for value in values or []:
@@ -27,7 +29,16 @@ def split_specs(values: Sequence[str] | None) -> list[str]:
             part = part.strip()
             if not part:
                 continue
-            if "=" in part and ":" not in part and specs and ":" in specs[-1]:
+            prev = specs[-1] if specs else ""
+            if "=" in part and ":" not in part and ":" in prev:
+                specs[-1] += "," + part
+            elif (
+                registry is not None
+                and ":" in prev
+                and ":" not in part
+                and part not in registry.names()
+                and registry.positional(prev.partition(":")[0].strip())
+            ):
                 specs[-1] += "," + part
             else:
                 specs.append(part)
@@ -55,11 +66,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from harness.evaluation import TASKS
     from harness.runner import results_table, run
 
     summary = run(
         methods=split_specs(args.methods),
-        tasks=split_specs(args.tasks),
+        tasks=split_specs(args.tasks, TASKS),
         model=args.model,
         out_dir=args.out,
         data_dir=args.data_dir,

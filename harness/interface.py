@@ -184,10 +184,12 @@ class LayerStore(ABC):
 class MethodConfig:
     """Base config; each method subclasses it. ``validate`` raises MethodSpecError on bad values.
 
-    ``aliases`` maps option names accepted on the command line to field names (``lambda`` -> ``lam``).
+    ``aliases`` maps option names accepted on the command line to field names (``lambda`` -> ``lam``);
+    ``positional`` names the (str) field that bare spec items fill (``longbench:trec,samsum``).
     """
 
     aliases: ClassVar[dict[str, str]] = {}
+    positional: ClassVar[str | None] = None
 
     def validate(self) -> None:  # noqa: B027
         pass
@@ -284,10 +286,17 @@ class Registry:
             raise MethodSpecError(f"unknown {self.kind} {name!r}; accepted: {', '.join(sorted(self._entries))}")
         return self._entries[name]
 
+    def positional(self, name: str) -> str | None:
+        """The option that bare items of a spec fill (``longbench:trec,samsum``), if the entry has one."""
+        self._load()
+        entry = self._entries.get(name)
+        return getattr(entry.cls.config_class, "positional", None) if entry else None
+
     def config(self, spec: str, **overrides: Any) -> tuple[str, _Entry, Any, dict[str, str]]:
         """Parse ``spec`` into (name, entry, validated config, explicit options)."""
-        name, opts = parse_spec(spec)
+        name = spec.strip().partition(":")[0].strip()
         entry = self.entry(name)
+        name, opts = parse_spec(spec, self.positional(name))
         aliases = getattr(entry.cls.config_class, "aliases", {})
         opts = {aliases.get(k, k): v for k, v in opts.items()}
         fields = {f.name: f for f in dataclasses.fields(entry.cls.config_class)}
@@ -361,16 +370,26 @@ def _coerce(value: str, typ: Any, key: str, owner: str) -> Any:
     return value
 
 
-def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``"kivi:bits=2,group=32"`` -> ``("kivi", {"bits": "2", "group": "32"})``."""
+def parse_spec(spec: str, positional: str | None = None) -> tuple[str, dict[str, str]]:
+    """``"kivi:bits=2,group=32"`` -> ``("kivi", {"bits": "2", "group": "32"})``.
+
+    With ``positional`` (a config field name), items without ``=`` are collected into that option:
+    ``"longbench:trec,samsum,limit=4"`` -> ``("longbench", {"tasks": "trec,samsum", "limit": "4"})``.
+    """
     name, _, rest = spec.strip().partition(":")
     opts: dict[str, str] = {}
+    bare: list[str] = []
     if rest:
         for item in rest.split(","):
             key, eq, value = item.partition("=")
+            if not eq and positional and key.strip():
+                bare.append(key.strip())
+                continue
             if not eq or not key.strip():
                 raise MethodSpecError(f"{name}: bad option {item!r}; write {name}:key=value,key=value")
             opts[key.strip()] = value.strip()
+    if bare:
+        opts[positional] = ",".join([*bare, opts[positional]] if positional in opts else bare)
     return name.strip(), opts
 
 

@@ -54,11 +54,16 @@ def record_path(out_dir: Path, key: dict[str, Any], method_label: str) -> Path:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -168,6 +173,11 @@ def run(
                     summary.failed.append((path, reason))
                     log(f"FAILED {method.label} / {task.label}: {reason}")
                     continue
+                samples = result.pop("samples", None)
+                if samples is not None:  # per-sample detail (inputs' lengths, outputs, scores) in a side file
+                    side = path.with_suffix(".samples.jsonl")
+                    write_text_atomic(side, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+                    record["samples_file"] = side.name
                 record.update(status="done", wall_seconds=time.perf_counter() - w0, **result)
                 write_json_atomic(path, record)
                 summary.done.append(path)
