@@ -410,6 +410,11 @@ def _cache_kwarg(fn: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def cache_kwargs(model: torch.nn.Module, cache: Cache) -> dict[str, Cache]:
+    """``{<cache keyword of this transformers release>: cache}`` for ``model(...)`` / ``model.generate(...)``."""
+    return {_cache_kwarg(model.forward): cache}
+
+
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache | None = None, **kwargs: Any):
     """``model(input_ids, <cache kwarg>=cache, use_cache=...)``; returns the model output."""
     if cache is None:

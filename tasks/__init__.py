@@ -1,1 +1,1 @@
-from tasks import wikitext2  # noqa: F401  (registers wikitext2)
+from tasks import lmeval, wikitext2  # noqa: F401  (importing registers the tasks)
