@@ -15,7 +15,10 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
 TORCH = "torch==2.13.0"
-REPRODUCE_METHODS = "fp16,int8,int4,int2,kivi-4,kivi-2,kvquant-4b,qoq,mikv,moqae"
+REPRODUCE_METHODS = (
+    "fp16,int8,int4,int2,kivi-4,kivi-2,kvquant-4b,kvquant-4b-1%,kvquant-2b-1%,qoq,mikv,"
+    "moqae:lam=0.1,moqae:lam=0.3,moqae:lam=0.5,moqae:lam=0.7,moqae:lam=0.9"
+)
 PYTHON = "3.11"
 
 
@@ -40,19 +43,25 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def reproduce(session: nox.Session) -> None:
-    """WikiText-2 perplexity of the methods on the embedded SmolLM2-135M (quick profile).
+    """The comparison on the embedded SmolLM2-135M: WikiText-2 perplexity of every method, then the
+    report (table, MoQAE expert shares, PPL-vs-bits plot).
 
     Data come from ``$MOQAE_DATA_DIR`` when set, else from the Hugging Face hub. Records land in
-    ``results/reproduce`` and re-running resumes where it stopped.
+    ``$MOQAE_RESULTS`` (``results/reproduce``), the report in ``$MOQAE_REPORT`` (``reports/reproduce``);
+    re-running resumes where it stopped. ``MOQAE_METHODS``, ``MOQAE_TASKS`` (e.g.
+    ``wikitext2,lmeval:piqa,arc_easy,hellaswag,limit=200``) and ``MOQAE_MAX_WINDOWS`` narrow or widen it.
     """
     install(session)
     out = os.environ.get("MOQAE_RESULTS", "results/reproduce")
     session.run(
         "python", "-m", "harness", "run",
         "--methods", os.environ.get("MOQAE_METHODS", REPRODUCE_METHODS),
-        "--tasks", "wikitext2",
+        "--tasks", os.environ.get("MOQAE_TASKS", "wikitext2"),
         "--model", "smollm2-135m",
         "--max-windows", os.environ.get("MOQAE_MAX_WINDOWS", "8"),
         "--out", out,
         *session.posargs,
     )  # fmt: skip
+    report = os.environ.get("MOQAE_REPORT", "reports/reproduce")
+    session.run("python", "-m", "harness", "report", "--results", out, "--out", report,
+                "--title", "SmolLM2-135M, WikiText-2 (nox -s reproduce)")  # fmt: skip
