@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harness.runner import load_record, results_table
+from harness.runner import load_record, normalize_command, results_table
 
 # method-name prefix -> family shown in the plot legend (longest prefix first)
 FAMILIES = (
@@ -134,7 +134,7 @@ def write_report(sources: Iterable[str | Path], out_dir: str | Path, title: str 
         raise ValueError(f"no finished run records in {', '.join(map(str, sources))}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    commands = sorted({r.get("command", "") for r in records} - {""})
+    commands = sorted({normalize_command(r.get("command", "")) for r in records} - {""})
     parts = [f"# {title or 'Results'}", "", results_table(paths), ""]
     shares = shares_table(records)
     if shares:

@@ -36,6 +36,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
 
+def invocation() -> str:
+    """The command line that is running, as a user would type it (``python -m harness run ...``)."""
+    return normalize_command(" ".join(sys.argv))
+
+
+def normalize_command(command: str) -> str:
+    """``/path/to/harness/__main__.py run ...`` -> ``python -m harness run ...``."""
+    head, sep, rest = command.partition(" ")
+    if head.endswith(("harness/__main__.py", "harness\\__main__.py")):
+        return "python -m harness" + sep + rest
+    return command
+
+
 def record_key(model: str, dtype: str, device: str, method: KVCacheMethod, task: Task) -> dict[str, Any]:
     return {
         "model": model,
@@ -150,7 +163,7 @@ def run(
                     "method": method.label,
                     "task": task.label,
                     "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "command": " ".join(sys.argv),
+                    "command": invocation(),
                     "environment": env,
                     "model_load_seconds": load_seconds,
                     "calibration_seconds": calib_seconds,
