@@ -81,6 +81,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         seqlen=args.seqlen,
         max_windows=args.max_windows,
+        limit=args.limit,
+        max_length=args.max_length,
     )
     paths = summary.done + summary.skipped
     if paths:
@@ -101,7 +103,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from harness.profiling import overhead_table, profile
-    from harness.runner import write_json_atomic
+    from harness.runner import invocation, write_json_atomic
 
     rows = profile(
         split_specs(args.methods), args.model, args.prompt, args.decode, args.repeats,
@@ -109,7 +111,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(overhead_table(rows, reference=args.reference))
     if args.out:
-        write_json_atomic(Path(args.out), {"command": " ".join(sys.argv), "rows": rows})
+        write_json_atomic(Path(args.out), {"command": invocation(), "rows": rows})
         print(f"wrote {args.out}")
     return 0
 
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: bf16/fp16 on GPU, fp32 on CPU)")
     r.add_argument("--seqlen", type=int, default=None, help="perplexity window length (wikitext2 default 2048)")
     r.add_argument("--max-windows", type=int, default=None, help="at most N perplexity windows (quick runs)")
+    r.add_argument("--limit", type=int, default=None, help="first N samples of each dataset (tasks with a limit)")
+    r.add_argument("--max-length", type=int, default=None, help="longbench prompt token budget (0 = model window)")
     r.add_argument("--force", action="store_true", help="recompute records that already exist")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)

@@ -3,6 +3,7 @@
 Mirror layout (as ``../shared/data``):
     wikitext-2-raw/wiki.test.raw   WikiText-2-raw test split, the original release file
     wikitext-2/valid.txt           WikiText-2 v1 validation split: the offline calibration split
+    longbench/<dataset>.jsonl      LongBench v1 test rows in LongBench's own schema (``longbench_rows``)
 
 Without a mirror the same data comes from the Hugging Face hub dataset ``wikitext/wikitext-2-raw-v1``.
 Never calibrate on the test split: calibration text comes from ``valid.txt`` (mirror) or the hub's
@@ -11,6 +12,7 @@ Never calibrate on the test split: calibration text comes from ``valid.txt`` (mi
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -119,3 +121,39 @@ def calibration_windows(
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g).tolist()
     return [ids[s : s + seqlen].view(1, -1) for s in starts]
+
+
+#: Hub datasets holding LongBench v1, tried in order: THUDM's own (a loading script, which
+#: ``datasets`` >= 4 no longer runs), then the Parquet copy that lm-evaluation-harness uses.
+LONGBENCH_HUB = ("THUDM/LongBench", "Xnhyacinth/LongBench")
+
+
+def longbench_rows(dataset: str, data_dir: str | Path | None) -> list[dict[str, Any]]:
+    """The ``test`` rows of one LongBench v1 dataset (``_id, dataset, language, input, context, answers,
+    all_classes, length``): from ``<mirror>/longbench/<dataset>.jsonl`` when a mirror is given (argument
+    or ``$MOQAE_DATA_DIR``), else ``datasets.load_dataset(<hub>, dataset, split="test")``."""
+    rel = f"longbench/{dataset}.jsonl"
+    d = resolve_data_dir(data_dir)
+    if d is not None:
+        path = d / rel
+        if not path.is_file():
+            raise _longbench_missing(dataset, f"not found at {path}", rel)
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    error: Exception | None = None
+    for repo in LONGBENCH_HUB:
+        try:
+            import datasets
+
+            return [dict(row) for row in datasets.load_dataset(repo, dataset, split="test")]
+        except Exception as e:  # offline, script-based on datasets >= 4, not found, ...: try the next
+            error = e
+    raise _longbench_missing(dataset, "no local mirror given, hub unreachable", rel) from error
+
+
+def _longbench_missing(dataset: str, where: str, rel: str) -> MissingDataError:
+    hubs = " or ".join(LONGBENCH_HUB)
+    return MissingDataError(
+        f"LongBench {dataset}: {where}; provide it with --data-dir DIR (or ${DATA_DIR_ENV}=DIR) holding {rel}, "
+        f"or with network access to the Hugging Face hub dataset {hubs} (config {dataset!r}, split test)"
+    )

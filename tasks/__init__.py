@@ -1,1 +1,1 @@
-from tasks import lmeval, wikitext2  # noqa: F401  (importing registers the tasks)
+from tasks import lmeval, longbench, wikitext2  # noqa: F401  (importing registers the tasks)

@@ -1,0 +1,276 @@
+"""LongBench v1 (``longbench:trec,samsum,limit=4``) by the protocol of THUDM/LongBench ``pred.py`` / ``eval.py``.
+
+Per sample, as ``pred.py`` does:
+
+1. ``prompt = DATASET2PROMPT[dataset].format(**sample)``.
+2. Tokenize (with the tokenizer's special tokens). If longer than ``max_length`` tokens, keep the first
+   ``max_length // 2`` and the last ``max_length // 2`` token ids and decode each half back to text
+   (``skip_special_tokens=True``), joined: the middle of the context goes, the instructions at both
+   ends stay.
+3. Except for trec, triviaqa, samsum, lsht, lcc, repobench-p (few-shot / completion prompts), wrap the
+   prompt as one user turn of the tokenizer's chat template (``add_generation_prompt=True``) when
+   ``chat_template=true`` and the tokenizer has a template. Without one, the raw prompt is used (the
+   official script builds each model's wrapper by hand; a base model gets none).
+4. Greedy decoding (``do_sample=False``, one beam) of at most ``DATASET2MAXLEN[dataset]`` new tokens
+   through a fresh cache of the method, so its quantization covers the long prefill and every decode
+   step. samsum also stops at the newline token and generates at least one token, as ``pred.py``.
+5. Decode the new tokens only (``skip_special_tokens=True``); trec, triviaqa, samsum, lsht keep the
+   first line; score with the dataset's metric (``tasks.longbench.metrics``).
+
+Choices where the official script has no equivalent:
+
+* ``max_length`` (the prompt budget, ``model2maxlen`` upstream: 3,500 for a 4k model, 7,500 for 8k,
+  31,500 for 32k). ``max_length=0`` (default) takes, per dataset, the model's
+  ``max_position_embeddings`` minus the dataset's maximal new tokens minus the tokens the chat
+  template adds (where it applies), so prompt and answer always fit the model's window.
+* When re-tokenizing the decoded halves gives more than ``max_length`` tokens (a cut inside a
+  multi-byte character decodes to U+FFFD; pieces merge differently at the joint), the halves are
+  shrunk until the prompt fits: the official script would feed the longer prompt.
+* samsum's stop tokens are the model's end-of-sequence ids (generation config and tokenizer) plus the
+  last id of ``tokenizer.encode("\\n")``; upstream lists the tokenizer's EOS and the newline only,
+  which is the same set for the models it ran.
+* Scores are not rounded (upstream rounds each dataset's score to 2 decimals). ``average`` is the
+  plain mean over the datasets evaluated.
+* The group ``e`` selects LongBench-E's 13 datasets on LongBench's standard test rows; the
+  length-balanced ``*_e`` sets and their per-length buckets are not used.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from harness.data import longbench_rows
+from harness.evaluation import Task, TaskContext, register_task
+from harness.integration import generate
+from harness.interface import MethodConfig, MethodSpecError
+from tasks.longbench.metrics import sample_score
+from tasks.longbench.prompts import (
+    DATASET2MAXLEN,
+    DATASET2PROMPT,
+    DATASETS,
+    GROUPS,
+    NO_CHAT_TEMPLATE,
+    STOP_AT_NEWLINE,
+)
+
+_MAX_SHRINK_STEPS = 64
+_SMALL_STEPS = 8
+
+
+def expand_datasets(spec: str) -> list[str]:
+    """``"kivi8"`` / ``"trec,samsum"`` / ``"e,lsht"`` -> the dataset names, in order, without repeats."""
+    names: list[str] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if item in GROUPS:
+            names.extend(GROUPS[item])
+        elif item in DATASET2PROMPT:
+            names.append(item)
+        else:
+            accepted = ", ".join([*GROUPS, *DATASETS])
+            raise MethodSpecError(f"longbench: unknown dataset or group {item!r}; accepted: {accepted}")
+    if not names:
+        raise MethodSpecError("longbench: no dataset given; e.g. longbench:trec,samsum or longbench:kivi8")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class LongBenchConfig(MethodConfig):
+    tasks: str = "kivi8"  # datasets and/or groups (all, e, kivi8), comma-separated
+    limit: int | None = None  # first N samples of each dataset; None = all
+    max_length: int = 0  # prompt token budget (middle truncation); 0 = model window - new tokens - chat wrapper
+    chat_template: bool = True  # wrap prompts in the tokenizer's chat template where the protocol does
+
+    positional: ClassVar[str] = "tasks"
+
+    def validate(self) -> None:
+        expand_datasets(self.tasks)
+        if self.limit is not None and self.limit < 1:
+            raise MethodSpecError(f"longbench: limit={self.limit} must be >= 1")
+        if self.max_length < 0 or self.max_length == 1:
+            raise MethodSpecError(f"longbench: max_length={self.max_length} must be 0 (automatic) or >= 2")
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt construction
+# --------------------------------------------------------------------------------------------
+
+
+def fill_template(dataset: str, sample: dict[str, Any]) -> str:
+    """The dataset's prompt template filled with the sample's fields (``format(**sample)``)."""
+    return DATASET2PROMPT[dataset].format(**sample)
+
+
+def middle_ids(ids: list[int], max_length: int, half: int | None = None) -> tuple[list[int], list[int]]:
+    """The first and the last ``half`` (default ``max_length // 2``) ids of a sequence longer than ``max_length``."""
+    half = max_length // 2 if half is None else half
+    if half < 1:
+        raise ValueError(f"max_length={max_length} leaves no tokens to keep")
+    return ids[:half], ids[len(ids) - half :]
+
+
+def truncate_middle(tokenizer: Any, prompt: str, max_length: int) -> tuple[str, bool]:
+    """(prompt, truncated): the prompt itself if it has at most ``max_length`` tokens, else the decoded
+    first and last halves of its token ids (official), halves shrunk until the re-tokenized text fits."""
+    ids = tokenizer(prompt).input_ids
+    if len(ids) <= max_length:
+        return prompt, False
+
+    def attempt(half: int) -> tuple[str, int]:
+        head, tail = middle_ids(ids, max_length, half)
+        text = tokenizer.decode(head, skip_special_tokens=True) + tokenizer.decode(tail, skip_special_tokens=True)
+        return text, len(tokenizer(text).input_ids)
+
+    half, too_long = max_length // 2, None
+    for step in range(_MAX_SHRINK_STEPS):
+        text, n = attempt(half)
+        if n <= max_length or half <= 1:
+            break
+        too_long = half
+        # a few tokens too many (the joint, one cut character): one id less per half; else in proportion
+        half = half - 1 if step < _SMALL_STEPS else max(1, min(half - 1, half * max_length // n))
+    if n <= max_length and too_long is not None and too_long - half > 1:
+        lo, hi = half, too_long  # after a jump: the largest half that fits below the last one that did not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            mid_text, mid_n = attempt(mid)
+            lo, hi, text = (mid, hi, mid_text) if mid_n <= max_length else (lo, mid, text)
+    return text, True
+
+
+def uses_chat_template(tokenizer: Any, dataset: str, enabled: bool = True) -> bool:
+    return enabled and dataset not in NO_CHAT_TEMPLATE and bool(getattr(tokenizer, "chat_template", None))
+
+
+def apply_chat(tokenizer: Any, prompt: str) -> str:
+    """The prompt as one user turn of the tokenizer's chat template, ready for the assistant's answer."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_overhead(tokenizer: Any) -> int:
+    """Tokens the chat template adds around an empty user turn (system prompt, role markers, ...)."""
+    return len(tokenizer(apply_chat(tokenizer, ""), add_special_tokens=False).input_ids)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """Token ids fed to the model: the chat-wrapped text already holds its special tokens."""
+    return tokenizer(prompt, add_special_tokens=not chat).input_ids
+
+
+def context_window(model: torch.nn.Module) -> int:
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(cfg, "max_position_embeddings", None)
+    if not window:
+        raise ValueError("longbench: the model config has no max_position_embeddings; set max_length=N")
+    return int(window)
+
+
+def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids of the model's generation config and of the tokenizer."""
+    ids: list[int] = []
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen, tokenizer.eos_token_id):
+        if value is None:
+            continue
+        ids.extend(value if isinstance(value, list | tuple) else [value])
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+# --------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------
+
+
+@register_task("longbench", "LongBench v1 (21 datasets; groups all, e, kivi8): official prompts, truncation, metrics")
+class LongBench(Task):
+    config_class = LongBenchConfig
+
+    def prompt_budget(self, ctx: TaskContext, dataset: str, chat: bool) -> int:
+        if self.config.max_length > 0:
+            return self.config.max_length
+        wrap = chat_overhead(ctx.tokenizer) if chat else 0
+        budget = context_window(ctx.model) - DATASET2MAXLEN[dataset] - wrap
+        if budget < 2:
+            raise ValueError(f"longbench {dataset}: the model's window leaves {budget} prompt tokens")
+        return budget
+
+    def generation_kwargs(self, ctx: TaskContext, dataset: str) -> dict[str, Any]:
+        tok = ctx.tokenizer
+        eos = eos_ids(ctx.model, tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+        kw: dict[str, Any] = dict(
+            max_new_tokens=DATASET2MAXLEN[dataset], do_sample=False, num_beams=1, pad_token_id=pad
+        )
+        if dataset in STOP_AT_NEWLINE:
+            newline = tok.encode("\n", add_special_tokens=False)[-1]
+            kw.update(eos_token_id=list(dict.fromkeys([*eos, newline])), min_new_tokens=1)
+        return kw
+
+    @torch.no_grad()
+    def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
+        cfg, tok = self.config, ctx.tokenizer
+        if tok is None:
+            raise ValueError("longbench needs a tokenizer (random-weight shape models have none)")
+        device = next(ctx.model.parameters()).device
+        data = {ds: longbench_rows(ds, ctx.data_dir)[: cfg.limit] for ds in expand_datasets(cfg.tasks)}
+        metrics: dict[str, float] = {}
+        samples: list[dict[str, Any]] = []
+        memory = None
+        start = time.perf_counter()
+        bar = tqdm(
+            total=sum(map(len, data.values())),
+            desc=f"longbench {ctx.attached.method.label}",
+            disable=not ctx.progress,
+            leave=False,
+        )
+        for dataset, rows in data.items():
+            chat = uses_chat_template(tok, dataset, cfg.chat_template)
+            budget = self.prompt_budget(ctx, dataset, chat)
+            gen_kw = self.generation_kwargs(ctx, dataset)
+            if not rows:
+                raise ValueError(f"longbench {dataset}: no samples")
+            scores = []
+            for row in rows:
+                prompt, truncated = truncate_middle(tok, fill_template(dataset, row), budget)
+                if chat:
+                    prompt = apply_chat(tok, prompt)
+                ids = torch.tensor([encode_prompt(tok, prompt, chat)], device=device)
+                t0 = time.perf_counter()
+                cache = ctx.attached.new_cache()
+                out = generate(ctx.model, ids, cache, attention_mask=torch.ones_like(ids), **gen_kw)
+                output = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+                seconds = time.perf_counter() - t0
+                memory = cache.memory()
+                s = 100 * sample_score(dataset, output, row["answers"], row.get("all_classes"))
+                scores.append(s)
+                samples.append(
+                    {
+                        "dataset": dataset,
+                        "_id": row.get("_id"),
+                        "input_tokens": ids.shape[1],
+                        "truncated": truncated,
+                        "output": output,
+                        "answers": list(row["answers"]),
+                        "score": s,
+                        "seconds": seconds,
+                    }
+                )
+                bar.update(1)
+            metrics[dataset] = sum(scores) / len(scores)
+            bar.set_postfix({dataset: f"{metrics[dataset]:.2f}"})
+        bar.close()
+        metrics["average"] = sum(metrics.values()) / len(metrics)
+        return {
+            "metrics": metrics,
+            "kv": memory.as_dict(),  # the last sample's cache (prompt + generated tokens)
+            "samples": samples,
+            "n_samples": {ds: len(rows) for ds, rows in data.items()},
+            "eval_seconds": time.perf_counter() - start,
+        }
