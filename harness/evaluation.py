@@ -55,4 +55,5 @@ register_task = TASKS.register
 def build_task(spec: str, **overrides: Any) -> Task:
     """Build a task from ``name`` or ``name:key=value``; ``overrides`` (CLI flags) fill known options."""
     name, entry, config, opts = TASKS.config(spec, **overrides)
-    return entry.cls(config, name=name)
+    label = name if not opts else f"{name}:" + ",".join(f"{k}={v}" for k, v in opts.items())
+    return entry.cls(config, name=label)
