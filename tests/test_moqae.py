@@ -156,12 +156,12 @@ def test_bad_options_and_missing_checkpoint(model):
         AttachedMethod(model, method)
 
 
-def _trainer(stories, data_dir, out, steps=3, estimator="reinforce", seed=0):
+def _trainer(stories, data_dir, out, steps=3, estimator="reinforce", seed=0, **kw):
     from moqae.train import RouterTrainer, TrainConfig
 
     model, tok = stories
     cfg = TrainConfig(steps=steps, seqlen=64, windows=4, estimator=estimator, seed=seed, save_every=2,
-                      method="moqae:chunk=8,share=2")  # fmt: skip
+                      method="moqae:chunk=8,share=2", **kw)  # fmt: skip
     return RouterTrainer(model, tok, cfg, data_dir=data_dir, out=out)
 
 
@@ -199,3 +199,15 @@ def test_training_is_deterministic_and_resumes(stories, data_dir, tmp_path):
         with torch.no_grad():
             forward(model, torch.arange(40).view(1, -1), cache)
     assert cache.memory().nominal_bits > 0
+
+
+@pytest.mark.parametrize("scale", ["chunk", "token"])
+def test_gumbel_loss_weighs_nll_per_routing_decision(stories, data_dir, tmp_path, scale):
+    """loss = λ·s·NLL + (1−λ)·bits/16 with s = N (chunk: a chunk's summed NLL) or 1 (token)."""
+    tr = _trainer(stories, data_dir, tmp_path, estimator="gumbel", lam=0.3, nll_scale=scale)
+    rec = tr.train_step()
+    tr.attached.detach()
+    s = 8.0 if scale == "chunk" else 1.0  # chunk=8 in _trainer's method spec
+    assert rec["loss"] == pytest.approx(0.3 * s * rec["nll"] + 0.7 * rec["routed_bits"] / 16, rel=1e-5)
+    with pytest.raises(ValueError, match="nll_scale"):
+        _trainer(stories, data_dir, tmp_path / "bad", nll_scale="window")
