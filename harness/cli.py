@@ -111,8 +111,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(overhead_table(rows, reference=args.reference))
     if args.out:
-        write_json_atomic(Path(args.out), {"command": invocation(), "rows": rows})
-        print(f"wrote {args.out}")
+        out = Path(args.out)
+        write_json_atomic(out, {"command": invocation(), "rows": rows})
+        md = out.with_suffix(".md")
+        where = f"{rows[0]['model']}, {rows[0]['device']}" if rows else ""
+        head = f"# Profile ({where}, prompt {args.prompt}, {args.decode} decode steps)"
+        md.write_text(f"{head}\n\n{overhead_table(rows, reference=args.reference)}\n\n    {invocation()}\n")
+        print(f"wrote {out} and {md}")
     return 0
 
 
