@@ -91,7 +91,11 @@ def layer_shares_table(records: list[dict[str, Any]]) -> str:
 
 
 def plot_ppl_vs_bits(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Perplexity against nominal KV bits, one marker per record, MoQAE points joined by bits."""
+    """Perplexity against nominal KV bits, one marker per record, MoQAE points joined by bits.
+
+    Left: every point (log PPL). Right: a zoom on the points within 20 % of the best PPL at <= 8 bits,
+    where the 4-bit methods crowd together.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,21 +108,31 @@ def plot_ppl_vs_bits(records: list[dict[str, Any]], path: Path, title: str = "")
     ]
     if not pts:
         raise ValueError("no perplexity records to plot")
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    best = min(p[1] for p in pts)
+    zoom = [p for p in pts if p[1] <= 1.2 * best and p[0] <= 8]
+    panels = 2 if len(zoom) >= 2 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7.5 * panels, 5), squeeze=False)
     markers = {"MoQAE": "o", "KIVI": "s", "KVQuant": "D", "QoQ": "^", "MiKV": "v", "uniform": "x", "other": "+"}
-    for fam in sorted({p[3] for p in pts}):
-        sel = sorted((p for p in pts if p[3] == fam), key=lambda p: p[0])
-        xs, ys = [p[0] for p in sel], [p[1] for p in sel]
-        ax.plot(xs, ys, marker=markers.get(fam, "+"), linestyle="-" if fam == "MoQAE" else "", label=fam)
-        for x, y, name, _ in sel:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xlabel("nominal KV bits per element")
-    ax.set_ylabel("WikiText-2 perplexity (log scale)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    colors = dict(zip(markers, ("C3", "C0", "C1", "C4", "C2", "C5", "C7"), strict=True))
+    for i, (ax, sel_pts) in enumerate(zip(axes[0], (pts, zoom), strict=False)):
+        for fam in sorted({p[3] for p in sel_pts}):
+            sel = sorted((p for p in sel_pts if p[3] == fam), key=lambda p: p[0])
+            xs, ys = [p[0] for p in sel], [p[1] for p in sel]
+            style = {"marker": markers.get(fam, "+"), "color": colors.get(fam, "C7")}
+            ax.plot(xs, ys, linestyle="-" if fam == "MoQAE" else "", label=fam, **style)
+            for j, (x, y, name, _) in enumerate(sel):
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3 if j % 2 else -9), fontsize=7)
+        ax.set_xlabel("nominal KV bits per element")
+        ax.grid(True, which="both", alpha=0.3)
+        if i == 0:
+            ax.set_ylabel("WikiText-2 perplexity (log scale)")
+            ax.set_yscale("log")
+            ax.legend()
+        else:
+            ax.set_ylabel("WikiText-2 perplexity")
+            ax.set_title("zoom: within 20 % of the best, <= 8 bits", fontsize=9)
     if title:
-        ax.set_title(title, fontsize=9)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
