@@ -353,12 +353,25 @@ class AttachedMethod:
 
     def _install_attention(self) -> None:
         from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-        AttentionInterface.register(HARNESS_ATTENTION, _harness_attention)
         cfg = self.model.config
         self._original_attn = cfg._attn_implementation or "sdpa"
+        # One name per original implementation, registered with that implementation's mask function:
+        # transformers builds no mask at all for an attention name it has no mask function for, and
+        # the delegated sdpa would then fall back to a top-left causal mask, wrong for queries that
+        # follow cached tokens (chunked prefill).
+        name = f"{HARNESS_ATTENTION}_{self._original_attn}"
+        AttentionInterface.register(name, _harness_attention)
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(self._original_attn)
+        if mask_fn is None:
+            raise UnsupportedModelError(
+                f"attention implementation {self._original_attn!r} has no mask function in transformers; "
+                "load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        AttentionMaskInterface.register(name, mask_fn)
         _BOARDS[id(cfg)] = (self.board, self._original_attn, self.method.signals)
-        self._set_attn(HARNESS_ATTENTION)
+        self._set_attn(name)
 
     def _set_attn(self, name: str) -> None:
         if hasattr(self.model, "set_attn_implementation"):

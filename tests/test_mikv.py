@@ -296,3 +296,18 @@ def test_mikv_16_8_perplexity_close_to_fp16(stories, data_dir):
     ppl = wikitext_ppl(stories, data_dir, ["fp16", "mikv:high=16,low=8", "mikv"])
     assert ppl["mikv:high=16,low=8"] == pytest.approx(ppl["fp16"], rel=5e-3)
     assert ppl["mikv"] > ppl["mikv:high=16,low=8"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_chunked_prefill_reads_the_right_causal_mask(family):
+    """Queries that follow cached tokens (pieces of 16 after 16) must see every earlier token: with
+    everything kept FP16 and no balancing, MiKV in pieces equals one fp16 forward. (The attention
+    hook once ran without a mask there, and sdpa's top-left causal mask hid the cached tokens.)"""
+    model = tiny_random_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    with AttachedMethod(model, build_method("fp16")) as am, torch.no_grad():
+        ref = forward(model, ids, am.new_cache()).logits
+    with AttachedMethod(model, build_method("mikv:ratio=1.0,balance=false")) as am, torch.no_grad():
+        cache = am.new_cache()
+        out = torch.cat([forward(model, ids[:, i : i + 16], cache).logits for i in range(0, 48, 16)], dim=1)
+    assert torch.allclose(out, ref, atol=1e-4)
