@@ -26,6 +26,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _enable_own_timing(method: KVCacheMethod) -> None:
+    """Methods that can time their own parts (MoQAE's ``time_routes``) only do so while profiled,
+    so that the synchronisation it needs on GPU never slows a normal run."""
+    if hasattr(method, "time_routes"):
+        method.time_routes = True
+
+
 def _own_seconds(method: KVCacheMethod) -> float | None:
     value = getattr(method, "route_seconds", None)
     return float(value) if value is not None else None
@@ -53,6 +60,7 @@ def profile_method(
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
     prefill, steps, own_prefill, own_steps = [], [], [], []
+    _enable_own_timing(method)
     with AttachedMethod(model, method) as am:
         if method.needs_calibration:  # speed does not depend on the calibration's values
             g = torch.Generator().manual_seed(seed + 1)

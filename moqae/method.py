@@ -274,8 +274,8 @@ class MoQAE(KVCacheMethod):
         self.expert_bits = self.config.expert_bits
         self.top_expert = max(range(len(self.expert_bits)), key=lambda i: self.expert_bits[i])
         self.bank: RouterBank | None = None
-        self.route_seconds = 0.0  # wall time spent in the routers (profiling reads it)
-        self.route_calls = 0
+        self.time_routes = False  # profiling turns it on: time (and on GPU synchronise) each router call
+        self.route_seconds = 0.0  # wall time spent in the routers while time_routes is on
 
     def checkpoint_path(self, info: ModelInfo) -> Path | None:
         if self.config.ckpt == "random":
@@ -330,13 +330,15 @@ class MoQAE(KVCacheMethod):
 
     def route(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
         """Expert probabilities [B, T, E] of the router serving ``layer_idx``."""
+        if not self.time_routes:
+            with torch.no_grad():
+                return self.bank.router(layer_idx)(hidden)
         start = time.perf_counter()
         with torch.no_grad():
             probs = self.bank.router(layer_idx)(hidden)
         if probs.is_cuda:
             torch.cuda.synchronize(probs.device)
         self.route_seconds += time.perf_counter() - start
-        self.route_calls += 1
         return probs
 
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:

@@ -34,6 +34,17 @@ def test_profile_fp16_and_moqae(model):
     assert "| fp16 |" in table and "| moqae:ckpt=random |" in table and "1.000" in table
 
 
+def test_router_timing_only_while_profiled(model):
+    import torch
+
+    from harness.integration import AttachedMethod, forward
+
+    method = build_method("moqae:ckpt=random")
+    with AttachedMethod(model, method) as am, torch.no_grad():
+        forward(model, torch.zeros(1, 64, dtype=torch.long), am.new_cache())
+    assert method.route_seconds == 0.0 and not method.time_routes
+
+
 def test_profile_cli_writes_rows(tmp_path, capsys):
     out = tmp_path / "prof.json"
     argv = ["profile", "--methods", "fp16,int4", "--model", "tiny-llama", "--prompt", "64", "--decode", "2"]
