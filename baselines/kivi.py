@@ -56,7 +56,7 @@ from harness.interface import (
     register_variant,
 )
 from harness.quant import SUPPORTED_BITS
-from harness.storage import TOKEN_DIM, FullPrecisionSeq, QuantizedSeq, cat_tokens
+from harness.storage import TOKEN_DIM, FullPrecisionSeq, QuantizedSeq, read_tokens
 
 
 @dataclass
@@ -132,12 +132,11 @@ class KIVIStore(LayerStore):
             self._settle()  # KIVI's prefill split, applied at once
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        parts_k = [self.k_q.read(dtype), self.k_fp.read(dtype)]
-        parts_v = [self.v_q.read(dtype), self.v_fp.read(dtype)]
-        if all(p is None for p in parts_k):
+        k = read_tokens([self.k_q, self.k_fp], dtype)
+        if k is None:
             empty = torch.zeros(self._batch or 0, self.info.n_kv_heads, 0, self.info.head_dim, dtype=dtype)
             return empty, empty.clone()
-        return cat_tokens(parts_k), cat_tokens(parts_v)
+        return k, read_tokens([self.v_q, self.v_fp], dtype)
 
     def memory(self) -> MemoryReport:
         r = MemoryReport()

@@ -101,23 +101,40 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(values: list[str]) -> list[int]:
+    try:
+        return [int(x) for x in split_specs(values)]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {','.join(values)!r}") from None
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from harness.profiling import overhead_table, profile
-    from harness.runner import invocation, write_json_atomic
+    from harness.profiling import plot_profile, profile, profile_table
+    from harness.runner import invocation, write_json_atomic, write_text_atomic
+
+    contexts, batches = _int_list(args.context or ["2048"]), _int_list(args.batch or ["1"])
+    out = Path(args.out) if args.out else None
+    rows_so_far: list[dict] = []
+
+    def save(row: dict) -> None:  # after every setting: a crash loses at most the running one
+        rows_so_far.append(row)
+        if out is not None:
+            write_json_atomic(out, {"command": invocation(), "rows": rows_so_far})
 
     rows = profile(
-        split_specs(args.methods), args.model, args.prompt, args.decode, args.repeats,
-        device=args.device, dtype=args.dtype, progress=not args.no_progress,
+        split_specs(args.methods), args.model, contexts, batches, args.new_tokens, args.repeats,
+        device=args.device, dtype=args.dtype, reference=args.reference, progress=not args.no_progress, on_row=save,
     )  # fmt: skip
-    print(overhead_table(rows, reference=args.reference))
-    if args.out:
-        out = Path(args.out)
+    table = profile_table(rows, reference=args.reference)
+    print(table)
+    if out is not None:
         write_json_atomic(out, {"command": invocation(), "rows": rows})
+        where = f"{rows[0]['model']}, {rows[0]['device']}, {rows[0]['dtype']}, attention {rows[0]['attention']}"
+        head = f"# Profile ({where}; {args.new_tokens} decode steps, {args.repeats} timed rounds)"
         md = out.with_suffix(".md")
-        where = f"{rows[0]['model']}, {rows[0]['device']}" if rows else ""
-        head = f"# Profile ({where}, prompt {args.prompt}, {args.decode} decode steps)"
-        md.write_text(f"{head}\n\n{overhead_table(rows, reference=args.reference)}\n\n    {invocation()}\n")
-        print(f"wrote {out} and {md}")
+        write_text_atomic(md, f"{head}\n\n{table}\n\nCommand:\n\n    {invocation()}\n")
+        plots = plot_profile(rows, out.with_suffix(".png")) if len(contexts) > 1 else []
+        print(f"wrote {', '.join(str(p) for p in [out, md, *plots])}")
     return 0
 
 
@@ -145,16 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="folder for results.md and ppl_vs_bits.png")
     rep.add_argument("--title", default="", help="title of the report and plot")
     rep.set_defaults(fn=_cmd_report)
-    prof = sub.add_parser("profile", help="prefill and per-decode-step time, KV bytes, added parameters")
+    prof = sub.add_parser("profile", help="prefill / decode latency, KV bytes, peak memory, ratios to fp16")
     prof.add_argument("--methods", action="append", required=True, help="comma-separated method specs")
     prof.add_argument("--model", default="smollm2-135m", help="alias, folder, hub id or a random *-shape alias")
-    prof.add_argument("--prompt", type=int, default=2048, help="prompt tokens (prefill)")
-    prof.add_argument("--decode", type=int, default=32, help="decode steps timed after each prefill")
+    prof.add_argument("--context", "--prompt", action="append", help="comma-separated context lengths (2048)")
+    prof.add_argument("--batch", action="append", help="comma-separated batch sizes (1)")
+    prof.add_argument("--new-tokens", "--decode", type=int, default=32, help="decode steps timed per round")
     prof.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
     prof.add_argument("--reference", default="fp16", help="method the ratios are taken against")
     prof.add_argument("--device", default=None)
     prof.add_argument("--dtype", default=None)
-    prof.add_argument("--out", default=None, help="JSON file for the rows")
+    prof.add_argument("--out", default=None, help="JSON file for the rows (+ .md table, .png/.svg plot)")
     prof.add_argument("--no-progress", action="store_true")
     prof.set_defaults(fn=_cmd_profile)
     return p

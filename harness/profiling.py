@@ -1,24 +1,46 @@
-"""Latency and memory profiling of KV-cache methods: prefill time, time per decode step, bytes held.
+"""Latency and memory profiling of KV-cache methods, every figure also as a ratio to fp16.
 
-One call per method on the same model and the same random prompt (speed does not depend on the
-token values): a warm-up prefill, then ``repeats`` × (prefill of ``prompt_len`` tokens through a
-fresh cache + ``decode_steps`` greedy decode steps). Times are medians, with CUDA synchronised around
-every timed region. Methods that time their own parts (MoQAE's routers: ``route_seconds``) report
-them too, so their overhead is a measured share, not an estimate.
+For each method and each (context, batch) setting, on one model and the same random prompt (speed
+and memory do not depend on token or weight values, so random-weight ``*-shape`` models serve):
 
-``python -m harness profile --methods fp16,moqae --model smollm2-135m --prompt 2048 --decode 32``
+* ``prefill_s`` — median wall time of the prefill of ``context`` tokens into a fresh cache;
+* ``decode_step_s`` — median wall time of one greedy decode step (``new_tokens`` steps per round,
+  the first round of each setting is a warm-up and not timed); ``decode_tokens_per_s`` =
+  batch / ``decode_step_s``;
+* ``kv_bytes`` — bytes the cache really holds after prefill + decode (``HarnessCache.memory``),
+  and ``kv_read_bytes_per_step`` — bytes the last decode step's reads touched where a method
+  reports it (AlignedKV reads fewer bits than it holds), else the bytes held;
+* ``peak_bytes`` — on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before
+  the setting (the weights); on CPU the process's peak resident set (sampled from
+  ``/proc/self/statm`` every 2 ms) minus the resident set before the setting;
+* ``calibration_s`` (KVQuant, KVmix) and ``own_prefill_s`` / ``own_decode_step_s`` (MoQAE's
+  routers, timed only while profiled) where a method has such parts.
+
+CUDA is synchronised around every timed region. A setting that runs out of memory gives a record
+with ``status: "oom"`` and the sweep goes on. Rows name the device, dtype and attention kernel.
+
+``python -m harness profile --methods fp16,int4,kivi-2 --model smollm2-135m --context 1024,4096
+--batch 1 --new-tokens 32``
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
 import statistics
+import threading
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness.integration import AttachedMethod, forward
 from harness.interface import KVCacheMethod
+
+REFERENCE = "fp16"
 
 
 def _sync(device: torch.device) -> None:
@@ -44,31 +66,94 @@ def method_parameters(method: KVCacheMethod) -> int:
     return sum(p.numel() for p in bank.parameters()) if bank is not None else 0
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for CUDA OOM, a failed CPU allocation, or Python's MemoryError."""
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so that one setting's
+    RSS baseline does not include what the previous one freed."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of a block above its starting level: CUDA allocator peak, or sampled CPU RSS."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002):
+        self.device, self.interval = device, interval_s
+        self.peak_bytes: int | None = None
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        _release_freed_memory()
+        self._base = _rss_bytes()
+        self._top = self._base or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if self._base is not None:
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._top = max(self._top, _rss_bytes() or 0)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        if self._base is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._top = max(self._top, _rss_bytes() or 0)
+        self.peak_bytes = self._top - self._base
+
+
 @torch.no_grad()
-def profile_method(
+def profile_setting(
     model: torch.nn.Module,
-    method: KVCacheMethod,
-    prompt_len: int = 2048,
-    decode_steps: int = 32,
+    attached: AttachedMethod,
+    context: int,
+    batch: int = 1,
+    new_tokens: int = 32,
     repeats: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Median prefill and per-decode-step wall time of ``method`` on ``model`` (batch 1)."""
-    if prompt_len < 1 or decode_steps < 0 or repeats < 1:
-        raise ValueError(f"profile: prompt_len={prompt_len}, decode_steps={decode_steps}, repeats={repeats}")
+    """Time prefill and decode of one (context, batch) setting for an attached method."""
+    method = attached.method
     device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(device)
     prefill, steps, own_prefill, own_steps = [], [], [], []
-    _enable_own_timing(method)
-    with AttachedMethod(model, method) as am:
-        if method.needs_calibration:  # speed does not depend on the calibration's values
-            g = torch.Generator().manual_seed(seed + 1)
-            am.calibrate([torch.randint(0, vocab, (1, min(prompt_len, 512)), generator=g).to(device)])
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+    with PeakMemory(device) as peak:
         for rep in range(repeats + 1):  # the first round warms up and is not timed
-            cache = am.new_cache()
+            cache = attached.new_cache()
             own0 = _own_seconds(method)
             _sync(device)
             t0 = time.perf_counter()
@@ -78,7 +163,8 @@ def profile_method(
             own1 = _own_seconds(method)
             step_times = []
             token = logits[:, -1:].argmax(-1)
-            for _ in range(decode_steps):
+            del logits
+            for _ in range(new_tokens):
                 _sync(device)
                 t0 = time.perf_counter()
                 logits = forward(model, token, cache).logits
@@ -92,84 +178,215 @@ def profile_method(
             steps += step_times
             if own0 is not None:
                 own_prefill.append(own1 - own0)
-                own_steps.append((own2 - own1) / max(decode_steps, 1))
+                own_steps.append((own2 - own1) / max(new_tokens, 1))
         memory = cache.memory()
+        read = cache.read_bytes() if hasattr(cache, "read_bytes") else None
+        del cache
+    step = statistics.median(steps) if steps else None
     out: dict[str, Any] = {
-        "method": method.label,
-        "prompt_len": prompt_len,
-        "decode_steps": decode_steps,
-        "repeats": repeats,
-        "device": str(device),
+        "status": "done",
         "prefill_s": statistics.median(prefill),
-        "decode_step_s": statistics.median(steps) if steps else None,
+        "decode_step_s": step,
+        "decode_tokens_per_s": batch / step if step else None,
         "kv_bytes": memory.total_bytes,
+        "kv_read_bytes_per_step": read if read is not None and new_tokens else memory.total_bytes,
         "nominal_bits": memory.nominal_bits,
-        "method_parameters": method_parameters(method),
-        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "effective_bits": memory.effective_bits,
+        "peak_bytes": peak.peak_bytes,
+        "peak_kind": peak.kind,
     }
     if own_prefill:
         out["own_prefill_s"] = statistics.median(own_prefill)
         out["own_decode_step_s"] = statistics.median(own_steps)
-    if device.type == "cuda":
-        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
 
 
-def overhead_table(rows: list[dict[str, Any]], reference: str = "fp16") -> str:
-    """Markdown table of profile rows, times also as ratios to the ``reference`` method's row."""
-    ref = next((r for r in rows if r["method"] == reference), None)
-    lines = [
-        "| method | prefill ms | × ref | decode ms/step | × ref | own prefill ms | own decode ms/step "
-        "| added params | KV bytes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def profile_method(
+    model: torch.nn.Module,
+    method: KVCacheMethod,
+    contexts: Sequence[int] = (2048,),
+    batches: Sequence[int] = (1,),
+    new_tokens: int = 32,
+    repeats: int = 3,
+    seed: int = 0,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (context, batch): ``profile_setting`` plus what identifies it. Calibration (if
+    the method has one) runs once, on random tokens (speed does not depend on its values)."""
+    _check(contexts, batches, new_tokens, repeats)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    base = {
+        "method": method.label,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "attention": getattr(model.config, "_attn_implementation", None),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "calibration_s": 0.0,
+    }
+    _enable_own_timing(method)
+    rows = []
+    with AttachedMethod(model, method) as am:
+        base["method_parameters"] = method_parameters(method)  # MoQAE's routers exist once attached
+        if method.needs_calibration:
+            g = torch.Generator().manual_seed(seed + 1)
+            t0 = time.perf_counter()
+            window = torch.randint(0, model.config.vocab_size, (1, min(max(contexts), 512)), generator=g)
+            am.calibrate([window.to(device)])
+            base["calibration_s"] = time.perf_counter() - t0
+        for context in contexts:
+            for batch in batches:
+                row = {**base, "context": context, "batch": batch}
+                try:
+                    row.update(profile_setting(model, am, context, batch, new_tokens, repeats, seed))
+                except Exception as err:  # noqa: BLE001 - an OOM setting is a record, not a crash
+                    if not is_out_of_memory(err):
+                        raise
+                    row.update(status="oom", reason=" ".join(str(err).split())[:300])
+                    _release_freed_memory()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    return rows
 
-    def ms(x: float | None) -> str:
-        return "—" if x is None else f"{1000 * x:.2f}"
 
-    def ratio(x: float | None, key: str) -> str:
-        return "—" if x is None or ref is None or not ref.get(key) else f"{x / ref[key]:.3f}"
+def _check(contexts: Sequence[int], batches: Sequence[int], new_tokens: int, repeats: int) -> None:
+    if not contexts or min(contexts) < 1 or not batches or min(batches) < 1 or new_tokens < 0 or repeats < 1:
+        got = f"context={list(contexts)}, batch={list(batches)}, new_tokens={new_tokens}, repeats={repeats}"
+        raise ValueError(f"profile: need contexts >= 1, batches >= 1, new tokens >= 0, repeats >= 1 (got {got})")
 
+
+# --------------------------------------------------------------------------------------------
+# Ratios and tables
+# --------------------------------------------------------------------------------------------
+
+#: (row key, column title, unit scale, format) of the profile table; each also gets a ratio column.
+COLUMNS = (
+    ("prefill_s", "prefill ms", 1e3, "{:.1f}"),
+    ("decode_step_s", "decode ms/step", 1e3, "{:.2f}"),
+    ("decode_tokens_per_s", "tokens/s", 1.0, "{:.1f}"),
+    ("kv_bytes", "KV MiB", 2**-20, "{:.2f}"),
+    ("kv_read_bytes_per_step", "read MiB/step", 2**-20, "{:.2f}"),
+    ("peak_bytes", "peak MiB", 2**-20, "{:.1f}"),
+)
+
+
+def add_ratios(rows: list[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
+    """Add ``<key>_ratio`` = row / reference row of the same (context, batch) for each column."""
+    refs = {(r["context"], r["batch"]): r for r in rows if r["method"] == reference and r.get("status") == "done"}
     for r in rows:
-        own_p, own_d = r.get("own_prefill_s"), r.get("own_decode_step_s")
+        ref = refs.get((r.get("context"), r.get("batch")))
+        for key, *_ in COLUMNS:
+            a, b = r.get(key), (ref or {}).get(key)
+            r[f"{key}_ratio"] = a / b if a is not None and b else None
+    return rows
+
+
+def profile_table(rows: list[dict[str, Any]], reference: str = REFERENCE) -> str:
+    """Markdown table, one line per row, every figure followed by its ratio to ``reference``."""
+    add_ratios(rows, reference)
+    head = ["method", "context", "batch"]
+    for _, title, *_ in COLUMNS:
+        head += [title, f"× {reference}"]
+    head += ["own ms (prefill / step)", "added params"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        cells = [r["method"], str(r["context"]), str(r["batch"])]
+        if r.get("status") != "done":
+            cells += [f"**{r.get('status')}**"] + ["—"] * (len(head) - 4)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        for key, _, unit, fmt in COLUMNS:
+            v, q = r.get(key), r.get(f"{key}_ratio")
+            cells += ["—" if v is None else fmt.format(v * unit), "—" if q is None else f"{q:.3f}"]
+        own = r.get("own_prefill_s")
+        cells.append("—" if own is None else f"{1e3 * own:.1f} / {1e3 * r['own_decode_step_s']:.2f}")
         params = r["method_parameters"]
-        share = f" ({100 * params / r['model_parameters']:.3f} %)" if params else ""
-        lines.append(
-            f"| {r['method']} | {ms(r['prefill_s'])} | {ratio(r['prefill_s'], 'prefill_s')} "
-            f"| {ms(r['decode_step_s'])} | {ratio(r['decode_step_s'], 'decode_step_s')} "
-            f"| {ms(own_p)} | {ms(own_d)} | {params:,}{share} | {r['kv_bytes']:,} |"
-        )
+        cells.append(f"{params:,} ({100 * params / r['model_parameters']:.3f} %)" if params else "0")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_profile(rows: list[dict[str, Any]], path: Path, title: str = "") -> list[Path]:
+    """KV memory and decode latency against context length, one line per method (first batch
+    size), side by side; PNG and SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.get("status") == "done"]
+    if not done:
+        return []
+    batch = done[0]["batch"]
+    methods = list(dict.fromkeys(r["method"] for r in done))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (("kv_bytes", "KV cache held (MiB)", 2**-20), ("decode_step_s", "decode latency (ms / step)", 1e3))
+    for ax, (key, label, unit) in zip(axes, panels, strict=True):
+        for m in methods:
+            pts = sorted((r["context"], r[key] * unit) for r in done if r["method"] == m and r["batch"] == batch)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    where = f"{done[0]['model']}, {done[0]['device']}, {done[0]['dtype']}, batch {batch}"
+    fig.suptitle(f"{title} ({where})" if title else where, fontsize=10)
+    fig.tight_layout()
+    out = []
+    for suffix in (".png", ".svg"):
+        p = path.with_suffix(suffix)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(p, dpi=130)
+        out.append(p)
+    plt.close(fig)
+    return out
 
 
 def profile(
     methods: list[str],
     model: str,
-    prompt_len: int = 2048,
-    decode_steps: int = 32,
+    contexts: Sequence[int] = (2048,),
+    batches: Sequence[int] = (1,),
+    new_tokens: int = 32,
     repeats: int = 3,
     device: str | None = None,
     dtype: str | None = None,
+    reference: str = REFERENCE,
     progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Profile each method spec on one loaded model (alias, folder, hub id or a random ``*-shape``)."""
+    """Profile each method spec on one loaded model (alias, folder, hub id or a random ``*-shape``).
+
+    The ``reference`` method (fp16) is profiled first, added if missing, so that every ratio is
+    taken against a figure measured in the same process.
+    """
     from tqdm.auto import tqdm
 
     from harness.integration import model_info
     from harness.interface import build_method
     from harness.models import load_model, model_id
 
-    if prompt_len < 1 or decode_steps < 0 or repeats < 1:
-        got = f"{prompt_len}, {decode_steps}, {repeats}"
-        raise ValueError(f"profile: need prompt >= 1, decode >= 0, repeats >= 1 (got {got})")
-    objs = [build_method(m) for m in methods]
+    _check(contexts, batches, new_tokens, repeats)
+    specs = [reference] + [m for m in methods if m != reference]
+    objs = [build_method(m) for m in specs]
     lm, _ = load_model(model, device=device, dtype=dtype)
     info = model_info(lm)
     for m in objs:
         m.check_model(info)
-    rows = []
-    for m in tqdm(objs, desc="profile", disable=not progress):
-        row = profile_method(lm, m, prompt_len, decode_steps, repeats)
-        row.update(model=model_id(model), dtype=str(info.dtype).removeprefix("torch."))
+    rows: list[dict[str, Any]] = []
+
+    def tag(row: dict[str, Any]) -> None:
+        row["model"] = model_id(model)
         rows.append(row)
-    return rows
+        if on_row is not None:
+            on_row(row)
+
+    for m in tqdm(objs, desc="profile", disable=not progress):
+        profile_method(lm, m, contexts, batches, new_tokens, repeats, on_row=tag)
+    return add_ratios(rows, reference)

@@ -57,8 +57,10 @@ class FullPrecisionSeq:
         self.data = self.data.contiguous() if self.data.shape[TOKEN_DIM] else None
         return front
 
-    def read(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.data is None else self.data.to(dtype)
+    def read(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.data is None:
+            return None
+        return self.data.to(dtype) if out is None else out.copy_(self.data)
 
     def memory(self) -> MemoryReport:
         return held_memory(self.data)
@@ -92,8 +94,8 @@ class QuantizedSeq:
         part = quantize(x, self.bits, self.group, self.axis, self.symmetric)
         self.q = part if self.q is None else QuantizedTensor.cat([self.q, part], dim=TOKEN_DIM)
 
-    def read(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.q is None else self.q.dequantize(dtype)
+    def read(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        return None if self.q is None else self.q.dequantize(dtype, out=out)
 
     def memory(self) -> MemoryReport:
         return held_memory(self.q)
@@ -104,6 +106,23 @@ class QuantizedSeq:
 
 
 Seq = FullPrecisionSeq | QuantizedSeq
+
+
+def read_tokens(seqs: list[Seq], dtype: torch.dtype) -> torch.Tensor | None:
+    """The tokens of ``seqs`` in order, as one [B, H, T, D] tensor of ``dtype``: each sequence
+    writes its reconstruction straight into its slice (no per-part tensors, no concatenation copy)."""
+    present = [s for s in seqs if s.length]
+    if len(present) <= 1:
+        return present[0].read(dtype) if present else None
+    first = present[0].data if isinstance(present[0], FullPrecisionSeq) else present[0].q.codes
+    b, h, _, _ = first.shape
+    d = present[0].data.shape[-1] if isinstance(present[0], FullPrecisionSeq) else present[0].q.shape[-1]
+    out = torch.empty(b, h, sum(s.length for s in present), d, dtype=dtype, device=first.device)
+    start = 0
+    for s in present:
+        s.read(dtype, out=out[..., start : start + s.length, :])
+        start += s.length
+    return out
 
 
 def cat_tokens(parts: list[torch.Tensor | None]) -> torch.Tensor:

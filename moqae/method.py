@@ -40,7 +40,7 @@ from harness.interface import (
     register_method,
 )
 from harness.quant import SUPPORTED_BITS, QuantizedTensor, fake_quantize, quantize
-from harness.storage import FullPrecisionSeq, cat_tokens, held_memory
+from harness.storage import FullPrecisionSeq, held_memory
 from moqae.router import RouterBank, chunk_votes
 
 FP16_BITS = 16
@@ -104,6 +104,16 @@ class Chunk:
     expert: int
     k: QuantizedTensor | torch.Tensor  # [1, H, N, D] codes or fp16
     v: QuantizedTensor | torch.Tensor
+
+
+def _read_parts(
+    parts: list[QuantizedTensor | torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Chunks of one expert ([1, H, N, D] each, same layout), concatenated along tokens and read."""
+    if isinstance(parts[0], QuantizedTensor):
+        return QuantizedTensor.cat(parts, dim=-2).dequantize(dtype, out=out)
+    x = torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+    return x.to(dtype) if out is None else out.copy_(x)
 
 
 class MoQAEStore(LayerStore):
@@ -229,18 +239,36 @@ class MoQAEStore(LayerStore):
                 self._store(row, int(experts[row]), k[row : row + 1].float(), v[row : row + 1].float())
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = [], []
-        for row_chunks in self.chunks:
-            ks = [c.k.dequantize(dtype) if isinstance(c.k, QuantizedTensor) else c.k.to(dtype) for c in row_chunks]
-            vs = [c.v.dequantize(dtype) if isinstance(c.v, QuantizedTensor) else c.v.to(dtype) for c in row_chunks]
-            keys.append(torch.cat(ks, dim=-2) if ks else None)
-            values.append(torch.cat(vs, dim=-2) if vs else None)
-        bk, bv = self.buf_k.read(dtype), self.buf_v.read(dtype)
-        if keys and keys[0] is not None:
-            k = cat_tokens([torch.cat(keys, dim=0), bk])
-            v = cat_tokens([torch.cat(values, dim=0), bv])
-            return k, v
-        return bk, bv
+        """[chunks in order | fp16 buffer] as [B, H, T, D]. The chunks of one expert are read
+        together (one concatenation of their codes, one dequantization, one indexed copy into
+        their token positions) rather than chunk by chunk, so the cost does not grow with the
+        number of chunks' small operations."""
+        n_chunks = len(self.chunks[0]) if self.chunks else 0
+        if not n_chunks:
+            return self.buf_k.read(dtype), self.buf_v.read(dtype)
+        n, buf = self.cfg.chunk, self.buf_k.length
+        first = self.chunks[0][0].k
+        b, h = len(self.chunks), first.shape[1]
+        device = first.codes.device if isinstance(first, QuantizedTensor) else first.device
+        shape = (b, h, n_chunks * n + buf, self.info.head_dim)
+        out_k = torch.empty(shape, dtype=dtype, device=device)
+        out_v = torch.empty(shape, dtype=dtype, device=device)
+        for row, row_chunks in enumerate(self.chunks):
+            by_expert: dict[int, list[int]] = {}
+            for i, c in enumerate(row_chunks):
+                by_expert.setdefault(c.expert, []).append(i)
+            for idx in by_expert.values():
+                for out, parts in ((out_k, [row_chunks[i].k for i in idx]), (out_v, [row_chunks[i].v for i in idx])):
+                    target = out[row : row + 1]
+                    if len(idx) == n_chunks:  # one expert holds every chunk: write in place
+                        _read_parts(parts, dtype, target[..., : n_chunks * n, :])
+                    else:
+                        tok = (torch.tensor(idx, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
+                        target.index_copy_(-2, tok, _read_parts(parts, dtype))
+        if buf:
+            self.buf_k.read(dtype, out=out_k[..., n_chunks * n :, :])
+            self.buf_v.read(dtype, out=out_v[..., n_chunks * n :, :])
+        return out_k, out_v
 
     def memory(self) -> MemoryReport:
         r = self.buf_k.memory()

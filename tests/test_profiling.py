@@ -9,7 +9,7 @@ import pytest
 from harness.cli import main
 from harness.interface import build_method
 from harness.models import tiny_random_model
-from harness.profiling import overhead_table, profile_method
+from harness.profiling import PeakMemory, add_ratios, is_out_of_memory, profile_method, profile_table
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +18,12 @@ def model():
 
 
 def test_profile_fp16_and_moqae(model):
-    fp16 = profile_method(model, build_method("fp16"), prompt_len=96, decode_steps=3, repeats=1)
-    moqae = profile_method(model, build_method("moqae:ckpt=random"), prompt_len=96, decode_steps=3, repeats=1)
-    assert fp16["prefill_s"] > 0 and fp16["decode_step_s"] > 0 and fp16["method_parameters"] == 0
-    assert "own_prefill_s" not in fp16
+    (fp16,) = profile_method(model, build_method("fp16"), contexts=[96], new_tokens=3, repeats=1)
+    (moqae,) = profile_method(model, build_method("moqae:ckpt=random"), contexts=[96], new_tokens=3, repeats=1)
+    assert fp16["status"] == "done" and fp16["prefill_s"] > 0 and fp16["decode_step_s"] > 0
+    assert fp16["decode_tokens_per_s"] == pytest.approx(1 / fp16["decode_step_s"])
+    assert fp16["method_parameters"] == 0 and "own_prefill_s" not in fp16
+    assert fp16["dtype"] == "float32" and fp16["device"] == "cpu" and fp16["attention"] == "sdpa"
     cfg = model.config
     d, e = cfg.hidden_size, 3
     n_routers = len(range(0, cfg.num_hidden_layers, 3))  # routing sharing: one router per group of 3
@@ -30,8 +32,48 @@ def test_profile_fp16_and_moqae(model):
     assert 0 < moqae["own_decode_step_s"] < moqae["decode_step_s"]
     n = cfg.num_hidden_layers * cfg.num_key_value_heads * (96 + 3) * (cfg.hidden_size // cfg.num_attention_heads)
     assert fp16["kv_bytes"] == 2 * 2 * n  # K and V, fp16, after prefill + 3 decode steps
-    table = overhead_table([fp16, moqae])
-    assert "| fp16 |" in table and "| moqae:ckpt=random |" in table and "1.000" in table
+    assert fp16["kv_read_bytes_per_step"] == fp16["kv_bytes"]  # fp16 reads everything it holds
+    for r in (fp16, moqae):
+        r["model"] = "tiny"
+    add_ratios([fp16, moqae])
+    assert fp16["kv_bytes_ratio"] == 1.0 and moqae["kv_bytes_ratio"] == moqae["kv_bytes"] / fp16["kv_bytes"]
+    table = profile_table([fp16, moqae])
+    assert "| fp16 | 96 | 1 |" in table and "| moqae:ckpt=random |" in table and "1.000" in table
+
+
+def test_settings_batches_and_contexts(model):
+    rows = profile_method(model, build_method("int4"), contexts=[32, 64], batches=[1, 2], new_tokens=2, repeats=1)
+    assert [(r["context"], r["batch"]) for r in rows] == [(32, 1), (32, 2), (64, 1), (64, 2)]
+    by = {(r["context"], r["batch"]): r["kv_bytes"] for r in rows}
+    assert by[(32, 2)] == 2 * by[(32, 1)] and by[(64, 1)] > by[(32, 1)]  # bytes held scale with B and T
+
+
+def test_out_of_memory_setting_is_a_record(model, monkeypatch):
+    import harness.profiling as prof
+
+    real = prof.profile_setting
+
+    def fake(model, attached, context, *a, **k):
+        if context > 40:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+        return real(model, attached, context, *a, **k)
+
+    monkeypatch.setattr(prof, "profile_setting", fake)
+    rows = profile_method(model, build_method("fp16"), contexts=[32, 64], new_tokens=1, repeats=1)
+    assert [r["status"] for r in rows] == ["done", "oom"] and "allocate" in rows[1]["reason"]
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("shape mismatch"))
+    for r in rows:
+        r["model"] = "tiny"
+    assert "**oom**" in profile_table(rows)
+
+
+def test_peak_memory_sees_an_allocation():
+    import torch
+
+    with PeakMemory(torch.device("cpu")) as peak:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    assert peak.peak_bytes is not None and peak.peak_bytes >= 48 * 2**20
 
 
 def test_router_timing_only_while_profiled(model):
@@ -47,10 +89,12 @@ def test_router_timing_only_while_profiled(model):
 
 def test_profile_cli_writes_rows(tmp_path, capsys):
     out = tmp_path / "prof.json"
-    argv = ["profile", "--methods", "fp16,int4", "--model", "tiny-llama", "--prompt", "64", "--decode", "2"]
+    argv = ["profile", "--methods", "int4", "--model", "tiny-llama", "--context", "32,64", "--new-tokens", "2"]
     assert main([*argv, "--repeats", "1", "--out", str(out), "--no-progress"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["fp16", "int4"]
-    assert rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
-    assert main(["profile", "--methods", "fp16", "--model", "tiny-llama", "--prompt", "0"]) == 2
+    assert [(r["method"], r["context"]) for r in rows] == [("fp16", 32), ("fp16", 64), ("int4", 32), ("int4", 64)]
+    assert rows[2]["kv_bytes"] < rows[0]["kv_bytes"] and 0 < rows[2]["kv_bytes_ratio"] < 0.5
+    assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists() and out.with_suffix(".svg").exists()
+    assert main(["profile", "--methods", "fp16", "--model", "tiny-llama", "--context", "0"]) == 2
     assert capsys.readouterr().err.startswith("error:")
+    assert main(["profile", "--methods", "fp16", "--model", "tiny-llama", "--batch", "x"]) == 2

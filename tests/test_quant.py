@@ -112,3 +112,33 @@ def test_fewer_bits_more_error_on_real_kv(stories_kv):
     for x in (keys, values):
         errs = [(fake_quantize(x, b, x.shape[-1]) - x).pow(2).mean().item() for b in (8, 4, 2)]
         assert errs[0] < errs[1] < errs[2], errs
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_unpack_to_float_equals_unpack_then_convert(bits, dtype):
+    from harness.quant import unpack_to_float
+
+    packed = torch.arange(256, dtype=torch.uint8).reshape(2, 2, 64)  # every byte value
+    for offset in (0, 2 ** (bits - 1)):
+        want = unpack_bits(packed, bits).to(dtype) - offset
+        got = unpack_to_float(packed, bits, dtype, offset)
+        assert got.dtype == dtype and torch.equal(got, want)
+    assert unpack_to_float(packed[:, :, :0], bits, dtype).shape == (2, 2, 0)
+
+
+@pytest.mark.parametrize("axis,group", [(-2, 4), (-1, 8)])
+def test_dequantize_into_a_slice_and_read_tokens(axis, group):
+    from harness.storage import FullPrecisionSeq, QuantizedSeq, read_tokens
+
+    x = torch.randn(2, 3, 12, 16)
+    q = quantize(x[..., :8, :], 4, group, axis)
+    out = torch.full((2, 3, 12, 16), float("nan"))
+    q.dequantize(torch.float32, out=out[..., 2:10, :])
+    assert torch.equal(out[..., 2:10, :], q.dequantize(torch.float32)) and out[..., :2, :].isnan().all()
+    seq_q, seq_fp = QuantizedSeq(4, group, axis), FullPrecisionSeq()
+    seq_q.append(x[..., :8, :])
+    seq_fp.append(x[..., 8:, :])
+    got = read_tokens([seq_q, seq_fp], torch.float32)
+    assert torch.equal(got, torch.cat([seq_q.read(torch.float32), seq_fp.read(torch.float32)], dim=-2))
+    assert read_tokens([QuantizedSeq(4, group, axis)], torch.float32) is None
