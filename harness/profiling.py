@@ -3,7 +3,8 @@
 For each method and each (context, batch) setting, on one model and the same random prompt (speed
 and memory do not depend on token or weight values, so random-weight ``*-shape`` models serve):
 
-* ``prefill_s`` — median wall time of the prefill of ``context`` tokens into a fresh cache;
+* ``prefill_s`` — median wall time of the prefill of ``context`` tokens into a fresh cache (logits
+  of the last position only, as ``generate`` computes them);
 * ``decode_step_s`` — median wall time of one greedy decode step (``new_tokens`` steps per round,
   the first round of each setting is a warm-up and not timed); ``decode_tokens_per_s`` =
   batch / ``decode_step_s``;
@@ -16,7 +17,8 @@ and memory do not depend on token or weight values, so random-weight ``*-shape``
 * ``calibration_s`` (KVQuant, KVmix) and ``own_prefill_s`` / ``own_decode_step_s`` (MoQAE's
   routers, timed only while profiled) where a method has such parts.
 
-CUDA is synchronised around every timed region. A setting that runs out of memory gives a record
+CUDA is synchronised around every timed region; one untimed prefill + step runs before the first
+setting so that the process's one-time costs are not counted in it. A setting that runs out of memory gives a record
 with ``status: "oom"`` and the sweep goes on. Rows name the device, dtype and attention kernel.
 
 ``python -m harness profile --methods fp16,int4,kivi-2 --model smollm2-135m --context 1024,4096
@@ -157,7 +159,7 @@ def profile_setting(
             own0 = _own_seconds(method)
             _sync(device)
             t0 = time.perf_counter()
-            logits = forward(model, ids, cache).logits
+            logits = forward(model, ids, cache, logits_to_keep=1).logits  # as generate: last position only
             _sync(device)
             t_prefill = time.perf_counter() - t0
             own1 = _own_seconds(method)
@@ -387,6 +389,13 @@ def profile(
         if on_row is not None:
             on_row(row)
 
+    # One untimed, unrecorded prefill + decode step first: the process's one-time costs (thread
+    # pools, kernel caches, lazy initialisation) must not land in the first setting's figures.
+    with AttachedMethod(lm, build_method(reference)) as am, torch.no_grad():
+        cache = am.new_cache()
+        forward(lm, torch.zeros(1, min(contexts), dtype=torch.long, device=lm.device), cache, logits_to_keep=1)
+        forward(lm, torch.zeros(1, 1, dtype=torch.long, device=lm.device), cache, logits_to_keep=1)
+        del cache
     for m in tqdm(objs, desc="profile", disable=not progress):
         profile_method(lm, m, contexts, batches, new_tokens, repeats, on_row=tag)
     return add_ratios(rows, reference)
