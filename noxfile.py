@@ -35,6 +35,17 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Micro-benchmarks of the quantized-cache primitives (tests/bench, pytest-benchmark): quantize+pack,
+    unpack+dequantize, decode attention (dequantize-then-attend, from codes, Triton on CUDA); prints
+    achieved GB/s and the ratio to the torch reference. Extra arguments go to pytest (e.g.
+    ``-- --benchmark-json bench.json``)."""
+    install(session)
+    session.run("pytest", "tests/bench", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+                "--benchmark-columns=min,median,iqr,rounds", "--benchmark-sort=name", *session.posargs)  # fmt: skip
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")

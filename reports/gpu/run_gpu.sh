@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# GPU checks for issue 6 (fast quantized-cache kernels), prepared to run in under 8 minutes on one
+# H100/H200 with this repository checked out and a Python that has torch (CUDA), triton and the
+# project installed (`pip install -e '.[dev]'`); the machine needs no network.
+#
+#   bash reports/gpu/run_gpu.sh            # results under ${OUT:-reports/gpu/out}
+#
+# Steps (each capped by `timeout`, each exit status in $OUT/status.txt; a failing step does not
+# stop the next):
+#   1. tests/test_kernels.py -m gpu: the compiled Triton kernels against torch on CUDA  (<= 90 s)
+#   2. python -m harness profile ... llama-2-7b-shape, contexts 4096 and 32768, batch 8 (<= 250 s;
+#      the CLI writes its JSON after every setting, so a cut keeps the finished rows; OOM settings
+#      are recorded as such)
+#   3. pytest tests/bench --benchmark-only: quantize+pack, unpack+dequant and decode attention
+#      (dequantize-then-attend, from codes, Triton), GB/s and ratios              (<= 110 s)
+# Caps: GPU_TESTS_TIMEOUT, PROFILE_TIMEOUT, BENCH_TIMEOUT (seconds).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-reports/gpu/out}"
+PYTHON="${PYTHON:-python}"
+mkdir -p "$OUT"
+unset TRITON_INTERPRET  # compiled kernels, not the interpreter
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+status="$OUT/status.txt"
+: > "$status"
+start=$SECONDS
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record the exit status
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (<= ${limit}s): $*"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=15 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    local rc=$?
+    echo "$name rc=$rc ${limit}s-cap $((SECONDS - t0))s" | tee -a "$status"
+}
+
+{
+    date -u +%FT%TZ
+    git rev-parse HEAD 2>/dev/null
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    "$PYTHON" - <<'PY'
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:  # the kernels' steps will skip or fail; the profile still runs
+    print("triton not importable:", e)
+PY
+} 2>&1 | tee "$OUT/env.txt"
+
+step gpu_tests "${GPU_TESTS_TIMEOUT:-90}" \
+    "$PYTHON" -m pytest tests/test_kernels.py -m gpu -q -ra -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml"
+
+step profile "${PROFILE_TIMEOUT:-250}" \
+    "$PYTHON" -m harness profile --methods fp16,kivi-2,int4,moqae --model llama-2-7b-shape \
+    --context 4096,32768 --batch 8 --new-tokens 32 --device cuda --dtype fp16 \
+    --out "$OUT/profile_gpu.json" --no-progress
+
+step bench "${BENCH_TIMEOUT:-110}" \
+    "$PYTHON" -m pytest tests/bench --benchmark-only -q -p no:cacheprovider \
+    --benchmark-max-time=0.5 --benchmark-min-rounds=5 --benchmark-sort=name \
+    --benchmark-columns=min,median,iqr,rounds --benchmark-json "$OUT/bench.json"
+
+echo "total $((SECONDS - start))s" | tee -a "$status"
+ls -l "$OUT"
