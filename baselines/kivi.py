@@ -55,8 +55,9 @@ from harness.interface import (
     register_method,
     register_variant,
 )
+from harness.kernels import decode_attention_over
 from harness.quant import SUPPORTED_BITS
-from harness.storage import TOKEN_DIM, FullPrecisionSeq, QuantizedSeq, read_tokens
+from harness.storage import TOKEN_DIM, FullPrecisionSeq, QuantizedSeq, held_parts, read_tokens
 
 
 @dataclass
@@ -138,6 +139,12 @@ class KIVIStore(LayerStore):
             return empty, empty.clone()
         return k, read_tokens([self.v_q, self.v_fp], dtype)
 
+    def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+        """Decode attention from [quantized | fp16] keys and values without dequantizing the history
+        (``harness.kernels.decode_attention_over``; the two windows split at different tokens)."""
+        keys, values = held_parts([self.k_q, self.k_fp]), held_parts([self.v_q, self.v_fp])
+        return decode_attention_over(query, keys, values, scaling, mask)
+
     def memory(self) -> MemoryReport:
         r = MemoryReport()
         for seq in (self.k_q, self.k_fp, self.v_q, self.v_fp):
@@ -154,6 +161,7 @@ class KIVI(KVCacheMethod):
     """KIVI (arXiv 2402.02750): per-channel keys, per-token values, fp16 residual window."""
 
     config_class = KIVIConfig
+    decode_from_codes = True  # decode steps attend from the codes (KIVIStore.attend)
 
     def check_model(self, info: ModelInfo) -> None:
         c = self.config

@@ -71,6 +71,7 @@ class Uniform(KVCacheMethod):
     """Uniform per-token INT-N quantization of keys and values (group = head_dim by default)."""
 
     config_class = UniformConfig
+    decode_from_codes = True  # decode steps attend from the codes (SeqPairStore.attend)
 
     def check_model(self, info: ModelInfo) -> None:
         group = self.config.group or info.head_dim

@@ -124,6 +124,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     rows = profile(
         split_specs(args.methods), args.model, contexts, batches, args.new_tokens, args.repeats,
         device=args.device, dtype=args.dtype, reference=args.reference, progress=not args.no_progress, on_row=save,
+        compare_reads=args.compare_reads,
     )  # fmt: skip
     table = profile_table(rows, reference=args.reference)
     print(table)
@@ -168,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--context", "--prompt", action="append", help="comma-separated context lengths (2048)")
     prof.add_argument("--batch", action="append", help="comma-separated batch sizes (1)")
     prof.add_argument("--new-tokens", "--decode", type=int, default=32, help="decode steps timed per round")
+    prof.add_argument(
+        "--compare-reads", action="store_true",
+        help="also profile dequantize-then-attend decode for methods that attend from their codes",
+    )  # fmt: skip
     prof.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
     prof.add_argument("--reference", default="fp16", help="method the ratios are taken against")
     prof.add_argument("--device", default=None)

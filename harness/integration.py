@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -113,6 +114,8 @@ class _SignalBoard:
     def __init__(self) -> None:
         self.pending: dict[int, dict[str, torch.Tensor]] = {}
         self.cache: HarnessCache | None = None
+        self.from_codes = False  # decode steps of this method attend from the codes
+        self.deferred: set[int] = set()  # layers whose decode attention the store computes
 
     def put(self, layer_idx: int, key: str, value: torch.Tensor) -> None:
         self.pending.setdefault(layer_idx, {})[key] = value
@@ -154,6 +157,13 @@ class HarnessLayer(DynamicLayer):
             is_prefill=start == 0,
         )
         dtype = key_states.dtype
+        if self.board.from_codes and n_new == 1 and start > 0:
+            # Decode step: the store attends from what it holds (``_harness_attention`` calls
+            # ``store.attend``); the returned tensors are placeholders that attention never reads.
+            self.store.append(key_states, value_states, obs)
+            self.store.seq_len = start + n_new
+            self.board.deferred.add(self.store.layer_idx)
+            return key_states, value_states
         if not self.quantize_prefill and n_new > 1:
             # Full-precision attention over the new tokens, history read from the store.
             past = self.store.read(dtype) if start else None
@@ -226,6 +236,15 @@ class HarnessCache(Cache):
             total += store.memory()
         return total
 
+    def read_bytes(self) -> int:
+        """Bytes the latest forward read from the cache, summed over layers: each store's
+        ``last_read_bytes()``, or the bytes it holds where that is None (it reads everything)."""
+        total = 0
+        for store in self.stores:
+            n = store.last_read_bytes()
+            total += store.memory().total_bytes if n is None else n
+        return total
+
 
 # --------------------------------------------------------------------------------------------
 # Attaching a method to a model
@@ -263,12 +282,17 @@ def _harness_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     board, original, signals = _BOARDS[id(module.config)]
+    cache = board.cache
+    if cache is not None and module.layer_idx in board.deferred:
+        board.deferred.discard(module.layer_idx)
+        scaling = kwargs.get("scaling") or module.head_dim**-0.5
+        out = cache.layers[module.layer_idx].store.attend(query, scaling, attention_mask)  # [B, H, 1, D]
+        return out.transpose(1, 2).contiguous(), None
     fn = ALL_ATTENTION_FUNCTIONS[original] if original != "eager" else None
     if fn is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward as fn
     out = fn(module, query, key, value, attention_mask, **kwargs)
-    cache = board.cache
-    if cache is not None:
+    if cache is not None and "attention" in signals:
         scaling = kwargs.get("scaling") or module.head_dim**-0.5
         probs = attention_probs(query, key, attention_mask, scaling)
         cache.layers[module.layer_idx].store.observe_attention(query, probs)
@@ -282,7 +306,7 @@ class AttachedMethod:
     undo any weight folding (``KVCacheMethod.detach``).
     """
 
-    def __init__(self, model: torch.nn.Module, method: KVCacheMethod):
+    def __init__(self, model: torch.nn.Module, method: KVCacheMethod, from_codes: bool | None = None):
         self.model, self.method = model, method
         self.info = model_info(model)
         unknown = set(method.signals) - SIGNALS
@@ -291,6 +315,10 @@ class AttachedMethod:
         method.check_model(self.info)
         method.info = self.info
         self.board = _SignalBoard()
+        if from_codes is None:
+            from_codes = os.environ.get("MOQAE_DECODE_FROM_CODES", "1") not in ("0", "false", "no")
+        # A method that observes attention probabilities (MiKV) needs the normal attention path.
+        self.board.from_codes = bool(from_codes and method.decode_from_codes and "attention" not in method.signals)
         self._handles: list[Any] = []
         self._original_attn: str | None = None
         self._attached = False
@@ -322,6 +350,8 @@ class AttachedMethod:
                     raise UnsupportedModelError(f"{self.info.family}: layer {i} has no input_layernorm")
                 self._handles.append(norm.register_forward_hook(self._block_input_hook(i)))
         if "attention" in method.signals:
+            self._install_attention()
+        elif self.board.from_codes:
             self._install_attention()
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -387,6 +417,7 @@ class AttachedMethod:
         cache = HarnessCache(self.method, self.info, self.board)
         self.board.cache = cache
         self.board.pending.clear()
+        self.board.deferred.clear()
         return cache
 
     def calibrate(self, batches: Iterable[torch.Tensor]) -> None:

@@ -170,6 +170,17 @@ class LayerStore(ABC):
         """Per-layer counters a method reports (e.g. MoQAE's chunks per expert); summed over windows."""
         return {}
 
+    def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+        """One decode step of attention straight from what is held (no dequantized history):
+        query [B, H, 1, D] -> output [B, H, 1, D]. Only called on stores whose method sets
+        ``KVCacheMethod.decode_from_codes``; ``mask`` is transformers' attention mask or None."""
+        raise NotImplementedError(f"{type(self).__name__} cannot attend from its codes")
+
+    def last_read_bytes(self) -> int | None:
+        """Bytes the latest ``read`` fetched, for methods that read less than they hold (AlignedKV's
+        partial reads of fp16 values). None (the default) means everything held was read."""
+        return None
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder the batch (beam search). Methods that support it override this."""
         raise NotImplementedError(f"{type(self).__name__} does not support batch reordering (beam search)")
@@ -201,6 +212,9 @@ class KVCacheMethod(ABC):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     #: signals from ``SIGNALS`` this method needs; hooks are installed for these only
     signals: ClassVar[frozenset[str]] = frozenset()
+    #: its stores implement ``LayerStore.attend``: decode steps attend from the codes (see
+    #: ``harness.integration``; ``MOQAE_DECODE_FROM_CODES=0`` turns it off for comparison)
+    decode_from_codes: ClassVar[bool] = False
     #: registry name, set by ``register_method``
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""

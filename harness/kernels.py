@@ -686,3 +686,119 @@ def decode_bytes(
     (codes, scales, zeros, fp16 tails), for achieved-bandwidth figures."""
     n = 2 * q.numel() * q.element_size()
     return n + sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Decode attention over any mix of quantized / fp16 sequences (the CPU path the stores use)
+# --------------------------------------------------------------------------------------------
+
+
+def _codes(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unpacked codes as floats, minus the symmetric offset: [B, H_kv, T, D]."""
+    return unpack_to_float(qt.codes, qt.bits, dtype, 2 ** (qt.bits - 1) if qt.zero is None else 0)
+
+
+def scores_from_codes(qg: torch.Tensor, k: QuantizedTensor) -> torch.Tensor:
+    """q·k̂ for quantized keys without dequantizing them: qg [B, H_kv, R, D] (queries of the R = n_rep
+    heads that share a KV head, already scaled) -> [B, H_kv, R, T].
+
+    Per channel (``axis=-2``, groups of G tokens): Σ_d (q_d·s_{k,d})·c_{t,d} + Σ_d q_d·z_{k,d},
+    k = t // G. Per token (``axis=-1``, groups of G channels): Σ_g s_{t,g}·(Σ_{j∈g} q_j·c_{t,j})
+    + Σ_g z_{t,g}·Σ_{j∈g} q_j. Scales/zeros are applied to the small side of the product.
+    """
+    dtype = qg.dtype
+    c = _codes(k, dtype)
+    b, h, t, d = c.shape
+    r, g = qg.shape[2], k.group
+    s = k.scale.to(dtype)
+    z = None if k.zero is None else k.zero.to(dtype)
+    if k.axis % 4 == 2:  # per channel: s, z [B, H_kv, T/G, D]
+        qs = qg.unsqueeze(2) * s.unsqueeze(3)  # [B, H_kv, T/G, R, D]
+        out = torch.matmul(c.view(b, h, t // g, g, d), qs.transpose(-1, -2))  # [B, H_kv, T/G, G, R]
+        if z is not None:
+            out += torch.matmul(z, qg.transpose(-1, -2)).unsqueeze(3)  # [B, H_kv, T/G, 1, R]
+        return out.view(b, h, t, r).transpose(-1, -2)
+    ng = d // g  # per token: s, z [B, H_kv, T, D/G]
+    if ng == 1:
+        out = torch.matmul(qg, c.transpose(-1, -2)) * s.transpose(-1, -2)  # [B, H_kv, R, T]
+        if z is not None:
+            out += qg.sum(-1, keepdim=True) * z.transpose(-1, -2)
+        return out
+    part = torch.einsum("bhtgj,bhrgj->bhrtg", c.view(b, h, t, ng, g), qg.view(b, h, r, ng, g))
+    out = (part * s.unsqueeze(2)).sum(-1)
+    if z is not None:
+        out += torch.einsum("bhtg,bhrg->bhrt", z, qg.view(b, h, r, ng, g).sum(-1))
+    return out
+
+
+def mix_from_codes(p: torch.Tensor, v: QuantizedTensor) -> torch.Tensor:
+    """Σ_t p_t·v̂_t for quantized values without dequantizing them: p [B, H_kv, R, T] -> [B, H_kv, R, D].
+
+    Per token (``axis=-1``): Σ_t (p_t·s_{t,g})·c_{t,j} + Σ_t p_t·z_{t,g} for channel j in group g.
+    Per channel (``axis=-2``, groups of G tokens): Σ_k s_{k,d}·(Σ_{t∈k} p_t·c_{t,d}) + Σ_k z_{k,d}·Σ_{t∈k} p_t.
+    """
+    dtype = p.dtype
+    c = _codes(v, dtype)
+    b, h, t, d = c.shape
+    r, g = p.shape[2], v.group
+    s = v.scale.to(dtype)
+    z = None if v.zero is None else v.zero.to(dtype)
+    if v.axis % 4 == 2:  # per channel: s, z [B, H_kv, T/G, D]
+        pk = p.reshape(b, h, r, t // g, g).transpose(2, 3)  # [B, H_kv, T/G, R, G]
+        part = torch.matmul(pk, c.view(b, h, t // g, g, d))  # [B, H_kv, T/G, R, D]
+        out = (part * s.unsqueeze(3)).sum(2)
+        if z is not None:
+            out += torch.matmul(pk.sum(-1).transpose(-1, -2), z)  # [B, H_kv, R, T/G] @ [.., T/G, D]
+        return out
+    ng = d // g  # per token: s, z [B, H_kv, T, D/G]
+    if ng == 1:
+        out = torch.matmul(p * s.transpose(-1, -2), c)
+    else:
+        ps = p.unsqueeze(-1) * s.unsqueeze(2)  # [B, H_kv, R, T, D/G]
+        out = torch.einsum("bhrtg,bhtgj->bhrgj", ps, c.view(b, h, t, ng, g)).reshape(b, h, r, d)
+    if z is not None:
+        out += torch.matmul(p, z).repeat_interleave(g, dim=-1)  # [B, H_kv, R, D/G] -> [.., D]
+    return out
+
+
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None, h_kv: int) -> torch.Tensor:
+    """Apply a transformers attention mask ([B, 1 or H, 1, T] bool or additive) to scores [B, H_kv, R, T]."""
+    if mask is None:
+        return scores
+    b, _, r, t = scores.shape
+    m = mask[..., -1:, :t]  # the decode query's row
+    m = m.expand(b, h_kv * r, 1, t).reshape(b, h_kv, r, t) if m.shape[1] != 1 else m.reshape(b, 1, 1, t)
+    return scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.to(scores.dtype)
+
+
+def decode_attention_over(
+    query: torch.Tensor,
+    keys: list[QuantizedTensor | torch.Tensor],
+    values: list[QuantizedTensor | torch.Tensor],
+    scaling: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step of attention over a history held as sequences in token order: ``keys`` and
+    ``values`` are lists of QuantizedTensor / fp16 tensors [B, H_kv, T_i, D] (the two lists may
+    split the history at different points, as KIVI's windows do). query [B, H, 1, D] ->
+    attention output [B, H, 1, D]. Quantized parts are attended from their codes
+    (``scores_from_codes`` / ``mix_from_codes``): no dequantized history is materialised."""
+    b, h, _, d = query.shape
+    first = keys[0]
+    h_kv = (first.codes if isinstance(first, QuantizedTensor) else first).shape[1]
+    dtype = torch.float32 if query.device.type == "cpu" else query.dtype  # CPU: fp32 matmuls
+    qg = query.reshape(b, h_kv, h // h_kv, d).to(dtype) * scaling
+    parts = [
+        scores_from_codes(qg, k) if isinstance(k, QuantizedTensor) else torch.matmul(qg, k.to(dtype).transpose(-1, -2))
+        for k in keys
+    ]
+    scores = _masked(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1), mask, h_kv)
+    p = torch.softmax(scores, dim=-1)  # [B, H_kv, R, T]
+    out, start = None, 0
+    for v in values:
+        n = v.shape[-2]
+        pv = p[..., start : start + n]
+        o = mix_from_codes(pv, v) if isinstance(v, QuantizedTensor) else torch.matmul(pv, v.to(dtype))
+        out = o if out is None else out + o
+        start += n
+    return out.reshape(b, h, 1, d).to(query.dtype)

@@ -212,14 +212,17 @@ def profile_method(
     repeats: int = 3,
     seed: int = 0,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    from_codes: bool | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (context, batch): ``profile_setting`` plus what identifies it. Calibration (if
-    the method has one) runs once, on random tokens (speed does not depend on its values)."""
+    the method has one) runs once, on random tokens (speed does not depend on its values).
+    ``from_codes=False`` makes decode steps dequantize the history and run the model's attention
+    (the row's method is then labelled ``<method> [dequantize]``)."""
     _check(contexts, batches, new_tokens, repeats)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     base = {
-        "method": method.label,
+        "method": method.label + (" [dequantize]" if from_codes is False and method.decode_from_codes else ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "attention": getattr(model.config, "_attn_implementation", None),
@@ -230,7 +233,8 @@ def profile_method(
     }
     _enable_own_timing(method)
     rows = []
-    with AttachedMethod(model, method) as am:
+    with AttachedMethod(model, method, from_codes=from_codes) as am:
+        base["decode_from_codes"] = am.board.from_codes
         base["method_parameters"] = method_parameters(method)  # MoQAE's routers exist once attached
         if method.needs_calibration:
             g = torch.Generator().manual_seed(seed + 1)
@@ -366,11 +370,13 @@ def profile(
     reference: str = REFERENCE,
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    compare_reads: bool = False,
 ) -> list[dict[str, Any]]:
     """Profile each method spec on one loaded model (alias, folder, hub id or a random ``*-shape``).
 
     The ``reference`` method (fp16) is profiled first, added if missing, so that every ratio is
-    taken against a figure measured in the same process.
+    taken against a figure measured in the same process. ``compare_reads`` also profiles each
+    method that attends from its codes with dequantize-then-attend decode steps (``[dequantize]``).
     """
     from tqdm.auto import tqdm
 
@@ -400,6 +406,9 @@ def profile(
         forward(lm, torch.zeros(1, min(contexts), dtype=torch.long, device=lm.device), cache, logits_to_keep=1)
         forward(lm, torch.zeros(1, 1, dtype=torch.long, device=lm.device), cache, logits_to_keep=1)
         del cache
-    for m in tqdm(objs, desc="profile", disable=not progress):
-        profile_method(lm, m, contexts, batches, new_tokens, repeats, on_row=tag)
+    jobs = [(m, None) for m in objs]
+    if compare_reads:
+        jobs += [(build_method(m.label), False) for m in objs if m.decode_from_codes]
+    for m, from_codes in tqdm(jobs, desc="profile", disable=not progress):
+        profile_method(lm, m, contexts, batches, new_tokens, repeats, on_row=tag, from_codes=from_codes)
     return add_ratios(rows, reference)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from harness.interface import LayerStore, MemoryReport, ModelInfo, Observation, tensor_bytes
+from harness.kernels import decode_attention_over
 from harness.quant import QuantizedTensor, quantize
 
 TOKEN_DIM = -2
@@ -125,6 +126,12 @@ def read_tokens(seqs: list[Seq], dtype: torch.dtype) -> torch.Tensor | None:
     return out
 
 
+def held_parts(seqs: list[Seq]) -> list[QuantizedTensor | torch.Tensor]:
+    """What the non-empty sequences hold, in token order (codes or float tokens), for
+    ``harness.kernels.decode_attention_over``."""
+    return [s.q if isinstance(s, QuantizedSeq) else s.data for s in seqs if s.length]
+
+
 def cat_tokens(parts: list[torch.Tensor | None]) -> torch.Tensor:
     """Concatenate the non-empty parts along the token axis."""
     present = [p for p in parts if p is not None]
@@ -148,6 +155,10 @@ class SeqPairStore(LayerStore):
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k.read(dtype), self.v.read(dtype)
+
+    def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+        """Decode attention from the codes (``harness.kernels.decode_attention_over``)."""
+        return decode_attention_over(query, held_parts([self.k]), held_parts([self.v]), scaling, mask)
 
     def memory(self) -> MemoryReport:
         r = self.k.memory()
