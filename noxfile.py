@@ -15,10 +15,6 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
 TORCH = "torch==2.13.0"
-REPRODUCE_METHODS = (
-    "fp16,int8,int4,int2,kivi-4,kivi-2,kvquant-4b,kvquant-4b-1%,kvquant-2b-1%,qoq,mikv,"
-    "moqae:lam=0.1,moqae:lam=0.3,moqae:lam=0.5,moqae:lam=0.7,moqae:lam=0.9"
-)
 PYTHON = "3.11"
 
 
@@ -54,25 +50,21 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def reproduce(session: nox.Session) -> None:
-    """The comparison on the embedded SmolLM2-135M: WikiText-2 perplexity of every method, then the
-    report (table, MoQAE expert shares, PPL-vs-bits plot).
+    """The benchmark of a profile, resumable, then the report: ``python -m harness reproduce``.
 
-    Data come from ``$MOQAE_DATA_DIR`` when set, else from the Hugging Face hub. Records land in
-    ``$MOQAE_RESULTS`` (``results/reproduce``), the report in ``$MOQAE_REPORT`` (``reports/reproduce``);
-    re-running resumes where it stopped. ``MOQAE_METHODS``, ``MOQAE_TASKS`` (e.g.
-    ``wikitext2,lmeval:piqa,arc_easy,hellaswag,limit=200``) and ``MOQAE_MAX_WINDOWS`` narrow or widen it.
+    ``$MOQAE_PROFILE``: ``quick`` (default; the embedded SmolLM2-135M on a 2-core CPU, under 30 min),
+    ``full`` (Llama-2-7B/13B on a GPU, with internet), ``smoke`` (~5 min), or a TOML file of your own
+    (``harness/profiles/*.toml`` show the format). Data come from ``$MOQAE_DATA_DIR`` when set, else
+    from the Hugging Face hub. Records land in ``$MOQAE_RESULTS`` (``results/reproduce/<profile>``),
+    the report in ``$MOQAE_REPORT`` (``reports/reproduce/<profile>/README.md``); re-running resumes
+    where it stopped. Extra arguments go to the command, e.g. ``nox -s reproduce -- --models X``.
     """
     install(session)
-    out = os.environ.get("MOQAE_RESULTS", "results/reproduce")
-    session.run(
-        "python", "-m", "harness", "run",
-        "--methods", os.environ.get("MOQAE_METHODS", REPRODUCE_METHODS),
-        "--tasks", os.environ.get("MOQAE_TASKS", "wikitext2"),
-        "--model", "smollm2-135m",
-        "--max-windows", os.environ.get("MOQAE_MAX_WINDOWS", "8"),
-        "--out", out,
-        *session.posargs,
-    )  # fmt: skip
-    report = os.environ.get("MOQAE_REPORT", "reports/reproduce")
-    session.run("python", "-m", "harness", "report", "--results", out, "--out", report,
-                "--title", "SmolLM2-135M, WikiText-2 (nox -s reproduce)")  # fmt: skip
+    profile = os.environ.get("MOQAE_PROFILE", "quick")
+    name = os.path.splitext(os.path.basename(profile))[0]
+    args = ["--profile", profile,
+            "--out", os.environ.get("MOQAE_RESULTS", f"results/reproduce/{name}"),
+            "--report", os.environ.get("MOQAE_REPORT", f"reports/reproduce/{name}")]  # fmt: skip
+    if os.environ.get("MOQAE_DATA_DIR"):
+        args += ["--data-dir", os.environ["MOQAE_DATA_DIR"]]
+    session.run("python", "-m", "harness", "reproduce", *args, *session.posargs)

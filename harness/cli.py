@@ -1,4 +1,4 @@
-"""Command line: ``python -m harness list | run | report | profile``.
+"""Command line: ``python -m harness list | run | report | profile | reproduce``.
 
 Bad input (unknown method or task, unsupported bits, a group that does not divide head_dim, a
 missing dataset or model) prints one ``error:`` line and exits with code 2, never a traceback.
@@ -83,6 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_windows=args.max_windows,
         limit=args.limit,
         max_length=args.max_length,
+        calibration_windows=args.calibration_windows,
     )
     paths = summary.done + summary.skipped
     if paths:
@@ -96,9 +97,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from harness.reports import write_report
 
-    for path in write_report(split_specs(args.results), args.out, args.title):
-        print(f"wrote {path}")
+    sources = [*args.results_dirs, *split_specs(args.results)]
+    if not sources:
+        raise ValueError("give the results: python -m harness report RESULTS_DIR --out DIR (or --results DIR)")
+    written = write_report(sources, args.out, args.title)
+    print(f"wrote {written[0]} (index) and {len(written) - 1} more files in {Path(args.out)}")
     return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from harness.reproduce import available_profiles, reproduce
+
+    if args.list_profiles:
+        for name in available_profiles():
+            print(name)
+        return 0
+    summary = reproduce(
+        args.profile, out=args.out, report=args.report, data_dir=args.data_dir,
+        models=split_specs(args.models) or None, device=args.device, dtype=args.dtype,
+        calibration_windows=args.calibration_windows, progress=not args.no_progress,
+    )  # fmt: skip
+    print(summary.text())
+    return 1 if summary.failed else 0
 
 
 def _int_list(values: list[str]) -> list[int]:
@@ -155,14 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-windows", type=int, default=None, help="at most N perplexity windows (quick runs)")
     r.add_argument("--limit", type=int, default=None, help="first N samples of each dataset (tasks with a limit)")
     r.add_argument("--max-length", type=int, default=None, help="longbench prompt token budget (0 = model window)")
+    r.add_argument("--calibration-windows", type=int, default=16, help="windows KVQuant / QoQ calibrate on (16)")
     r.add_argument("--force", action="store_true", help="recompute records that already exist")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
-    rep = sub.add_parser("report", help="table, MoQAE expert shares and PPL-vs-bits plot from run records")
-    rep.add_argument("--results", action="append", required=True, help="folders (or files) of run records")
-    rep.add_argument("--out", required=True, help="folder for results.md and ppl_vs_bits.png")
-    rep.add_argument("--title", default="", help="title of the report and plot")
+    rep = sub.add_parser("report", help="every table and plot of run records and profile files, README.md index")
+    rep.add_argument("results_dirs", nargs="*", metavar="RESULTS_DIR", help="folders (or files) of records")
+    rep.add_argument("--results", action="append", default=[], help="folders (or files) of records (repeatable)")
+    rep.add_argument("--out", required=True, help="folder for README.md, the tables (.csv, .tex) and plots")
+    rep.add_argument("--title", default="", help="title of the report")
     rep.set_defaults(fn=_cmd_report)
+    rp = sub.add_parser(
+        "reproduce", help="the benchmark of a profile (quick, full, a TOML file), resumable, then the report"
+    )
+    rp.add_argument("--profile", default="quick", help="shipped profile name (quick, full, smoke) or a .toml path")
+    rp.add_argument("--data-dir", default=None, help="local data mirror (else $MOQAE_DATA_DIR, else the hub)")
+    rp.add_argument("--out", default=None, help="records folder (default results/reproduce/PROFILE)")
+    rp.add_argument("--report", default=None, help="report folder (default reports/reproduce/PROFILE)")
+    rp.add_argument("--models", action="append", help="comma-separated models instead of the profile's")
+    rp.add_argument("--device", default=None)
+    rp.add_argument("--dtype", default=None)
+    rp.add_argument("--calibration-windows", type=int, default=None, help="instead of the profile's value")
+    rp.add_argument("--list-profiles", action="store_true", help="list the shipped profiles")
+    rp.add_argument("--no-progress", action="store_true")
+    rp.set_defaults(fn=_cmd_reproduce)
     prof = sub.add_parser("profile", help="prefill / decode latency, KV bytes, peak memory, ratios to fp16")
     prof.add_argument("--methods", action="append", required=True, help="comma-separated method specs")
     prof.add_argument("--model", default="smollm2-135m", help="alias, folder, hub id or a random *-shape alias")

@@ -22,13 +22,17 @@ from typing import Any
 
 import torch
 
-from harness.data import MissingDataError, calibration_windows, resolve_data_dir
+from harness.data import MissingDataError, resolve_data_dir
+from harness.data import calibration_windows as calibration_batches
 from harness.env import environment
 from harness.evaluation import Task, TaskContext, build_task
 from harness.integration import AttachedMethod, model_info
-from harness.interface import KVCacheMethod, MethodSpecError, build_method
+from harness.interface import KVCacheMethod, MethodSpecError, UnsupportedModelError, build_method
 from harness.models import is_random_weights, load_model, model_id
 
+#: calibration windows (of the task's seqlen, from the calibration split) for methods that calibrate
+#: (KVQuant, QoQ); ``run(calibration_windows=N)`` / ``--calibration-windows N`` changes it, and a
+#: value other than this default enters the record key (``calibration_windows``).
 CALIBRATION_WINDOWS = 16
 
 
@@ -49,8 +53,15 @@ def normalize_command(command: str) -> str:
     return command
 
 
-def record_key(model: str, dtype: str, device: str, method: KVCacheMethod, task: Task) -> dict[str, Any]:
-    return {
+def record_key(
+    model: str,
+    dtype: str,
+    device: str,
+    method: KVCacheMethod,
+    task: Task,
+    calibration_windows: int = CALIBRATION_WINDOWS,
+) -> dict[str, Any]:
+    key = {
         "model": model,
         "dtype": dtype,
         "device": device,
@@ -59,6 +70,9 @@ def record_key(model: str, dtype: str, device: str, method: KVCacheMethod, task:
         "task": task.name,
         "task_config": task.options(),
     }
+    if method.needs_calibration and calibration_windows != CALIBRATION_WINDOWS:
+        key["calibration_windows"] = calibration_windows  # the default keeps older records' keys
+    return key
 
 
 def record_path(out_dir: Path, key: dict[str, Any], method_label: str) -> Path:
@@ -119,8 +133,15 @@ def run(
     force: bool = False,
     progress: bool = True,
     log: Any = print,
+    calibration_windows: int = CALIBRATION_WINDOWS,
+    skip_unsupported: bool = False,
     **task_overrides: Any,
 ) -> RunSummary:
+    """``skip_unsupported``: a method the model cannot run (``check_model`` fails: a group that does
+    not divide head_dim, no MoQAE router for this model) gets failed records with the reason and the
+    sweep goes on with the others; without it (the CLI) the whole run stops before any work."""
+    if calibration_windows < 1:
+        raise MethodSpecError(f"calibration_windows={calibration_windows} must be >= 1")
     out = Path(out_dir)
     method_objs, task_objs = build_all(methods, tasks, **task_overrides)
     data = resolve_data_dir(data_dir)
@@ -130,15 +151,34 @@ def run(
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - t0
     info = model_info(lm)
+    unsupported: dict[int, str] = {}
     for m in method_objs:  # group sizes, bits vs head_dim etc., before any work
-        m.check_model(info)
+        try:
+            m.check_model(info)
+        except (MethodSpecError, UnsupportedModelError) as e:
+            if not skip_unsupported:
+                raise
+            unsupported[id(m)] = " ".join(f"{type(e).__name__}: {e}".split())
     name, dev = model_id(model), info.device.type
     dtype_name = str(info.dtype).removeprefix("torch.")
     env = environment(info.device)
     summary = RunSummary()
     for method in method_objs:
-        cells = [(t, record_key(name, dtype_name, dev, method, t)) for t in task_objs]
+        cells = [(t, record_key(name, dtype_name, dev, method, t, calibration_windows)) for t in task_objs]
         cells = [(t, k, record_path(out, k, method.label)) for t, k in cells]
+        if id(method) in unsupported:
+            reason = unsupported[id(method)]
+            for task, key, path in cells:
+                if not force and (load_record(path) or {}).get("status") == "done":
+                    summary.skipped.append(path)
+                    continue
+                failed = {"key": key, "model": name, "method": method.label, "task": task.label,
+                          "created": datetime.now(UTC).isoformat(timespec="seconds"), "command": invocation(),
+                          "environment": env, "status": "failed", "reason": reason}  # fmt: skip
+                write_json_atomic(path, failed)
+                summary.failed.append((path, reason))
+                log(f"FAILED {method.label} / {task.label}: {reason}")
+            continue
         todo = []
         for task, key, path in cells:
             rec = None if force else load_record(path)
@@ -154,7 +194,7 @@ def run(
             if method.needs_calibration:
                 c0 = time.perf_counter()
                 seqlen = getattr(todo[0][0].config, "seqlen", 2048)
-                attached.calibrate(calibration_windows(tokenizer, data, seqlen, CALIBRATION_WINDOWS))
+                attached.calibrate(calibration_batches(tokenizer, data, seqlen, calibration_windows))
                 calib_seconds = time.perf_counter() - c0
             for task, key, path in todo:
                 record: dict[str, Any] = {
@@ -168,6 +208,8 @@ def run(
                     "model_load_seconds": load_seconds,
                     "calibration_seconds": calib_seconds,
                 }
+                if method.needs_calibration:
+                    record["calibration_windows"] = calibration_windows
                 w0 = time.perf_counter()
                 try:
                     ctx = TaskContext(lm, tokenizer, attached, data, progress=progress)

@@ -1,0 +1,511 @@
+"""``python -m harness reproduce --profile quick``: the whole benchmark from a profile file, resumable.
+
+A *profile* is data: a TOML file (``harness/profiles/quick.toml``, ``full.toml``, ``smoke.toml``, or
+any path) naming the models, the runs (methods × tasks with their options), the profiling settings
+and, where a MoQAE router is missing, its training. ``reproduce`` runs it in stages, each through
+the same code as the single commands, then writes the report:
+
+1. ``[train]`` (optional) — for every MoQAE spec without a router for the model (no shipped
+   checkpoint, no ``ckpt=``), train one (``moqae.train``) into ``OUT/routers/...``; a finished
+   ``router.pt`` is reused, an unfinished training resumes from its saved state;
+2. ``[[run]]`` — ``harness.runner.run`` per model: one record per (method, task); records that exist
+   are skipped, a failed cell is recorded with its reason and the sweep goes on (a method the model
+   cannot run, too); a stage that cannot start (no data, no model) is listed as failed;
+3. ``[profile]`` — latency and memory per (method, context, batch) into ``OUT/profile__MODEL.json``,
+   saved after every setting; a method whose settings are all there is not profiled again;
+4. the report (``harness.reports.write_report``) over exactly the records and profile files of this
+   profile, into ``--report``.
+
+The summary lists, per stage, the cells done, skipped (already there) and failed (with reasons).
+Interrupting (Ctrl-C, a crash) loses at most the running cell: records are written atomically
+when a cell finishes. Profile file format::
+
+    name = "mine"
+    models = ["smollm2-135m"]           # aliases, hub ids, folders, .gguf files
+    calibration_windows = 4             # KVQuant / QoQ calibration windows (default 16)
+    # device = "cuda"; dtype = "bf16"   # optional
+
+    [[run]]
+    name = "wikitext2"
+    tasks = ["wikitext2"]
+    methods = ["fp16", "int4", "kivi-2", "moqae:lam=0.5"]
+    max_windows = 2                     # task options: seqlen, max_windows, limit, max_length
+
+    [profile]
+    methods = ["fp16", "int4"]
+    contexts = [512, 1024]
+    batches = [1]
+    new_tokens = 8
+    repeats = 1
+
+    [train]                             # MoQAE router training where no checkpoint exists
+    steps = 200
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+RUN_OPTIONS = ("seqlen", "max_windows", "limit", "max_length")
+
+
+# --------------------------------------------------------------------------------------------
+# Profile files
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunStage:
+    name: str
+    tasks: list[str]
+    methods: list[str]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProfileStage:
+    methods: list[str]
+    contexts: list[int]
+    batches: list[int] = field(default_factory=lambda: [1])
+    new_tokens: int = 32
+    repeats: int = 3
+    models: list[str] | None = None  # default: the profile's models
+    reference: str = "fp16"
+
+
+@dataclass
+class TrainStage:
+    steps: int = 200
+    seqlen: int = 512
+    windows: int = 64
+    lr: float = 1e-2
+    estimator: str = "gumbel"
+    seed: int = 0
+
+
+@dataclass
+class Profile:
+    name: str
+    models: list[str]
+    runs: list[RunStage]
+    profile: ProfileStage | None = None
+    train: TrainStage | None = None
+    calibration_windows: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    description: str = ""
+    path: Path | None = None
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def _check_keys(where: str, table: dict[str, Any], accepted: tuple[str, ...]) -> None:
+    unknown = sorted(set(table) - set(accepted))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+
+
+def _str_list(where: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"{where}: expected a non-empty list of strings, got {value!r}")
+    return [v.strip() for v in value]
+
+
+def _int_list(where: str, value: Any) -> list[int]:
+    if isinstance(value, int):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and v >= 1 for v in value):
+        raise ValueError(f"{where}: expected a non-empty list of integers >= 1, got {value!r}")
+    return value
+
+
+def parse_profile(data: dict[str, Any], name: str = "profile", path: Path | None = None) -> Profile:
+    where = str(path or name)
+    _check_keys(where, data, ("name", "description", "models", "calibration_windows", "device", "dtype", "run",
+                              "profile", "train"))  # fmt: skip
+    runs = []
+    for i, r in enumerate(data.get("run") or []):
+        w = f"{where} [[run]] #{i + 1}"
+        _check_keys(w, r, ("name", "tasks", "methods", *RUN_OPTIONS))
+        tasks = _str_list(f"{w} tasks", r.get("tasks"))
+        runs.append(RunStage(str(r.get("name") or tasks[0]), tasks, _str_list(f"{w} methods", r.get("methods")),
+                             {k: r[k] for k in RUN_OPTIONS if k in r}))  # fmt: skip
+    prof = None
+    if "profile" in data:
+        p = data["profile"]
+        _check_keys(f"{where} [profile]", p, ("methods", "contexts", "batches", "new_tokens", "repeats", "models",
+                                              "reference"))  # fmt: skip
+        prof = ProfileStage(
+            _str_list(f"{where} [profile] methods", p.get("methods")),
+            _int_list(f"{where} [profile] contexts", p.get("contexts")),
+            _int_list(f"{where} [profile] batches", p.get("batches", [1])),
+            int(p.get("new_tokens", 32)),
+            int(p.get("repeats", 3)),
+            _str_list(f"{where} [profile] models", p["models"]) if "models" in p else None,
+            str(p.get("reference", "fp16")),
+        )
+    train = None
+    if "train" in data:
+        t = data["train"]
+        _check_keys(f"{where} [train]", t, ("steps", "seqlen", "windows", "lr", "estimator", "seed"))
+        train = TrainStage(**t)
+    if not runs and prof is None:
+        raise ValueError(f"{where}: no [[run]] and no [profile]: nothing to reproduce")
+    cw = data.get("calibration_windows")
+    if cw is not None and (not isinstance(cw, int) or cw < 1):
+        raise ValueError(f"{where}: calibration_windows must be an integer >= 1, got {cw!r}")
+    return Profile(
+        name=str(data.get("name") or name),
+        models=_str_list(f"{where} models", data.get("models")),
+        runs=runs,
+        profile=prof,
+        train=train,
+        calibration_windows=cw,
+        device=data.get("device") or None,
+        dtype=data.get("dtype") or None,
+        description=str(data.get("description", "")),
+        path=path,
+    )
+
+
+def load_profile(spec: str | Path) -> Profile:
+    """A shipped profile by name (``quick``, ``full``, ``smoke``) or a TOML file by path."""
+    path = Path(spec)
+    if not path.suffix and not path.exists():
+        path = PROFILE_DIR / f"{spec}.toml"
+        if not path.exists():
+            raise ValueError(f"unknown profile {spec!r}; shipped: {', '.join(available_profiles())}, or a .toml path")
+    if not path.is_file():
+        raise ValueError(f"no profile file at {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    return parse_profile(data, path.stem, path)
+
+
+# --------------------------------------------------------------------------------------------
+# The summary
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    stage: str
+    model: str
+    cell: str
+    status: str  # done | skipped | failed
+    path: Path | None = None
+    reason: str = ""
+
+
+@dataclass
+class ReproduceSummary:
+    profile: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    report: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        self.outcomes.append(Outcome(*args, **kwargs))
+
+    def of(self, status: str) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    @property
+    def done(self) -> list[Outcome]:
+        return self.of("done")
+
+    @property
+    def skipped(self) -> list[Outcome]:
+        return self.of("skipped")
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return self.of("failed")
+
+    def text(self) -> str:
+        head = (
+            f"summary (profile {self.profile}, {self.seconds / 60:.1f} min): {len(self.done)} done, "
+            f"{len(self.skipped)} skipped, {len(self.failed)} failed"
+        )
+        lines = [head]
+        for stage in dict.fromkeys(o.stage for o in self.outcomes):
+            for status in ("done", "skipped", "failed"):
+                cells = [o for o in self.outcomes if o.stage == stage and o.status == status]
+                if cells:
+                    lines.append(f"  {stage:<10} {status:<8} {len(cells):>3}: " + ", ".join(o.cell for o in cells))
+        for o in self.failed:
+            lines.append(f"  FAILED {o.stage} / {o.model} / {o.cell}: {o.reason}")
+        if self.report:
+            lines.append(f"report: {self.report[0]}")
+        return "\n".join(lines)
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:500]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+def _with_option(spec: str, option: str) -> str:
+    return spec + ("," if ":" in spec else ":") + option
+
+
+def _moqae_base(spec: str) -> tuple[str, float]:
+    """``moqae:lam=0.5,share=1`` -> (``moqae:share=1``, 0.5): the router's architecture and its λ."""
+    from harness.interface import build_method
+
+    m = build_method(spec)
+    name, _, opts = spec.partition(":")
+    keep = [
+        o for o in opts.split(",") if o.strip() and o.split("=")[0].strip() not in ("lam", "lambda", "ckpt", "seed")
+    ]
+    return name + (":" + ",".join(keep) if keep else ""), float(m.config.lam)
+
+
+def train_routers(
+    prof: Profile, model: str, specs: list[str], out: Path, data_dir: Any, device: str | None, dtype: str | None,
+    summary: ReproduceSummary, progress: bool, log: Any,
+) -> dict[str, str]:  # fmt: skip
+    """Train a router for each MoQAE spec that has none for ``model``; returns spec -> spec with
+    ``ckpt=`` of the trained router (specs with a shipped router are left as they are)."""
+    from harness.data import resolve_data_dir
+    from harness.integration import model_info
+    from harness.interface import build_method
+    from harness.models import load_model, model_id
+
+    cand = []
+    for s in dict.fromkeys(specs):
+        m = build_method(s)
+        if m.name == "moqae" and not m.config.ckpt:
+            cand.append(s)
+    if not cand or prof.train is None:
+        return {}
+    try:
+        lm, tok = load_model(model, device=device, dtype=dtype)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded; the runs report the same failure per cell
+        summary.add("train", model, "(load model)", "failed", reason=_reason(e))
+        return {}
+    info = model_info(lm)
+    mapping: dict[str, str] = {}
+    t = prof.train
+    for spec in cand:
+        method = build_method(spec)
+        if method.checkpoint_path(info).exists():
+            continue  # a shipped router
+        base, lam = _moqae_base(spec)
+        where = out / "routers" / _slug(model_id(model)) / f"{_slug(base)}-lambda{lam:g}"
+        ckpt = where / "router.pt"
+        cell = f"router {base} λ={lam:g}"
+        if ckpt.exists():
+            summary.add("train", model, cell, "skipped", ckpt)
+        else:
+            from moqae.train import RouterTrainer, TrainConfig
+
+            log(f"== train: {cell} on {model} ({t.steps} steps x {t.seqlen} tokens) -> {ckpt}")
+            cfg = TrainConfig(lam=lam, steps=t.steps, seqlen=t.seqlen, windows=t.windows, lr=t.lr,
+                              estimator=t.estimator, seed=t.seed, method=base)  # fmt: skip
+            try:
+                trainer = RouterTrainer(lm, tok, cfg, data_dir=resolve_data_dir(data_dir), out=where)
+                dev = next(lm.parameters()).device
+                trainer.windows = [w.to(dev) for w in trainer.windows]
+                trainer.train(progress=progress)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - a failed training is a failed cell
+                summary.add("train", model, cell, "failed", reason=_reason(e))
+                log(f"FAILED {cell}: {_reason(e)}")
+                continue
+            summary.add("train", model, cell, "done", ckpt)
+        mapping[spec] = _with_option(spec, f"ckpt={ckpt}")
+    del lm, tok
+    gc.collect()
+    return mapping
+
+
+def run_stage(
+    stage: RunStage, model: str, methods: list[str], out: Path, data_dir: Any, device: str | None,
+    dtype: str | None, calibration_windows: int | None, summary: ReproduceSummary, progress: bool, log: Any,
+) -> list[Path]:  # fmt: skip
+    """One ``[[run]]`` on one model through the runner; returns the record files it touched."""
+    from harness.runner import CALIBRATION_WINDOWS, load_record, run
+
+    log(f"== {stage.name}: {model}, {len(methods)} method(s) x {', '.join(stage.tasks)}")
+    try:
+        s = run(
+            methods, stage.tasks, model, out, data_dir=data_dir, device=device, dtype=dtype, progress=progress,
+            log=log, calibration_windows=calibration_windows or CALIBRATION_WINDOWS, skip_unsupported=True,
+            **stage.options,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - a stage that cannot start is listed, the others go on
+        summary.add(stage.name, model, "(all cells)", "failed", reason=_reason(e))
+        log(f"FAILED {stage.name} on {model}: {_reason(e)}")
+        return []
+
+    def cell(path: Path) -> str:
+        rec = load_record(path) or {}
+        return str(rec.get("method") or path.stem)
+
+    for p in s.done:
+        summary.add(stage.name, model, cell(p), "done", p)
+    for p in s.skipped:
+        summary.add(stage.name, model, cell(p), "skipped", p)
+    for p, reason in s.failed:
+        summary.add(stage.name, model, cell(p), "failed", p, reason)
+    return [*s.done, *s.skipped, *(p for p, _ in s.failed)]
+
+
+def profile_stage(
+    stage: ProfileStage, model: str, methods: list[str], path: Path, device: str | None, dtype: str | None,
+    summary: ReproduceSummary, progress: bool, log: Any,
+) -> Path | None:  # fmt: skip
+    """Profile the methods on ``model`` into ``path``; methods with every setting there are skipped."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from harness.integration import AttachedMethod, forward, model_info
+    from harness.interface import build_method
+    from harness.models import load_model, model_id
+    from harness.profiling import add_ratios, profile_method
+    from harness.runner import invocation, load_record, write_json_atomic
+
+    specs = list(dict.fromkeys([stage.reference, *methods]))
+    labels = {s: build_method(s).label for s in specs}
+    settings = {(c, b) for c in stage.contexts for b in stage.batches}
+    old = (load_record(path) or {}).get("rows") or []
+    rows = [
+        r for r in old
+        if isinstance(r, dict) and r.get("status") in ("done", "oom") and r.get("new_tokens") == stage.new_tokens
+        and r.get("repeats") == stage.repeats and (r.get("context"), r.get("batch")) in settings
+    ]  # fmt: skip
+    complete = [s for s in specs if settings <= {(r["context"], r["batch"]) for r in rows if r["method"] == labels[s]}]
+    rows = [r for r in rows if r["method"] in {labels[s] for s in complete}]
+    for s in complete:
+        summary.add("profile", model, labels[s], "skipped", path)
+    todo = [s for s in specs if s not in complete]
+    meta = {
+        "command": invocation(),
+        "settings": {"contexts": stage.contexts, "batches": stage.batches, "new_tokens": stage.new_tokens,
+                     "repeats": stage.repeats, "reference": stage.reference},
+    }  # fmt: skip
+
+    def save() -> None:
+        write_json_atomic(path, {**meta, "rows": add_ratios(rows, stage.reference)})
+
+    if not todo:
+        return path if rows else None
+    log(f"== profile: {model}, {len(todo)} method(s) x contexts {stage.contexts} x batches {stage.batches}")
+    try:
+        lm, _ = load_model(model, device=device, dtype=dtype)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001
+        summary.add("profile", model, "(load model)", "failed", reason=_reason(e))
+        return path if rows else None
+    info = model_info(lm)
+    with AttachedMethod(lm, build_method(stage.reference)) as am, torch.no_grad():  # untimed warm-up
+        cache = am.new_cache()
+        forward(lm, torch.zeros(1, min(stage.contexts), dtype=torch.long, device=lm.device), cache, logits_to_keep=1)
+        forward(lm, torch.zeros(1, 1, dtype=torch.long, device=lm.device), cache, logits_to_keep=1)
+        del cache
+    name = model_id(model)
+
+    def on_row(row: dict[str, Any]) -> None:  # saved after every setting
+        row["model"] = name
+        rows.append(row)
+        save()
+
+    for s in tqdm(todo, desc="profile", disable=not progress):
+        method = build_method(s)
+        try:
+            method.check_model(info)
+            profile_method(lm, method, stage.contexts, stage.batches, stage.new_tokens, stage.repeats, on_row=on_row)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed cell (no router for this model, an error)
+            rows[:] = [r for r in rows if r["method"] != labels[s]]
+            save()
+            summary.add("profile", model, labels[s], "failed", path, _reason(e))
+            log(f"FAILED profile {labels[s]}: {_reason(e)}")
+            continue
+        summary.add("profile", model, labels[s], "done", path)
+    save()
+    del lm
+    gc.collect()
+    return path
+
+
+def reproduce(
+    profile: str | Path | Profile,
+    out: str | Path | None = None,
+    report: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    models: list[str] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    calibration_windows: int | None = None,
+    progress: bool = True,
+    log: Any = print,
+) -> ReproduceSummary:
+    """Run a profile (see the module docstring); defaults: ``results/reproduce/<name>`` and
+    ``reports/reproduce/<name>``."""
+    from harness.reports import write_report
+    from harness.runner import invocation
+
+    t0 = time.perf_counter()
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    out = Path(out or Path("results/reproduce") / prof.name)
+    report_dir = Path(report or Path("reports/reproduce") / prof.name)
+    models = models or prof.models
+    device, dtype = device or prof.device, dtype or prof.dtype
+    cw = calibration_windows or prof.calibration_windows
+    summary = ReproduceSummary(prof.name)
+    files: list[Path] = []
+    prof_models = (prof.profile.models or models) if prof.profile else []
+    for model in dict.fromkeys([*models, *prof_models]):
+        specs = [m for r in prof.runs for m in r.methods] if model in models else []
+        if prof.profile and model in prof_models:
+            specs += prof.profile.methods
+        routers = train_routers(prof, model, specs, out, data_dir, device, dtype, summary, progress, log)
+        if model in models:
+            for stage in prof.runs:
+                methods = [routers.get(m, m) for m in stage.methods]
+                files += run_stage(stage, model, methods, out, data_dir, device, dtype, cw, summary, progress, log)
+        if prof.profile and model in prof_models:
+            path = out / f"profile__{_slug(model)}.json"
+            methods = [routers.get(m, m) for m in prof.profile.methods]
+            done = profile_stage(prof.profile, model, methods, path, device, dtype, summary, progress, log)
+            if done is not None:
+                files.append(done)
+    summary.seconds = time.perf_counter() - t0
+    if files:
+        title = f"Reproduce: profile {prof.name}" + (f" — {prof.description}" if prof.description else "")
+        try:
+            summary.report = write_report(list(dict.fromkeys(files)), report_dir, title, command=invocation())
+        except ValueError as e:  # nothing finished: no report, said in the summary
+            summary.add("report", "", str(report_dir), "failed", reason=_reason(e))
+    summary.seconds = time.perf_counter() - t0
+    return summary
