@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ def _slug(text: str) -> str:
 
 def invocation() -> str:
     """The command line that is running, as a user would type it (``python -m harness run ...``)."""
-    return normalize_command(" ".join(sys.argv))
+    return normalize_command(shlex.join(sys.argv))
 
 
 def normalize_command(command: str) -> str:
