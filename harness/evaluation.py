@@ -25,6 +25,9 @@ class TaskContext:
     attached: AttachedMethod
     data_dir: Path | None
     progress: bool = True
+    #: where a task that works sample by sample (LongBench) appends each finished sample, and
+    #: reads them back on a re-run after a crash (the runner removes it once the record is written)
+    checkpoint: Path | None = None
 
 
 class Task(ABC):

@@ -213,7 +213,8 @@ def run(
                     record["calibration_windows"] = calibration_windows
                 w0 = time.perf_counter()
                 try:
-                    ctx = TaskContext(lm, tokenizer, attached, data, progress=progress)
+                    checkpoint = path.with_suffix(".partial.jsonl")
+                    ctx = TaskContext(lm, tokenizer, attached, data, progress=progress, checkpoint=checkpoint)
                     result = task.evaluate(ctx)
                 except MissingDataError:
                     raise
@@ -236,6 +237,7 @@ def run(
                     record["samples_file"] = side.name
                 record.update(status="done", wall_seconds=time.perf_counter() - w0, **result)
                 write_json_atomic(path, record)
+                checkpoint.unlink(missing_ok=True)  # the record now holds every sample
                 summary.done.append(path)
                 log(f"done {method.label} / {task.label}: {_fmt_metrics(result['metrics'])} -> {path.name}")
     return summary

@@ -226,7 +226,8 @@ def test_end_to_end(e2e, spec, data_dir):
     samples = result["samples"]
     assert [s["dataset"] for s in samples] == ["trec", "samsum"]
     for s in samples:
-        assert set(s) == {"dataset", "_id", "input_tokens", "truncated", "output", "answers", "score", "seconds"}
+        keys = {"dataset", "index", "_id", "input_tokens", "truncated", "output", "answers", "score", "seconds"}
+        assert set(s) == keys
         assert 0 < s["input_tokens"] <= 400 and s["truncated"]  # both mirror samples are far longer
         assert s["_id"] == longbench_rows(s["dataset"], data_dir)[0]["_id"]
         classes = longbench_rows(s["dataset"], data_dir)[0]["all_classes"]
@@ -236,3 +237,37 @@ def test_end_to_end(e2e, spec, data_dir):
     per_token = 2 * 5 * 4 * 8  # K and V x 5 layers x 4 KV heads x head_dim 8
     assert kv["elements"] % per_token == 0 and kv["elements"] // per_token >= samples[-1]["input_tokens"]
     assert kv["nominal_bits"] == (16.0 if spec == "fp16" else 2.0)
+
+
+def test_resumes_from_the_samples_a_crashed_run_finished(stories, data_dir, tmp_path, monkeypatch):
+    """Each finished sample is checkpointed; a re-run generates only the missing ones."""
+    import tasks.longbench.task as lb
+
+    model, tok = stories
+    task = build_task("longbench:trec,samsum", limit=1, max_length=300)
+    checkpoint = tmp_path / "cell.partial.jsonl"
+    calls = []
+    real = lb.generate
+
+    def crash_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second sample
+        return real(*a, **k)
+
+    with AttachedMethod(model, build_method("fp16")) as am:
+        ctx = TaskContext(model, tok, am, data_dir, progress=False, checkpoint=checkpoint)
+        monkeypatch.setattr(lb, "generate", crash_on_second)
+        with pytest.raises(KeyboardInterrupt):
+            task.evaluate(ctx)
+        first = [json.loads(line) for line in checkpoint.read_text().splitlines()]
+        assert [(s["dataset"], s["index"]) for s in first] == [("trec", 0)]
+        calls.clear()
+        monkeypatch.setattr(lb, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        resumed = task.evaluate(ctx)
+        monkeypatch.undo()
+        fresh = task.evaluate(TaskContext(model, tok, am, data_dir, progress=False))
+    assert len(calls) == 1  # only samsum was generated again
+    assert resumed["metrics"] == fresh["metrics"]
+    assert [s["output"] for s in resumed["samples"]] == [s["output"] for s in fresh["samples"]]
+    assert "kv" not in resumed["samples"][0] and resumed["kv"] == fresh["kv"]

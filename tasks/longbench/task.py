@@ -37,8 +37,11 @@ Choices where the official script has no equivalent:
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -78,6 +81,30 @@ def expand_datasets(spec: str) -> list[str]:
     if not names:
         raise MethodSpecError("longbench: no dataset given; e.g. longbench:trec,samsum or longbench:kivi8")
     return list(dict.fromkeys(names))
+
+
+def read_checkpoint(path: Path | None) -> dict[tuple[str, int], dict[str, Any]]:
+    """Samples finished by an interrupted run, keyed by (dataset, index); a torn last line is ignored."""
+    if path is None or not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        try:
+            s = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out[(s["dataset"], s["index"])] = s
+    return out
+
+
+def append_checkpoint(path: Path | None, sample: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass
@@ -215,6 +242,8 @@ class LongBench(Task):
 
     @torch.no_grad()
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
+        """Generate and score every sample; each finished sample is appended to
+        ``ctx.checkpoint`` so that a re-run after a crash resumes at the first unfinished one."""
         cfg, tok = self.config, ctx.tokenizer
         if tok is None:
             raise ValueError("longbench needs a tokenizer (random-weight shape models have none)")
@@ -222,8 +251,9 @@ class LongBench(Task):
         data = {ds: longbench_rows(ds, ctx.data_dir)[: cfg.limit] for ds in expand_datasets(cfg.tasks)}
         metrics: dict[str, float] = {}
         samples: list[dict[str, Any]] = []
-        memory = None
+        kv = None
         start = time.perf_counter()
+        finished = read_checkpoint(ctx.checkpoint)  # samples a crashed run already finished
         bar = tqdm(
             total=sum(map(len, data.values())),
             desc=f"longbench {ctx.attached.method.label}",
@@ -237,7 +267,14 @@ class LongBench(Task):
             if not rows:
                 raise ValueError(f"longbench {dataset}: no samples")
             scores = []
-            for row in rows:
+            for index, row in enumerate(rows):
+                done = finished.get((dataset, index))
+                if done is not None and done.get("_id") == row.get("_id"):
+                    scores.append(done["score"])
+                    samples.append({k: v for k, v in done.items() if k != "kv"})
+                    kv = done.get("kv", kv)
+                    bar.update(1)
+                    continue
                 prompt, truncated = truncate_middle(tok, fill_template(dataset, row), budget)
                 if chat:
                     prompt = apply_chat(tok, prompt)
@@ -247,12 +284,13 @@ class LongBench(Task):
                 out = generate(ctx.model, ids, cache, attention_mask=torch.ones_like(ids), **gen_kw)
                 output = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
                 seconds = time.perf_counter() - t0
-                memory = cache.memory()
+                kv = cache.memory().as_dict()
                 s = 100 * sample_score(dataset, output, row["answers"], row.get("all_classes"))
                 scores.append(s)
                 samples.append(
                     {
                         "dataset": dataset,
+                        "index": index,
                         "_id": row.get("_id"),
                         "input_tokens": ids.shape[1],
                         "truncated": truncated,
@@ -262,6 +300,7 @@ class LongBench(Task):
                         "seconds": seconds,
                     }
                 )
+                append_checkpoint(ctx.checkpoint, {**samples[-1], "kv": kv})
                 bar.update(1)
             metrics[dataset] = sum(scores) / len(scores)
             bar.set_postfix({dataset: f"{metrics[dataset]:.2f}"})
@@ -269,7 +308,7 @@ class LongBench(Task):
         metrics["average"] = sum(metrics.values()) / len(metrics)
         return {
             "metrics": metrics,
-            "kv": memory.as_dict(),  # the last sample's cache (prompt + generated tokens)
+            "kv": kv,  # the last sample's cache (prompt + generated tokens)
             "samples": samples,
             "n_samples": {ds: len(rows) for ds, rows in data.items()},
             "eval_seconds": time.perf_counter() - start,
