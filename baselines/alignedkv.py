@@ -1,0 +1,525 @@
+"""AlignedKV: precision-aligned partial reads of an FP16 KV cache (Tan, Wang, Yan, Deng, arXiv 2409.16546).
+
+AlignedKV saves memory *traffic*, not memory: the cache holds every K/V element as an fp16 value,
+stored split into three pieces, and each decode step reads only as many leading bits (8, 12 or 16)
+of each value as the dot products it enters can use. Its criterion, "precision alignment": when
+terms of different magnitude are added in floating point, a term's bits below the result's last
+significant bit are lost anyway, so they need not be fetched. This module follows the official code
+(``github.com/AlignedQuant/AlignedKV``, branch ``main`` = ``evaluate`` for these files:
+``extension/k_cache_file.py``, ``extension/v_cache_file.py``, ``extension/csrc/K_cache.cu``,
+``extension/csrc/V_cache.cu``, ``model/KVCache_AlignedKV.py``); every rule below was read there and
+is written here from scratch, with the choices the code leaves open listed as options.
+
+Notation: for an fp16 number x, ``bits(x)`` is its 16-bit pattern (sign, 5 exponent bits, 10
+mantissa bits) and ``E(x) = (bits(x) >> 10) & 31`` its biased exponent field (bias 15, sign
+ignored). Reading 8 bits = the high byte (sign, exponent, 2 mantissa bits); 12 bits = high byte +
+the next 4 mantissa bits; 16 bits = the whole value.
+
+Storage (``k_cache_save`` / ``v_cache_save``). Tokens are grouped in blocks of ``block`` = 64
+(the code's ``column_block``, 256 bits / 4). A complete block is held split: the high bytes, and the
+low byte as two 4-bit planes (upper nibble "mid", lower nibble "last"), each plane packing two
+elements per byte (the even element in the upper nibble). Keys are laid out per block channel-major,
+[B, H_kv, blocks, D, block] (the tokens of one channel contiguous, so a per-channel precision skips
+whole runs; nibbles pair consecutive tokens); values per token, [B, H_kv, T, D] (nibbles pair
+consecutive channels, so a per-token precision skips whole rows). The tokens of the incomplete last
+block wait as plain fp16 (the code's ``restk`` / ``restv``) and are always read in full; a block is
+split as soon as it is complete, before the step's attention reads the cache.
+Per layer, KV head and channel the store also holds the largest exponent field seen in that
+channel, for keys and for values (``k_cache_exp_column_max``, one byte each): after the first append
+it is ``E`` of the per-channel max over those tokens, later raised to the ``E`` of every new token.
+Note the code takes the first append's max over the *signed* values (``torch.max``), the later ones
+over magnitudes (``channel_max=code``, default); ``channel_max=abs`` takes magnitudes throughout.
+
+Keys at a decode step (``K_Cache_Class.decoding_compute``, ``k_cache_compute_kernel``). With the
+step's post-RoPE query q (the "queries" signal), the exponent of the product term q_d · k_{t,d} is
+estimated per channel, for all complete blocks at once, as ``E(q_d) + Emax_k[d]`` (the sum of the
+biased exponents); the largest estimate over channels is the reference and ``diff_d`` = reference −
+estimate. A channel reads 8 bits when diff_d ≥ 8, 12 bits when 4 ≤ diff_d ≤ 7, else 16: a term 8
+exponent steps below the largest keeps 2 mantissa bits, whose resolution equals the last mantissa
+bit of the largest term (10 bits, 8 steps up), and likewise 6 bits at 4 steps. GQA (the code serves
+only MHA): a KV channel is read once for its whole query group, so it gets the most bits any query
+head of the group asks for (the smallest diff_d).
+
+Values at a decode step (``V_Cache_Class.decoding_compute``, ``v_cache_test_compute_kernel``,
+``v_cache_compute_kernel``). The attention probabilities s of the step (softmax of the scores
+computed from the keys as just read, in fp16 as the code keeps them) decide per token:
+
+1. Output estimate: the complete-block tokens are viewed as rows of ``lanes`` = 32 consecutive
+   tokens (the code's ``top_max_k``); per lane (token position within a row) the row with the
+   largest s is taken, 32 tokens in all. ô_d = Σ over those tokens of s_t · |v̂_{t,d}|, where v̂ is
+   the 8-bit read with its low byte set to 0x80 (the kernel's fill) and the sign cleared; an
+   estimate of the output's magnitude per channel, rounded to fp16.
+2. Alignment score: a_d = E'(ô_d) + 15 − Emax_v[d], the biased exponent a score would need for
+   s · max|v_d| to reach ô_d's exponent; A = min_d a_d (the most demanding channel). E' is what the
+   code computes: ``(bits >> 10) & 0x1F - 1``, which Python evaluates as ``& 0x1E`` (the exponent
+   with its last bit cleared), while its comment says "- 1" (``o_exp=code``, default;
+   ``o_exp=minus1`` takes E − 1). The code subtracts in uint8, which wraps when a_d < 0
+   (ô_d < 2^-15 · max|v_d|); here a_d is a signed integer (such a channel then asks for 16 bits).
+3. Per token t: d_t = (A << 10) − bits(s_t), i.e. the distance of s_t below 2^(A − 15) measured on
+   the fp16 bit pattern (exponent steps, mantissa as fraction). The kernel reads 8 bits when
+   d_t ≥ 0x800 and 12 bits when d_t ≥ 0x400: thresholds of 2 and 1 exponent steps
+   (``v_steps=code``, default); ``v_steps=aligned`` uses 8 and 4 steps, the keys' rule.
+   GQA: per query head, then the most bits over the group.
+
+Reconstruction. Missing bits are filled as the kernel fills them: a missing lower nibble with
+0b1000, a missing low byte with 0x80, i.e. the middle of the truncated interval (``fill=mid``,
+default; ``fill=zero`` truncates toward zero magnitude). The reconstructed fp16 values are what
+``read`` returns, so the model's attention (not fp16 ``hfma2`` accumulation as in the kernel) runs on
+them.
+
+Prefill. A multi-token append (the prefill, or a chunk of a chunked prefill) is read in full
+16 bits: the code computes prefill attention on the full-precision K/V (``prefill``) and only
+serves single-token decode steps otherwise. A first append of one token counts as a prefill, as in
+the code (``start_pos == 0``). Perplexity in one 2048-token prefill therefore equals fp16's; the
+decode rule acts in generation and in ``wikitext2:prefill_chunk=1`` (one token per step).
+
+Where the harness differs from the code: the store computes s itself (softmax of q·K̂ᵀ·scaling in
+fp32, rounded to fp16) over all tokens held, with no attention mask (batch rows are not padded
+in the harness; a sliding window is ignored for this estimate); the model then attends with its own
+kernel. The uint8 wrap of step 2 is not reproduced.
+
+Accounting. ``memory()`` holds exactly fp16's bytes for the K/V (split planes + fp16 tail, under
+``fp_tokens``, 16 payload bits per element) plus the two exponent-maximum bytes per KV head and
+channel (``scales``). ``last_read_bytes()`` is what the latest ``read`` touched: after a multi-token
+append every byte held of the K/V; after a decode step the complete blocks at their chosen widths
+(8/12/16 bits per element), the fp16 tail in full, the exponent maxima (2 · D bytes per KV head) and
+the value estimate's 32 high bytes per channel per query head. ``last_read`` splits it into
+``k`` / ``v`` / ``meta``; ``stats()`` sums, over the decode steps of a cache, the bytes read, the
+K/V bytes held at those reads, and the elements read at 8 / 12 / 16 bits.
+
+Options: ``block`` (64, even, a multiple of ``lanes``), ``lanes`` (32), ``fill`` (mid, zero),
+``channel_max`` (code, abs), ``o_exp`` (code, minus1), ``v_steps`` (code, aligned).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from harness.integration import decoder_layers
+from harness.interface import (
+    KVCacheMethod,
+    LayerStore,
+    MemoryReport,
+    MethodConfig,
+    MethodSpecError,
+    ModelInfo,
+    Observation,
+    register_method,
+    tensor_bytes,
+)
+
+TOKEN_DIM = -2
+EXP_BIAS = 15
+WIDTHS = (8, 12, 16)
+KEY_STEPS = (4, 8)  # exponent steps below the reference: 12 bits from 4, 8 bits from 8
+VALUE_STEPS = {"code": (1, 2), "aligned": (4, 8)}
+# the low byte kept (mask) and the bits put in place of the dropped ones (fill), per width
+KEEP = {8: 0x00, 12: 0xF0, 16: 0xFF}
+FILL = {"mid": {8: 0x80, 12: 0x08, 16: 0x00}, "zero": {8: 0x00, 12: 0x00, 16: 0x00}}
+ESTIMATE_FILL = 0x80  # the value estimate's 8-bit reads always use the kernel's 0x80
+
+
+@dataclass
+class AlignedKVConfig(MethodConfig):
+    block: int = 64  # tokens per block (the code's column_block); the incomplete tail stays fp16
+    lanes: int = 32  # tokens sampled for the value estimate (the code's top_max_k)
+    fill: str = "mid"  # dropped bits: "mid" = 0b1000... as the kernels, "zero"
+    channel_max: str = "code"  # "code": signed max at the first append, magnitudes after; "abs"
+    o_exp: str = "code"  # "code": E(o) & 0b11110 as the code evaluates; "minus1": E(o) - 1 as it says
+    v_steps: str = "code"  # "code": values drop at 1 / 2 steps (0x400 / 0x800); "aligned": 4 / 8
+
+    aliases: ClassVar[dict[str, str]] = {"column_block": "block", "top_max_k": "lanes"}
+
+    def validate(self) -> None:
+        choices = {"fill": ("mid", "zero"), "channel_max": ("code", "abs"), "o_exp": ("code", "minus1")}
+        choices["v_steps"] = tuple(VALUE_STEPS)
+        for name, accepted in choices.items():
+            if getattr(self, name) not in accepted:
+                raise MethodSpecError(f"alignedkv: {name}={getattr(self, name)!r}; accepted: {', '.join(accepted)}")
+        if self.lanes < 1 or self.block < 2 or self.block % 2 or self.block % self.lanes:
+            raise MethodSpecError(
+                f"alignedkv: block={self.block}, lanes={self.lanes}; block must be even and a multiple of lanes >= 1"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# fp16 bit patterns and the byte split
+# --------------------------------------------------------------------------------------------
+
+
+def fp16_bits(x: torch.Tensor) -> torch.Tensor:
+    """The fp16 bit pattern of ``x`` (rounded to fp16) as int32 in [0, 65535]."""
+    return x.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+def from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """fp16 values of int32 bit patterns in [0, 65535]."""
+    return bits.to(torch.int16).view(torch.float16)  # int32 -> int16 wraps to the same 16 bits
+
+
+def exponent_field(x: torch.Tensor) -> torch.Tensor:
+    """The biased fp16 exponent field E(x) (sign ignored), int32 in [0, 31]."""
+    return (fp16_bits(x) >> 10) & 0x1F
+
+
+def _pack_nibbles(x: torch.Tensor) -> torch.Tensor:
+    """4-bit values [..., 2n] -> bytes [..., n], the even element in the upper nibble."""
+    return ((x[..., 0::2] << 4) | x[..., 1::2]).to(torch.uint8)
+
+
+def split_bytes(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp16 bit patterns [..., 2n] -> (high bytes [..., 2n], mid nibbles [..., n], last nibbles [..., n])."""
+    return (bits >> 8).to(torch.uint8), _pack_nibbles((bits >> 4) & 0xF), _pack_nibbles(bits & 0xF)
+
+
+def low_bytes(mid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The low bytes [..., 2n] (uint8) of the elements whose nibbles ``mid`` / ``last`` [..., n] hold:
+    an even element's are the upper nibbles of both planes, an odd element's the lower ones."""
+    even = (mid & 0xF0) | (last >> 4)
+    odd = (mid << 4) | (last & 0x0F)  # uint8 shift drops the upper nibble
+    return torch.stack([even, odd], dim=-1).flatten(-2)
+
+
+def join_fp16(
+    hi: torch.Tensor,
+    mid: torch.Tensor,
+    last: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    fill: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The inverse of ``split_bytes``, as fp16 values; with ``keep`` / ``fill`` (uint8, broadcast over
+    the elements) the low byte is ``(low & keep) | fill``: a partial read."""
+    low = low_bytes(mid, last)
+    if keep is not None:
+        low = (low & keep) | fill
+    return ((hi.to(torch.int16) << 8) | low.to(torch.int16)).view(torch.float16)  # int16 shift wraps
+
+
+def join_bytes(
+    hi: torch.Tensor,
+    mid: torch.Tensor,
+    last: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    fill: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``join_fp16`` as int32 bit patterns in [0, 65535]."""
+    if keep is not None:
+        keep, fill = torch.as_tensor(keep, dtype=torch.uint8), torch.as_tensor(fill, dtype=torch.uint8)
+    return fp16_bits(join_fp16(hi, mid, last, keep, fill))
+
+
+def width_masks(width: torch.Tensor, fill: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element (keep, fill) low-byte masks (uint8) for read widths of 8 / 12 / 16 bits."""
+    keep = torch.tensor([KEEP[w] for w in (8, 12, 16)], dtype=torch.uint8, device=width.device)
+    filler = torch.tensor([FILL[fill][w] for w in (8, 12, 16)], dtype=torch.uint8, device=width.device)
+    index = ((width - 8) // 4).long()  # 8 -> 0, 12 -> 1, 16 -> 2
+    return keep[index], filler[index]
+
+
+# --------------------------------------------------------------------------------------------
+# The precision rules (pure functions: tests feed them by hand)
+# --------------------------------------------------------------------------------------------
+
+
+def width_from_steps(steps: torch.Tensor, thresholds: tuple[int, int]) -> torch.Tensor:
+    """8 bits where ``steps >= thresholds[1]``, 12 where ``>= thresholds[0]``, else 16 (int32)."""
+    mid, low = thresholds
+    return torch.where(steps >= low, 8, torch.where(steps >= mid, 12, 16)).to(torch.int32)
+
+
+def key_widths(q_exp: torch.Tensor, k_emax: torch.Tensor) -> torch.Tensor:
+    """Bits read per KV channel for the complete key blocks.
+
+    q_exp [B, H, D]: E of the step's query; k_emax [B, H_kv, D]: the key channels' exponent maxima.
+    Term exponent estimate e = E(q_d) + Emax_k[d]; diff = max_d e − e per query head; a KV channel
+    takes the smallest diff over its query group; 8 bits from 8 steps, 12 from 4 -> [B, H_kv, D].
+    """
+    b, h, d = q_exp.shape
+    h_kv = k_emax.shape[1]
+    est = q_exp.reshape(b, h_kv, h // h_kv, d) + k_emax.unsqueeze(2)  # [B, H_kv, G, D]
+    diff = (est.amax(-1, keepdim=True) - est).amin(2)
+    return width_from_steps(diff, KEY_STEPS)
+
+
+def alignment_score(
+    s: torch.Tensor, v_hi: torch.Tensor, v_emax: torch.Tensor, lanes: int, o_exp: str = "code"
+) -> torch.Tensor:
+    """The value rule's alignment exponent A per query head (steps 1-2 of the module docstring).
+
+    s [B, H_kv, G, P] fp16 probabilities of the complete-block tokens (P a multiple of ``lanes``);
+    v_hi [B, H_kv, P, D] the values' high bytes; v_emax [B, H_kv, D] -> A [B, H_kv, G] (int32).
+    """
+    b, h_kv, g, p = s.shape
+    rows = s.float().view(b, h_kv, g, p // lanes, lanes)
+    s_top, row = rows.max(dim=-2)  # [B, H_kv, G, lanes]: per lane, the row with the largest s
+    token = row * lanes + torch.arange(lanes, device=s.device)
+    hi = v_hi.to(torch.int32)  # [B, H_kv, P, D]
+    picked = hi.unsqueeze(2).expand(b, h_kv, g, p, hi.shape[-1])
+    picked = picked.gather(3, token.unsqueeze(-1).expand(*token.shape, hi.shape[-1]))  # [B, H_kv, G, lanes, D]
+    v8 = from_bits(((picked << 8) | ESTIMATE_FILL) & 0x7FFF).float()  # 8-bit read, sign cleared
+    o_hat = (s_top.unsqueeze(-1) * v8).sum(-2)  # [B, H_kv, G, D]
+    e_o = exponent_field(o_hat)
+    e_o = e_o & 0x1E if o_exp == "code" else e_o - 1
+    align = e_o + EXP_BIAS - v_emax.unsqueeze(2)  # signed (the code's uint8 would wrap below 0)
+    return align.amin(-1)
+
+
+def value_widths(s: torch.Tensor, align: torch.Tensor, steps: tuple[int, int]) -> torch.Tensor:
+    """Bits read per complete-block value token (step 3): s [B, H_kv, G, P] fp16, A [B, H_kv, G]
+    -> [B, H_kv, P], the most bits over each query group."""
+    dist = (align.unsqueeze(-1) << 10) - fp16_bits(s)  # distance below 2^(A-15), on the bit patterns
+    return width_from_steps(dist, (steps[0] << 10, steps[1] << 10)).amax(2)
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------
+
+
+class _Split:
+    """Complete blocks held as high bytes + two nibble planes, growing along the token axis.
+
+    ``channel_major`` (keys): planes [B, H, blocks, D, block], nibbles pairing tokens;
+    otherwise (values): [B, H, T, D], nibbles pairing channels.
+    """
+
+    def __init__(self, block: int, channel_major: bool):
+        self.block, self.channel_major = block, channel_major
+        self.planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.length = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        """Add complete blocks: fp16 tokens [B, H, n, D], n a multiple of ``block``."""
+        b, h, n, d = x.shape
+        bits = fp16_bits(x)
+        if self.channel_major:
+            bits = bits.view(b, h, n // self.block, self.block, d).transpose(-1, -2)
+        new = split_bytes(bits)
+        if self.planes is None:
+            self.planes = new
+        else:  # blocks (keys) / tokens (values) are dim 2 of every plane
+            self.planes = tuple(torch.cat([a, c], dim=2) for a, c in zip(self.planes, new, strict=True))
+        self.length += n
+
+    def read(self, width: torch.Tensor | None = None, fill: str = "mid") -> torch.Tensor:
+        """fp16 values [B, H, T, D] read at ``width`` (keys: [B, H, D] per channel; values:
+        [B, H, T] per token; None = 16 bits)."""
+        hi, mid, last = self.planes
+        keep = filler = None
+        if width is not None:
+            keep, filler = width_masks(width, fill)
+            shape = (*width.shape[:2], 1, width.shape[2], 1) if self.channel_major else (*width.shape, 1)
+            keep, filler = keep.view(shape), filler.view(shape)
+        x = join_fp16(hi, mid, last, keep, filler)
+        if self.channel_major:
+            b, h, nb, d, blk = x.shape
+            x = x.transpose(-1, -2).reshape(b, h, nb * blk, d)
+        return x
+
+    @property
+    def high_bytes(self) -> torch.Tensor:
+        """Value high bytes [B, H, T, D] (values only)."""
+        return self.planes[0]
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(p) for p in self.planes) if self.planes is not None else 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.planes is not None:
+            self.planes = tuple(p.index_select(0, index) for p in self.planes)
+
+
+class AlignedKVStore(LayerStore):
+    """fp16 K/V split into byte planes per complete block, an fp16 tail, and per-channel exponent maxima."""
+
+    def __init__(self, layer_idx: int, info: ModelInfo, config: AlignedKVConfig, scaling: float | None = None):
+        super().__init__(layer_idx, info)
+        self.cfg = config
+        self.scaling = scaling if scaling is not None else info.head_dim**-0.5
+        self.k_split = _Split(config.block, channel_major=True)
+        self.v_split = _Split(config.block, channel_major=False)
+        self.k_tail: torch.Tensor | None = None  # [B, H_kv, r, D] fp16, r < block
+        self.v_tail: torch.Tensor | None = None
+        self.k_emax: torch.Tensor | None = None  # [B, H_kv, D] uint8
+        self.v_emax: torch.Tensor | None = None
+        self._query: torch.Tensor | None = None  # the decode step's post-RoPE query [B, H, 1, D]
+        self._batch: int | None = None
+        self.last_widths: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys [B,H_kv,D], values [B,H_kv,P])
+        # the latest read: fixed byte counts (k, v, meta) + elements read at 8/12/16 bits (keys, values),
+        # kept as a tensor so that decoding never waits for the device; summed over decode reads likewise
+        self._last: tuple[list[int], torch.Tensor | None] | None = None
+        self._sum_fixed = [0, 0, 0, 0]  # k tail, v tail, meta, K/V bytes held at the read
+        self._sum_elems: torch.Tensor | None = None  # [6]: keys at 8/12/16 bits, values at 8/12/16 bits
+
+    @property
+    def length(self) -> int:
+        return self.k_split.length + (0 if self.k_tail is None else self.k_tail.shape[TOKEN_DIM])
+
+    # ---- store -------------------------------------------------------------------------------
+    def _update_emax(self, old: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if old is None and self.cfg.channel_max == "code":
+            new = exponent_field(x.amax(TOKEN_DIM))  # the code's first append: E of the signed max
+        else:
+            new = exponent_field(x).amax(TOKEN_DIM)
+        new = new.to(torch.uint8)
+        return new if old is None else torch.maximum(old, new)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
+        b, _, n, _ = keys.shape
+        self._batch = b
+        if n == 0:
+            return
+        first = self.length == 0
+        k16, v16 = keys.to(torch.float16), values.to(torch.float16)
+        self.k_emax = self._update_emax(self.k_emax, k16)
+        self.v_emax = self._update_emax(self.v_emax, v16)
+        self.k_tail = k16 if self.k_tail is None else torch.cat([self.k_tail, k16], dim=TOKEN_DIM)
+        self.v_tail = v16 if self.v_tail is None else torch.cat([self.v_tail, v16], dim=TOKEN_DIM)
+        full = self.k_tail.shape[TOKEN_DIM] // self.cfg.block * self.cfg.block
+        if full:  # complete blocks are split right away (before this step's attention)
+            self.k_split.append(self.k_tail[..., :full, :])
+            self.v_split.append(self.v_tail[..., :full, :])
+            self.k_tail, self.v_tail = self.k_tail[..., full:, :].contiguous(), self.v_tail[..., full:, :].contiguous()
+        decode = n == 1 and not first
+        self._query = obs.queries if decode else None
+
+    def _tail_read(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.k_tail is None or self.k_tail.shape[TOKEN_DIM] == 0:
+            return None, None
+        return self.k_tail.to(dtype), self.v_tail.to(dtype)
+
+    def _held_kv_bytes(self) -> int:
+        return self.k_split.nbytes() + self.v_split.nbytes() + tensor_bytes(self.k_tail) + tensor_bytes(self.v_tail)
+
+    def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h_kv, d = self._batch or 0, self.info.n_kv_heads, self.info.head_dim
+        if self.length == 0:
+            empty = torch.zeros(b, h_kv, 0, d, dtype=dtype, device=self.info.device)
+            self._last = ([0, 0, 0], None)
+            return empty, empty.clone()
+        k_tail, v_tail = self._tail_read(dtype)
+        p = self.k_split.length
+        if self._query is None or p == 0:  # multi-token append, or nothing split yet: 16 bits
+            k_parts = [self.k_split.read().to(dtype)] if p else []
+            v_parts = [self.v_split.read().to(dtype)] if p else []
+            k_bytes = self.k_split.nbytes() + tensor_bytes(self.k_tail)
+            self._last = ([k_bytes, self._held_kv_bytes() - k_bytes, 0], None)
+            self.last_widths = None
+            return _cat([*k_parts, k_tail]), _cat([*v_parts, v_tail])
+        return self._decode_read(dtype, k_tail, v_tail)
+
+    def _decode_read(self, dtype, k_tail, v_tail) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self._query  # [B, H, 1, D]
+        b, h, _, d = q.shape
+        h_kv, g = self.info.n_kv_heads, h // self.info.n_kv_heads
+        p = self.k_split.length
+        # keys: one width per KV channel for all complete blocks
+        k_width = key_widths(exponent_field(q[:, :, 0, :]), self.k_emax.to(torch.int32))  # [B, H_kv, D]
+        k_full = self.k_split.read(k_width, self.cfg.fill)
+        k_hat = _cat([k_full.to(dtype), k_tail])
+        # values: the step's probabilities from the keys as read, then one width per token
+        scores = torch.matmul(q.float().reshape(b, h_kv, g, d), k_hat.float().transpose(-1, -2)) * self.scaling
+        s = torch.softmax(scores, dim=-1).to(torch.float16)  # [B, H_kv, G, T], fp16 as the code keeps it
+        s_full = s[..., :p]
+        align = alignment_score(
+            s_full, self.v_split.high_bytes, self.v_emax.to(torch.int32), self.cfg.lanes, self.cfg.o_exp
+        )
+        v_width = value_widths(s_full, align, VALUE_STEPS[self.cfg.v_steps])  # [B, H_kv, P]
+        v_full = self.v_split.read(v_width, self.cfg.fill)
+        v_hat = _cat([v_full.to(dtype), v_tail])
+        # bytes read: the fp16 tails in full, the complete blocks at their widths, and the metadata
+        tail = tensor_bytes(self.k_tail)
+        meta = tensor_bytes(self.k_emax) + tensor_bytes(self.v_emax) + b * h * self.cfg.lanes * d
+        elems = torch.stack([(k_width == w).sum() * p for w in WIDTHS] + [(v_width == w).sum() * d for w in WIDTHS])
+        self._last = ([tail, tail, meta], elems)
+        self.last_widths = (k_width, v_width)
+        for i, x in enumerate((tail, tail, meta, self._held_kv_bytes())):
+            self._sum_fixed[i] += x
+        self._sum_elems = elems if self._sum_elems is None else self._sum_elems + elems
+        return k_hat, v_hat
+
+    @staticmethod
+    def _bytes(fixed: list[int], elems: torch.Tensor | None) -> dict[str, int]:
+        """{k, v, meta} bytes from fixed counts + elements read at 8 / 12 / 16 bits."""
+        out = dict(zip(("k", "v", "meta"), fixed[:3], strict=True))
+        if elems is not None:
+            n = elems.tolist()
+            out["k"] += sum(w * x for w, x in zip(WIDTHS, n[:3], strict=True)) // 8
+            out["v"] += sum(w * x for w, x in zip(WIDTHS, n[3:], strict=True)) // 8
+        return out
+
+    @property
+    def last_read(self) -> dict[str, int] | None:
+        """Bytes the latest ``read`` fetched: keys, values, metadata (None before any read)."""
+        return None if self._last is None else self._bytes(*self._last)
+
+    def last_read_bytes(self) -> int | None:
+        last = self.last_read
+        return None if last is None else sum(last.values())
+
+    def memory(self) -> MemoryReport:
+        r = MemoryReport()
+        r.add("fp_tokens", self._held_kv_bytes())
+        r.add("scales", tensor_bytes(self.k_emax) + tensor_bytes(self.v_emax))
+        r.elements = 2 * (self._batch or 0) * self.info.n_kv_heads * self.length * self.info.head_dim
+        r.payload_bits = 16.0 * r.elements
+        return r
+
+    def stats(self) -> dict[str, list[float]]:
+        """Summed over this cache's decode steps: bytes read (k, v, meta), K/V bytes held at those
+        reads, and key / value elements read at 8 / 12 / 16 bits (nothing before a decode read)."""
+        if self._sum_elems is None:
+            return {}
+        read = self._bytes(self._sum_fixed, self._sum_elems)
+        n = [float(x) for x in self._sum_elems.tolist()]
+        return {
+            "read_bytes": [float(read["k"]), float(read["v"]), float(read["meta"])],
+            "held_bytes": [float(self._sum_fixed[3])],
+            "k_bits": n[:3],
+            "v_bits": n[3:],
+        }
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.k_split.reorder(index)
+        self.v_split.reorder(index)
+        for name in ("k_tail", "v_tail", "k_emax", "v_emax", "_query"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index))
+        self._batch = len(index)
+
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor:
+    present = [p for p in parts if p is not None]
+    return present[0] if len(present) == 1 else torch.cat(present, dim=TOKEN_DIM)
+
+
+@register_method(
+    "alignedkv", "AlignedKV: fp16 held, 8/12/16 bits read per key channel / value token by precision alignment"
+)
+class AlignedKV(KVCacheMethod):
+    """AlignedKV (arXiv 2409.16546): precision-aligned partial reads of an fp16 KV cache at decode."""
+
+    config_class = AlignedKVConfig
+    signals = frozenset({"queries"})
+
+    def __init__(self, config: AlignedKVConfig | None = None, name: str | None = None):
+        super().__init__(config, name)
+        self.scaling: float | None = None
+
+    def check_model(self, info: ModelInfo) -> None:
+        if info.head_dim % 2:
+            raise MethodSpecError(
+                f"{self.label}: head_dim={info.head_dim} is odd; the value nibble planes pair channels"
+            )
+
+    def attach(self, model: torch.nn.Module, info: ModelInfo) -> None:
+        """Read the attention scaling the model uses (for the probabilities the store computes)."""
+        attn = decoder_layers(model)[0].self_attn
+        self.scaling = float(getattr(attn, "scaling", None) or info.head_dim**-0.5)
+
+    def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
+        return AlignedKVStore(layer_idx, info, self.config, self.scaling)
