@@ -226,6 +226,7 @@ def profile_method(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "attention": getattr(model.config, "_attn_implementation", None),
+        "torch_threads": torch.get_num_threads(),
         "new_tokens": new_tokens,
         "repeats": repeats,
         "model_parameters": sum(p.numel() for p in model.parameters()),
