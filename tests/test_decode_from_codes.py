@@ -62,7 +62,8 @@ def test_model_decode_from_codes_equals_dequantized_reads(spec, family, monkeypa
             calls = []
             store_cls = type(method.new_layer_store(0, am.info))
             real = store_cls.attend
-            monkeypatch.setattr(store_cls, "attend", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+            counted = lambda self, *a, _calls=calls, _real=real, **k: _calls.append(1) or _real(self, *a, **k)  # noqa: E731
+            monkeypatch.setattr(store_cls, "attend", counted)
             cache = am.new_cache()
             out = [forward(model, ids, cache).logits[:, -1]]
             token = out[0].argmax(-1, keepdim=True)
