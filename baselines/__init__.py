@@ -1,1 +1,1 @@
-from baselines import alignedkv, kivi, kvquant, mikv, qoq, uniform  # noqa: F401  (each module registers its methods)
+from baselines import alignedkv, kivi, kvmix, kvquant, mikv, qoq, uniform, xquant  # noqa: F401  (each module registers its methods)

@@ -4,13 +4,15 @@ One module, vectorised torch, no Python loops over tokens or channels:
 
 * ``quantize`` — asymmetric min-max (KIVI, MoQAE, uniform INT-N) or symmetric round-to-nearest
   quantization in groups of ``group`` consecutive elements along any ``axis``.
-* ``pack_bits`` / ``unpack_bits`` — 2, 4 and 8-bit codes packed into bytes along the last dim.
+* ``pack_bits`` / ``unpack_bits`` — 1, 2, 4 and 8-bit codes packed into bytes along the last dim.
 * ``pack_codes`` / ``unpack_codes`` — the same plus 3-bit codes (8 codes in 3 bytes), for
   lookup-table (non-uniform) datatypes; ``nearest_level``, ``weighted_kmeans_1d`` and ``percentile``
   build and apply such tables (KVQuant's nuq datatype and outlier thresholds).
 * ``unpack_to_float`` — packed bytes straight to float codes through a 256-row table (the fast
   dequantization path; measured 2–3× faster than shift/mask/convert on CPU).
-* ``QuantizedTensor`` — what a cache stores: packed codes (uint8) plus fp16 scale and zero-point.
+* ``QuantizedTensor`` — what a cache stores: packed codes (uint8) plus fp16 scale and zero-point;
+  ``quantize`` stores 1, 2, 3, 4 or 8-bit codes (``QUANT_BITS``; 3-bit through ``pack_3bit``,
+  1-bit asymmetric only).
 
 Math (asymmetric, as in KIVI's ``quant/new_pack.py`` and the MoQAE paper):
     s = (max - min) / (2^b - 1),   q = round(clamp((x - min) / s, 0, 2^b - 1)),   x̂ = q·s + min
@@ -30,12 +32,14 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS = (2, 4, 8)
+PACK_BITS = (1, 2, 4, 8)  # byte-aligned packing (pack_bits / unpack_to_float)
+QUANT_BITS = (1, 2, 3, 4, 8)  # what ``quantize`` stores (3-bit: 8 codes in 3 bytes)
 META_DTYPE = torch.float16
 
 
-def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS} for packed storage, got {bits}")
+def _check_bits(bits: int, accepted: tuple[int, ...] = PACK_BITS) -> None:
+    if bits not in accepted:
+        raise ValueError(f"bits must be one of {accepted} for packed storage, got {bits}")
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -126,7 +130,10 @@ class QuantizedTensor:
         slice view of this shape and dtype) receives the result, so a reader can assemble the
         history without a concatenation copy."""
         offset = 2 ** (self.bits - 1) if self.zero is None else 0
-        q = unpack_to_float(self.codes, self.bits, dtype, offset)
+        if self.bits == 3:
+            q = unpack_3bit(self.codes).to(dtype) - offset
+        else:
+            q = unpack_to_float(self.codes, self.bits, dtype, offset)
         shape = q.shape
         ax = self.axis % len(shape)
         grouped = shape[:ax] + (shape[ax] // self.group, self.group) + shape[ax + 1 :]
@@ -207,7 +214,9 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: 
     Keys per channel (KIVI): ``x`` [B, H, T, D], ``axis=-2`` (groups of tokens, one range per channel).
     Values per token: ``axis=-1`` (groups of channels, one range per token).
     """
-    _check_bits(bits)
+    _check_bits(bits, QUANT_BITS)
+    if symmetric and bits < 2:
+        raise ValueError("symmetric quantization needs bits >= 2")
     axis = axis - x.dim() if axis >= 0 else axis
     xg, ax = _grouped(x.float(), axis, group)
     gax = ax + 1  # index of the within-group axis
@@ -231,7 +240,7 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: 
         safe = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.round(torch.clamp((xg - z) / safe, 0, qmax))
         q = torch.where(s > 0, q, torch.zeros_like(q))
-    codes = pack_bits(q.reshape(x.shape).to(torch.uint8), bits)
+    codes = pack_codes(q.reshape(x.shape).to(torch.uint8), bits)
     return QuantizedTensor(codes=codes, scale=scale, zero=zero, bits=bits, axis=axis, group=group)
 
 

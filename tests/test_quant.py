@@ -25,7 +25,7 @@ def test_pack_layout_by_hand():
 
 def test_unsupported_bits_and_bad_groups():
     with pytest.raises(ValueError, match="bits"):
-        quantize(torch.zeros(4, 8), 3, 8)
+        quantize(torch.zeros(4, 8), 5, 8)
     with pytest.raises(ValueError, match="group"):
         quantize(torch.zeros(4, 8), 4, 3)
     with pytest.raises(ValueError, match="divisible"):
