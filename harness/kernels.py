@@ -645,37 +645,14 @@ def decode_attention_from_codes(
 
     Same arguments and result as ``decode_attention_reference``.
     """
-    b, h, hkv, n_rep, d, tk, tv, t = _decode_shapes(
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, group, k_fp, v_fp
-    )
-    scale = d**-0.5 if scale is None else float(scale)
-    g = group
-    qg = q.reshape(b, hkv, n_rep, d).to(dtype) * scale
-    parts = []
-    if tk:
-        c = unpack_to_float(k_codes, bits, dtype).view(b, hkv, tk // g, g, d)
-        qs = qg.unsqueeze(2) * k_scale.to(dtype).unsqueeze(3)  # [B, H_kv, T_k/G, n_rep, D]
-        sq = torch.matmul(c, qs.transpose(-1, -2))  # [B, H_kv, T_k/G, G, n_rep]
-        sq += torch.matmul(k_zero.to(dtype), qg.transpose(-1, -2)).unsqueeze(3)  # + [.., T_k/G, 1, n_rep]
-        parts.append(sq.view(b, hkv, tk, n_rep).transpose(-1, -2))
-    if tk < t:
-        parts.append(torch.matmul(qg, k_fp.to(dtype).transpose(-1, -2)))
-    scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    p = torch.softmax(scores, dim=-1)  # [B, H_kv, n_rep, T]
-    out = torch.zeros(b, hkv, n_rep, d, dtype=dtype, device=q.device)
-    if tv:
-        pq = p[..., :tv]
-        ngv = d // g
-        c = unpack_to_float(v_codes, bits, dtype)  # [B, H_kv, T_v, D]
-        ps = pq.unsqueeze(-1) * v_scale.to(dtype).unsqueeze(2)  # [B, H_kv, n_rep, T_v, D/G]
-        w = ps.transpose(-1, -2).reshape(b, hkv, n_rep * ngv, tv)  # rows (r, g)
-        full = torch.matmul(w, c).view(b, hkv, n_rep, ngv, ngv, g)  # [.., r, g, g', j]: Σ_t ps[r,t,g] c[t,g'G+j]
-        og = full.diagonal(dim1=3, dim2=4).transpose(-1, -2)  # keep g' = g: [B, H_kv, n_rep, D/G, G]
-        og = og + torch.matmul(pq, v_zero.to(dtype)).unsqueeze(-1)  # + Σ_t p_t z_{t,g}
-        out += og.reshape(b, hkv, n_rep, d)
-    if tv < t:
-        out += torch.matmul(p[..., tv:], v_fp.to(dtype))
-    return out.reshape(b, h, 1, d).to(q.dtype)
+    _decode_shapes(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, group, k_fp, v_fp)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    keys = [QuantizedTensor(k_codes, k_scale, k_zero, bits, axis=-2, group=group), k_fp]
+    values = [QuantizedTensor(v_codes, v_scale, v_zero, bits, axis=-1, group=group), v_fp]
+    keys = [x for x in keys if x is not None and x.shape[-2]]
+    values = [x for x in values if x is not None and x.shape[-2]]
+    out = decode_attention_over(q.to(dtype), keys, values, scale)  # the stores' own from-codes path
+    return out.to(q.dtype)
 
 
 def decode_bytes(
@@ -786,7 +763,8 @@ def decode_attention_over(
     b, h, _, d = query.shape
     first = keys[0]
     h_kv = (first.codes if isinstance(first, QuantizedTensor) else first).shape[1]
-    dtype = torch.float32 if query.device.type == "cpu" else query.dtype  # CPU: fp32 matmuls
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    dtype = torch.float32 if half and query.device.type == "cpu" else query.dtype  # CPU: no half matmuls
     qg = query.reshape(b, h_kv, h // h_kv, d).to(dtype) * scaling
     parts = [
         scores_from_codes(qg, k) if isinstance(k, QuantizedTensor) else torch.matmul(qg, k.to(dtype).transpose(-1, -2))
