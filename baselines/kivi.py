@@ -47,7 +47,6 @@ import torch
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
-    MemoryReport,
     MethodConfig,
     MethodSpecError,
     ModelInfo,
@@ -55,9 +54,8 @@ from harness.interface import (
     register_method,
     register_variant,
 )
-from harness.kernels import decode_attention_over
 from harness.quant import SUPPORTED_BITS
-from harness.storage import TOKEN_DIM, FullPrecisionSeq, QuantizedSeq, held_parts, read_tokens
+from harness.storage import TOKEN_DIM, WindowedPairStore
 
 
 @dataclass
@@ -81,32 +79,16 @@ class KIVIConfig(MethodConfig):
             )
 
 
-class KIVIStore(LayerStore):
+class KIVIStore(WindowedPairStore):
     """Keys per channel / values per token at ``bits``, plus KIVI's fp16 residual windows.
 
     Token order of the history: [quantized | fp16] for keys and for values (the two split points
-    differ). Shapes: [B, H_kv, T, D].
+    differ; ``harness.storage.WindowedPairStore`` holds them). Shapes: [B, H_kv, T, D].
     """
 
     def __init__(self, layer_idx: int, info: ModelInfo, config: KIVIConfig):
-        super().__init__(layer_idx, info)
-        self.cfg = config
-        self.k_q = QuantizedSeq(config.bits, config.group, axis=-2)  # per channel, groups of G tokens
-        self.k_fp = FullPrecisionSeq()  # key buffer: < R tokens after a transition
-        self.v_q = QuantizedSeq(config.bits, config.group, axis=-1)  # per token, groups of G channels
-        self.v_fp = FullPrecisionSeq()  # value window: <= R tokens after a transition
-        self._batch: int | None = None
-
-    # ---- counts (tests, reports) -------------------------------------------------------------
-    @property
-    def key_counts(self) -> tuple[int, int]:
-        """(quantized, fp16) key tokens held."""
-        return self.k_q.length, self.k_fp.length
-
-    @property
-    def value_counts(self) -> tuple[int, int]:
-        """(quantized, fp16) value tokens held."""
-        return self.v_q.length, self.v_fp.length
+        super().__init__(layer_idx, info, config.bits, config.bits, config.group)
+        self.cfg = config  # k_fp: key buffer, < R tokens after a transition; v_fp: <= R values
 
     # ---- KIVI's transitions ------------------------------------------------------------------
     def _settle(self) -> None:
@@ -131,29 +113,6 @@ class KIVIStore(LayerStore):
         self.v_fp.append(values)
         if prefill:
             self._settle()  # KIVI's prefill split, applied at once
-
-    def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        k = read_tokens([self.k_q, self.k_fp], dtype)
-        if k is None:
-            empty = torch.zeros(self._batch or 0, self.info.n_kv_heads, 0, self.info.head_dim, dtype=dtype)
-            return empty, empty.clone()
-        return k, read_tokens([self.v_q, self.v_fp], dtype)
-
-    def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
-        """Decode attention from [quantized | fp16] keys and values without dequantizing the history
-        (``harness.kernels.decode_attention_over``; the two windows split at different tokens)."""
-        keys, values = held_parts([self.k_q, self.k_fp]), held_parts([self.v_q, self.v_fp])
-        return decode_attention_over(query, keys, values, scaling, mask)
-
-    def memory(self) -> MemoryReport:
-        r = MemoryReport()
-        for seq in (self.k_q, self.k_fp, self.v_q, self.v_fp):
-            r += seq.memory()
-        return r
-
-    def reorder(self, index: torch.Tensor) -> None:
-        for seq in (self.k_q, self.k_fp, self.v_q, self.v_fp):
-            seq.reorder(index)
 
 
 @register_method("kivi", "KIVI: keys per channel, values per token, fp16 residual (options bits, group, residual)")

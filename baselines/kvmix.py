@@ -72,7 +72,6 @@ from harness.integration import decoder_layers, forward, model_info
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
-    MemoryReport,
     MethodConfig,
     MethodSpecError,
     ModelInfo,
@@ -80,7 +79,7 @@ from harness.interface import (
     register_method,
 )
 from harness.models import cache_root
-from harness.storage import TOKEN_DIM, FullPrecisionSeq, QuantizedSeq, read_tokens
+from harness.storage import TOKEN_DIM, FullPrecisionSeq, QuantizedSeq, WindowedPairStore
 
 KVMIX_BITS = (1, 2, 3, 4)
 #: the official code's full-precision ratio per bit-width (``set_quant_bits`` in ``myprofileKV.py``)
@@ -193,30 +192,18 @@ def allocation_bits(bits: list[int]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-class KVmixStore(LayerStore):
+class KVmixStore(WindowedPairStore):
     """One layer: keys per channel / values per token at the layer's bits, each with its RPC window.
 
-    Token order: [quantized | fp16 window] for keys and for values (the two split points differ).
+    Token order: [quantized | fp16 window] for keys and for values (the two split points differ;
+    ``harness.storage.WindowedPairStore`` holds them).
     """
 
     def __init__(
         self, layer_idx: int, info: ModelInfo, k_bits: int, v_bits: int, k_ratio: float, v_ratio: float, group: int
     ):
-        super().__init__(layer_idx, info)
+        super().__init__(layer_idx, info, k_bits, v_bits, group)
         self.k_bits, self.v_bits, self.k_ratio, self.v_ratio, self.group = k_bits, v_bits, k_ratio, v_ratio, group
-        self.k_q = QuantizedSeq(k_bits, group, axis=-2)
-        self.k_fp = FullPrecisionSeq()
-        self.v_q = QuantizedSeq(v_bits, group, axis=-1)
-        self.v_fp = FullPrecisionSeq()
-        self._batch: int | None = None
-
-    @property
-    def key_counts(self) -> tuple[int, int]:
-        return self.k_q.length, self.k_fp.length
-
-    @property
-    def value_counts(self) -> tuple[int, int]:
-        return self.v_q.length, self.v_fp.length
 
     def _split(self, q: QuantizedSeq, fp: FullPrecisionSeq, ratio: float) -> None:
         n = fp.length
@@ -233,32 +220,6 @@ class KVmixStore(LayerStore):
         self.v_fp.append(values)
         self._split(self.k_q, self.k_fp, self.k_ratio)
         self._split(self.v_q, self.v_fp, self.v_ratio)
-
-    def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        k = read_tokens([self.k_q, self.k_fp], dtype)
-        if k is None:
-            empty = torch.zeros(self._batch or 0, self.info.n_kv_heads, 0, self.info.head_dim, dtype=dtype)
-            return empty, empty.clone()
-        return k, read_tokens([self.v_q, self.v_fp], dtype)
-
-    def key_memory(self) -> MemoryReport:
-        r = self.k_q.memory()
-        r += self.k_fp.memory()
-        return r
-
-    def value_memory(self) -> MemoryReport:
-        r = self.v_q.memory()
-        r += self.v_fp.memory()
-        return r
-
-    def memory(self) -> MemoryReport:
-        r = self.key_memory()
-        r += self.value_memory()
-        return r
-
-    def reorder(self, index: torch.Tensor) -> None:
-        for seq in (self.k_q, self.k_fp, self.v_q, self.v_fp):
-            seq.reorder(index)
 
 
 # --------------------------------------------------------------------------------------------

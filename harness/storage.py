@@ -4,6 +4,9 @@
 * ``QuantizedSeq`` — tokens kept as packed codes + fp16 scale/zero (``harness.quant``), growing
   along the token axis. The group layout is fixed per sequence (per-token groups along channels, or
   per-channel groups of ``group`` tokens); each append must hold whole groups.
+* ``SeqPairStore`` — one container for keys, one for values (fp16, uniform INT-N).
+* ``WindowedPairStore`` — keys per channel and values per token, each as [quantized | fp16 window]
+  (KIVI, KVmix, XQuant); subclasses say only when window tokens move into the quantized part.
 
 Both report the bytes they really hold; nothing keeps a full-precision copy of quantized history.
 Shapes: [B, H_kv, T, D].
@@ -168,3 +171,62 @@ class SeqPairStore(LayerStore):
     def reorder(self, index: torch.Tensor) -> None:
         self.k.reorder(index)
         self.v.reorder(index)
+
+
+class WindowedPairStore(LayerStore):
+    """Keys per channel / values per token, each held as [quantized | fp16 window] in token order.
+
+    The bookkeeping KIVI's residual, KVmix's recent-pivotal windows and XQuant share: counts, reads,
+    decode attention from the codes, accounting and beam reorder. A subclass decides when window
+    tokens are quantized (``append``); the two split points may differ. Shapes: [B, H_kv, T, D].
+    """
+
+    def __init__(self, layer_idx: int, info: ModelInfo, k_bits: int, v_bits: int, group: int):
+        super().__init__(layer_idx, info)
+        self.k_q: QuantizedSeq = QuantizedSeq(k_bits, group, axis=-2)  # per channel, groups of G tokens
+        self.k_fp = FullPrecisionSeq()
+        self.v_q: QuantizedSeq = QuantizedSeq(v_bits, group, axis=-1)  # per token, groups of G channels
+        self.v_fp = FullPrecisionSeq()
+        self._batch: int | None = None
+
+    @property
+    def key_counts(self) -> tuple[int, int]:
+        """(quantized, fp16) key tokens held."""
+        return self.k_q.length, self.k_fp.length
+
+    @property
+    def value_counts(self) -> tuple[int, int]:
+        """(quantized, fp16) value tokens held."""
+        return self.v_q.length, self.v_fp.length
+
+    def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        k = read_tokens([self.k_q, self.k_fp], dtype)
+        if k is None:
+            empty = torch.zeros(self._batch or 0, self.info.n_kv_heads, 0, self.info.head_dim, dtype=dtype)
+            return empty, empty.clone()
+        return k, read_tokens([self.v_q, self.v_fp], dtype)
+
+    def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+        """Decode attention from [quantized | fp16] keys and values without dequantizing the history
+        (``harness.kernels.decode_attention_over``; the two windows split at different tokens)."""
+        keys, values = held_parts([self.k_q, self.k_fp]), held_parts([self.v_q, self.v_fp])
+        return decode_attention_over(query, keys, values, scaling, mask)
+
+    def key_memory(self) -> MemoryReport:
+        r = self.k_q.memory()
+        r += self.k_fp.memory()
+        return r
+
+    def value_memory(self) -> MemoryReport:
+        r = self.v_q.memory()
+        r += self.v_fp.memory()
+        return r
+
+    def memory(self) -> MemoryReport:
+        r = self.key_memory()
+        r += self.value_memory()
+        return r
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for seq in (self.k_q, self.k_fp, self.v_q, self.v_fp):
+            seq.reorder(index)
