@@ -898,10 +898,17 @@ def _overlap(a, b) -> float:
     return w * h if w > 0 and h > 0 else 0.0
 
 
-def place_labels(ax, points: list[tuple[float, float, str]], fontsize: float = 7.5, avoid: Sequence = ()) -> list:
-    """Name each point beside its marker where the name overlaps no other name, marker, legend or
-    the axes' edge: the first free spot among positions around the marker, then further out with a
-    leader line; failing all, the least-overlapping spot. Returns the text artists."""
+def place_labels(
+    ax,
+    points: list[tuple[float, float, str]],
+    fontsize: float = 7.5,
+    avoid: Sequence = (),
+    unlabelled: Sequence[tuple[float, float]] = (),
+) -> list:
+    """Name each point beside its marker where the name overlaps no other name, marker (``unlabelled``
+    markers included), legend or the axes' edge: the first free spot among positions around the
+    marker, then further out with a leader line; failing all, the least-overlapping spot. Points at
+    the same place share one label. Returns the text artists."""
     from matplotlib.transforms import Bbox
 
     fig = ax.figure
@@ -910,8 +917,6 @@ def place_labels(ax, points: list[tuple[float, float, str]], fontsize: float = 7
     ax.set_ylim(ax.get_ylim())
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    xy = [ax.transData.transform((x, y)) for x, y, _ in points]
-    markers = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in xy]
     placed = [a.get_window_extent(renderer) for a in avoid if a is not None]
     near = [(6, 2, "left", "bottom"), (6, -2, "left", "top"), (-6, 2, "right", "bottom"), (-6, -2, "right", "top"),
             (0, 7, "center", "bottom"), (0, -7, "center", "top")]  # fmt: skip
@@ -919,6 +924,15 @@ def place_labels(ax, points: list[tuple[float, float, str]], fontsize: float = 7
            for r in (14, 24, 36) for dx, dy in ((r, r), (r, -r), (-r, r), (-r, -r), (0, 1.3 * r), (0, -1.3 * r),
                                                  (1.5 * r, 0), (-1.5 * r, 0))]  # fmt: skip
     texts = []
+    merged: dict[tuple[float, float], list[str]] = {}  # coincident points (e.g. fp16 and alignedkv): one label
+    for x, y, name in points:
+        merged.setdefault((x, y), []).append(name)
+    points = [(x, y, ", ".join(names)) for (x, y), names in merged.items()]
+    xy = [ax.transData.transform((x, y)) for x, y, _ in points]
+    box = 16  # px: the marker with its Pareto ring
+    markers = [Bbox.from_bounds(px - box / 2, py - box / 2, box, box) for px, py in xy]
+    others = [ax.transData.transform(p) for p in unlabelled]
+    placed += [Bbox.from_bounds(px - box / 2, py - box / 2, box, box) for px, py in others]
     for i in sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1])):
         x, y, name = points[i]
         best = None
@@ -980,6 +994,7 @@ def plot_ppl_vs_bits(
         ax.grid(True, which="both", alpha=0.3)
         ax.margins(x=0.12, y=0.12)
         if i == 0:
+            ax.margins(x=0.2)  # room for the names of the points at the edges (fp16 at 16 bits)
             from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
             ax.set_yscale("log")
@@ -1001,7 +1016,8 @@ def plot_ppl_vs_bits(
         x0, x1 = axes[1].get_xlim()
         y0, y1 = axes[1].get_ylim()
         axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ls=":", color="0.4", lw=1, zorder=1))
-        place_labels(axes[0], [(p[0], p[1], p[2]) for p in pts if p not in zoom], avoid=[legend])
+        place_labels(axes[0], [(p[0], p[1], p[2]) for p in pts if p not in zoom], avoid=[legend],
+                     unlabelled=[(p[0], p[1]) for p in zoom])  # fmt: skip
         place_labels(axes[1], [(p[0], p[1], p[2]) for p in zoom])
         axes[0].text(0.01, 0.01, "dotted box: zoom on the right", transform=axes[0].transAxes, fontsize=7,
                      color="0.35", va="bottom")  # fmt: skip

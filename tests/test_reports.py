@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.reports import load_results, method_sort_key, pareto_front, write_report
+from harness.reports import load_results, method_sort_key, pareto_front, place_labels, write_report
 from moqae.method import MoQAEConfig
 
 WT_CFG = {"seqlen": 2048, "max_windows": 2, "prefill_chunk": 0}
@@ -116,6 +116,24 @@ def test_pareto_front():
     assert pareto_front([(4, 10), (4, 10)]) == [0, 1]  # equal points dominate neither
     assert pareto_front([(4, 10), (4, 9), (3, 12)]) == [2, 1]
     assert pareto_front([]) == []
+
+
+def test_place_labels_merges_coincident_points_and_avoids_markers():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    pts = [(16.0, 15.1, "fp16"), (16.0, 15.1, "alignedkv"), (4.0, 20.0, "int4")]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o")
+    texts = place_labels(ax, pts, unlabelled=[(4.3, 20.0)])
+    assert sorted(t.get_text() for t in texts) == ["fp16, alignedkv", "int4"]
+    renderer = fig.canvas.get_renderer()
+    other = ax.transData.transform((4.3, 20.0))
+    int4 = next(t for t in texts if t.get_text() == "int4").get_window_extent(renderer)
+    assert not (int4.x0 - 8 <= other[0] <= int4.x1 + 8 and int4.y0 - 8 <= other[1] <= int4.y1 + 8)
+    plt.close(fig)
 
 
 def test_paper_order(results):
