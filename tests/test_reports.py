@@ -223,3 +223,21 @@ def test_report_cli_positional_and_flag(results, tmp_path, capsys):
     assert "### Profile, latency" in md and "## Perplexity" not in md
     assert main(["report", "--out", str(tmp_path / "c")]) == 2
     assert capsys.readouterr().err.startswith("error: give the results")
+
+
+def test_reports_index_lists_every_report_reproduce_first(results, tmp_path):
+    root = tmp_path / "reports"
+    write_report([results / "runs"], root / "zeta", "zeta report", command="python -m harness report R --out Z")
+    assert not (root / "README.md").exists() or "zeta" in (root / "README.md").read_text()
+    (root / "bench").mkdir()
+    (root / "bench" / "log.txt").write_text("x")
+    quick = root / "reproduce" / "quick"
+    write_report([results / "runs"], quick, "quick report", command="python -m harness reproduce Q")
+    index = (root / "README.md").read_text()
+    rows = [line for line in index.splitlines() if line.startswith("| [")]
+    assert rows[0].startswith("| [reproduce/quick/](reproduce/quick/README.md) | quick report | `python -m harness re")
+    assert rows[1].startswith("| [zeta/](zeta/README.md) | zeta report | `python -m harness report R --out Z`")
+    assert "| bench/ | [log.txt](bench/log.txt) |" in index
+    # a report outside any reports/ folder writes no index
+    write_report([results / "runs"], tmp_path / "elsewhere", "x", command="c")
+    assert not (tmp_path / "README.md").exists()
