@@ -81,3 +81,20 @@ def evaluate_wikitext(stories, data_dir, specs, seqlen: int = 256, windows: int 
 
 def wikitext_ppl(stories, data_dir, specs) -> dict[str, float]:
     return {k: r["metrics"]["ppl"] for k, r in evaluate_wikitext(stories, data_dir, specs).items()}
+
+
+def fp16_kv(t: int, seed: int = 0, b: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-representable random K/V [b, 2, t, 8] (so fp16 windows hold them exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, 2, t, 8, generator=g).half().float()
+    v = torch.randn(b, 2, t, 8, generator=g).half().float()
+    return k, v
+
+
+def append_kv(store, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Append k, v [B, H_kv, T, D] to a layer store as the cache does (positions, prefill flag, length)."""
+    from harness.interface import Observation
+
+    start = store.seq_len
+    store.append(k, v, Observation(positions=torch.arange(start, start + k.shape[-2]), is_prefill=start == 0))
+    store.seq_len = start + k.shape[-2]

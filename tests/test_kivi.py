@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import wikitext_ppl
+from conftest import append_kv, fp16_kv, wikitext_ppl
 
 from baselines.kivi import KIVIConfig, KIVIStore
 from harness.integration import AttachedMethod, generate, model_info
@@ -18,20 +18,6 @@ INFO = ModelInfo("llama", 1, 4, 2, 8, 32, torch.float32, torch.device("cpu"))  #
 
 def _store(bits: int = 2, group: int = G, residual: int = R) -> KIVIStore:
     return KIVIStore(0, INFO, KIVIConfig(bits=bits, group=group, residual=residual))
-
-
-def _kv(t: int, seed: int = 0, b: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16-representable random K/V [b, 2, t, 8] (so the fp16 residual is exact)."""
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randn(b, 2, t, 8, generator=g).half().float()
-    v = torch.randn(b, 2, t, 8, generator=g).half().float()
-    return k, v
-
-
-def _append(store: KIVIStore, k: torch.Tensor, v: torch.Tensor) -> None:
-    start = store.seq_len
-    store.append(k, v, Observation(positions=torch.arange(start, start + k.shape[-2]), is_prefill=start == 0))
-    store.seq_len = start + k.shape[-2]
 
 
 def test_registered_variants_and_validation():
@@ -62,8 +48,8 @@ PREFILL = [
 @pytest.mark.parametrize("t,keys,values", PREFILL)
 def test_prefill_split(t, keys, values):
     store = _store()
-    k, v = _kv(t)
-    _append(store, k, v)
+    k, v = fp16_kv(t)
+    append_kv(store, k, v)
     assert store.key_counts == keys
     assert store.value_counts == values
     rk, rv = store.read(torch.float32)
@@ -76,7 +62,7 @@ def test_decode_crosses_the_flush_boundary():
     quantized if the window holds R + 1. The store applies those after-attention transitions at the
     start of the next append, so after each append it holds what that step's attention saw."""
     store = _store()
-    _append(store, *_kv(21))
+    append_kv(store, *fp16_kv(21))
     expected = [
         # T=22: buffer 5 -> 6 keys; window 8 -> 9 values (attention sees 9 fp16 values)
         ((16, 6), (13, 9)),
@@ -89,7 +75,7 @@ def test_decode_crosses_the_flush_boundary():
         ((24, 2), (17, 9)),
     ]
     for step, (keys, values) in enumerate(expected):
-        _append(store, *_kv(1, seed=100 + step))
+        append_kv(store, *fp16_kv(1, seed=100 + step))
         assert (store.key_counts, store.value_counts) == (keys, values), step
         assert store.read(torch.float32)[0].shape[-2] == 22 + step
 
@@ -132,11 +118,11 @@ def test_per_token_value_ranges_by_hand():
 
 def test_read_returns_tokens_in_order():
     store = _store()
-    k, v = _kv(21, seed=3, b=2)
-    _append(store, k, v)
+    k, v = fp16_kv(21, seed=3, b=2)
+    append_kv(store, k, v)
     for i in range(5):
-        nk, nv = _kv(1, seed=10 + i, b=2)
-        _append(store, nk, nv)
+        nk, nv = fp16_kv(1, seed=10 + i, b=2)
+        append_kv(store, nk, nv)
         k, v = torch.cat([k, nk], -2), torch.cat([v, nv], -2)
     rk, rv = store.read(torch.float32)
     nqk, nqv = store.key_counts[0], store.value_counts[0]
@@ -162,9 +148,9 @@ def _held_bytes(store: KIVIStore) -> int:
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_memory_equals_bytes_held(bits):
     store = _store(bits=bits)
-    _append(store, *_kv(21, b=2))
+    append_kv(store, *fp16_kv(21, b=2))
     for i in range(4):
-        _append(store, *_kv(1, seed=i, b=2))
+        append_kv(store, *fp16_kv(1, seed=i, b=2))
     mem = store.memory()
     assert mem.total_bytes == _held_bytes(store)
     assert mem.elements == 2 * 2 * 2 * 25 * 8  # K+V x B x H_kv x T x D

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import append_kv, fp16_kv
 
 from baselines.kvmix import (
     CODE_RPC,
@@ -17,23 +18,12 @@ from baselines.kvmix import (
     split_prompts,
 )
 from harness.integration import AttachedMethod, decoder_layers, forward, generate, model_info
-from harness.interface import MethodSpecError, ModelInfo, Observation, build_method, method_names
+from harness.interface import MethodSpecError, ModelInfo, build_method, method_names
 from harness.models import tiny_random_model
 from harness.quant import unpack_codes
 
 G = 4
 INFO = ModelInfo("llama", 1, 4, 2, 8, 32, torch.float32, torch.device("cpu"))  # H_kv = 2, D = 8
-
-
-def _kv(t: int, seed: int = 0, b: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 2, t, 8, generator=g).half().float(), torch.randn(b, 2, t, 8, generator=g).half().float()
-
-
-def _append(store, k, v) -> None:
-    start = store.seq_len
-    store.append(k, v, Observation(positions=torch.arange(start, start + k.shape[-2]), is_prefill=start == 0))
-    store.seq_len = start + k.shape[-2]
 
 
 def test_registered_and_validation():
@@ -87,7 +77,7 @@ def test_llama2_7b_average_bits():
     for layer in range(32):
         store = method.new_layer_store(layer, info)
         k = torch.randn(1, 2, 64, 32, generator=g)
-        _append(store, k, k.clone())
+        append_kv(store, k, k.clone())
         km, vm = store.key_memory(), store.value_memory()
         k_pay, k_el = k_pay + km.payload_bits, k_el + km.elements
         v_pay, v_el = v_pay + vm.payload_bits, v_el + vm.elements
@@ -98,7 +88,7 @@ def test_rpc_split_by_hand():
     """Keys r = 0.2, values r = 0.3, G = 4. After each append the window of n tokens keeps
     int(r·n) and quantizes the oldest floor((n - int(r·n)) / 4) * 4 (the code's rule, values too)."""
     store = KVmixStore(0, INFO, k_bits=2, v_bits=4, k_ratio=0.2, v_ratio=0.3, group=G)
-    _append(store, *_kv(23))
+    append_kv(store, *fp16_kv(23))
     # n = 23: keys keep int(4.6) = 4, quantize floor(19/4)*4 = 16; values keep int(6.9) = 6, quantize 16
     assert store.key_counts == (16, 7) and store.value_counts == (16, 7)
     expected = [  # one decode token per step: ((quantized, fp16) keys, (quantized, fp16) values)
@@ -109,7 +99,7 @@ def test_rpc_split_by_hand():
         ((28, 0), (24, 4)),  # n = 4: keys keep int(0.8) = 0, quantize all 4; values keep int(1.2) = 1
     ]
     for step, (keys, values) in enumerate(expected):
-        _append(store, *_kv(1, seed=10 + step))
+        append_kv(store, *fp16_kv(1, seed=10 + step))
         assert (store.key_counts, store.value_counts) == (keys, values), step
     rk, rv = store.read(torch.float32)
     assert rk.shape == rv.shape == (1, 2, 28, 8)
@@ -121,7 +111,7 @@ def test_three_bit_keys_by_hand():
     store = KVmixStore(0, info, k_bits=3, v_bits=4, k_ratio=0.0, v_ratio=0.0, group=4)
     base = torch.tensor([0.0, 1.0, 2.0, 7.0])
     k = (base[:, None] * torch.arange(1, 9)[None, :]).view(1, 1, 4, 8)
-    _append(store, k, k.clone())
+    append_kv(store, k, k.clone())
     q = store.k_q.q
     assert q.bits == 3 and q.codes.shape == (1, 1, 4, 3)  # 8 codes in 3 bytes per token
     assert torch.equal(q.scale.flatten(), torch.arange(1, 9).half())  # (max - min) / 7 = c + 1
@@ -143,9 +133,9 @@ def _held_bytes(store: KVmixStore) -> int:
 @pytest.mark.parametrize("k_bits,v_bits", [(2, 2), (3, 4), (1, 2)])
 def test_memory_equals_bytes_held(k_bits, v_bits):
     store = KVmixStore(0, INFO, k_bits, v_bits, CODE_RPC[k_bits], CODE_RPC[v_bits], G)
-    _append(store, *_kv(37, b=2))
+    append_kv(store, *fp16_kv(37, b=2))
     for i in range(6):
-        _append(store, *_kv(1, seed=i, b=2))
+        append_kv(store, *fp16_kv(1, seed=i, b=2))
     mem = store.memory()
     assert mem.total_bytes == _held_bytes(store)
     assert mem.elements == 2 * 2 * 2 * 43 * 8

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import append_kv, fp16_kv
 
 from baselines.kivi import KIVIStore
 from baselines.xquant import ETA_GRID, XQuant, XQuantConfig, XQuantStore, calibrate_levels
 from harness.integration import AttachedMethod, forward, generate, model_info
-from harness.interface import MethodSpecError, ModelInfo, Observation, build_method, method_names
+from harness.interface import MethodSpecError, ModelInfo, build_method, method_names
 from harness.models import tiny_random_model
 from harness.quant import pack_bits, quantize, unpack_bits
 
 G, R = 4, 8
 INFO = ModelInfo("llama", 2, 4, 2, 8, 32, torch.float32, torch.device("cpu"))  # H_kv = 2, D = 8
-
-
-def _kv(t: int, seed: int = 0, b: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 2, t, 8, generator=g).half().float(), torch.randn(b, 2, t, 8, generator=g).half().float()
-
-
-def _append(store, k, v) -> None:
-    start = store.seq_len
-    store.append(k, v, Observation(positions=torch.arange(start, start + k.shape[-2]), is_prefill=start == 0))
-    store.seq_len = start + k.shape[-2]
 
 
 def _pair(cfg: XQuantConfig) -> tuple[XQuantStore, XQuantStore]:
@@ -112,10 +102,10 @@ def test_upper_layer_reuses_lower_codes_with_its_own_ranges():
     cfg = XQuantConfig(group=G, residual=R, k_1bit_from=0, v_1bit_from=0, k_share_from=0, v_share_from=0)
     lower, upper = _pair(cfg)
     assert isinstance(upper, KIVIStore)  # KIVI's windows and transitions
-    k0, v0 = _kv(21, seed=1)
+    k0, v0 = fp16_kv(21, seed=1)
     k1, v1 = (3 * k0 + 1).half().float(), -2 * v0  # affine copies of the lower layer's K / V
-    _append(lower, k0, v0)
-    _append(upper, k1, v1)
+    append_kv(lower, k0, v0)
+    append_kv(upper, k1, v1)
     # KIVI's prefill split with R = 8: keys 16 quantized / 5 fp16, values 13 / 8
     assert lower.key_counts == upper.key_counts == (16, 5)
     assert lower.value_counts == upper.value_counts == (13, 8)
@@ -146,11 +136,11 @@ def test_decode_keeps_pairs_in_step():
     cfg = XQuantConfig(group=G, residual=R, k_1bit_from=99, v_1bit_from=0, k_share_from=0, v_share_from=0)
     lower, upper = _pair(cfg)
     assert (lower.k_bits, upper.k_bits, lower.v_bits, upper.v_bits) == (2, 2, 1, 1)
-    _append(lower, *_kv(21))
-    _append(upper, *_kv(21, seed=5))
+    append_kv(lower, *fp16_kv(21))
+    append_kv(upper, *fp16_kv(21, seed=5))
     for step in range(6):  # crosses KIVI's key flush at T = 24 -> 25
-        _append(lower, *_kv(1, seed=10 + step))
-        _append(upper, *_kv(1, seed=20 + step))
+        append_kv(lower, *fp16_kv(1, seed=10 + step))
+        append_kv(upper, *fp16_kv(1, seed=20 + step))
         assert lower.key_counts == upper.key_counts and lower.value_counts == upper.value_counts
         k, v = upper.read(torch.float32)
         assert k.shape == v.shape == (1, 2, 22 + step, 8)
@@ -171,10 +161,10 @@ def test_memory_counts_shared_codes_once():
     cfg = XQuantConfig(group=G, residual=R, k_1bit_from=99, v_1bit_from=0, k_share_from=0, v_share_from=0)
     lower, upper = _pair(cfg)
     for store, seed in ((lower, 0), (upper, 1)):
-        _append(store, *_kv(37, seed=seed, b=2))
+        append_kv(store, *fp16_kv(37, seed=seed, b=2))
     for i in range(3):
-        _append(lower, *_kv(1, seed=10 + i, b=2))
-        _append(upper, *_kv(1, seed=20 + i, b=2))
+        append_kv(lower, *fp16_kv(1, seed=10 + i, b=2))
+        append_kv(upper, *fp16_kv(1, seed=20 + i, b=2))
     (nqk, nfk), (nqv, nfv) = lower.key_counts, lower.value_counts  # 40 tokens: keys (32, 8), values (31, 9)
     assert (nqk, nfk, nqv, nfv) == (32, 8, 31, 9)
     per_token = 2 * 2 * 8  # B x H_kv x D
