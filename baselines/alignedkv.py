@@ -98,7 +98,7 @@ from typing import ClassVar
 
 import torch
 
-from harness.integration import decoder_layers
+from harness.integration import attention_scaling
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -107,7 +107,7 @@ from harness.interface import (
     MethodSpecError,
     ModelInfo,
     Observation,
-    register_method,
+    ReportStyle,
     tensor_bytes,
 )
 
@@ -497,11 +497,12 @@ def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor:
     return present[0] if len(present) == 1 else torch.cat(present, dim=TOKEN_DIM)
 
 
-@register_method(
-    "alignedkv", "AlignedKV: fp16 held, 8/12/16 bits read per key channel / value token by precision alignment"
-)
 class AlignedKV(KVCacheMethod):
     """AlignedKV (arXiv 2409.16546): precision-aligned partial reads of an fp16 KV cache at decode."""
+
+    name = "alignedkv"
+    description = "AlignedKV: fp16 held, 8/12/16 bits read per key channel / value token by precision alignment"
+    report = ReportStyle("AlignedKV", "*", "C6", rank=70)
 
     config_class = AlignedKVConfig
     signals = frozenset({"queries"})
@@ -518,8 +519,7 @@ class AlignedKV(KVCacheMethod):
 
     def attach(self, model: torch.nn.Module, info: ModelInfo) -> None:
         """Read the attention scaling the model uses (for the probabilities the store computes)."""
-        attn = decoder_layers(model)[0].self_attn
-        self.scaling = float(getattr(attn, "scaling", None) or info.head_dim**-0.5)
+        self.scaling = attention_scaling(model)
 
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
         return AlignedKVStore(layer_idx, info, self.config, self.scaling)

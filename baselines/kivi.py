@@ -45,14 +45,14 @@ from typing import ClassVar
 import torch
 
 from harness.interface import (
+    ReportStyle,
+    Variant,
     KVCacheMethod,
     LayerStore,
     MethodConfig,
     MethodSpecError,
     ModelInfo,
     Observation,
-    register_method,
-    register_variant,
 )
 from harness.quant import SUPPORTED_BITS
 from harness.storage import TOKEN_DIM, WindowedPairStore
@@ -115,9 +115,16 @@ class KIVIStore(WindowedPairStore):
             self._settle()  # KIVI's prefill split, applied at once
 
 
-@register_method("kivi", "KIVI: keys per channel, values per token, fp16 residual (options bits, group, residual)")
 class KIVI(KVCacheMethod):
     """KIVI (arXiv 2402.02750): per-channel keys, per-token values, fp16 residual window."""
+
+    name = "kivi"
+    description = "KIVI: keys per channel, values per token, fp16 residual (options bits, group, residual)"
+    variants = {
+        "kivi-2": Variant("KIVI-2: 2-bit keys per channel / values per token, fp16 residual", bits=2),
+        "kivi-4": Variant("KIVI-4: 4-bit keys per channel / values per token, fp16 residual", bits=4),
+    }
+    report = ReportStyle("KIVI", "s", "C0", rank=30)
 
     config_class = KIVIConfig
     decode_from_codes = True  # decode steps attend from the codes (KIVIStore.attend)
@@ -136,5 +143,3 @@ class KIVI(KVCacheMethod):
         return KIVIStore(layer_idx, info, self.config)
 
 
-register_variant("kivi-2", KIVI, "KIVI-2: 2-bit keys per channel / values per token, fp16 residual", bits=2)
-register_variant("kivi-4", KIVI, "KIVI-4: 4-bit keys per channel / values per token, fp16 residual", bits=4)

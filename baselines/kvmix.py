@@ -20,7 +20,8 @@ recent-pivotal-context split). What this module does, and where the two differ, 
   labels left by one *and* pass them to a Hugging Face model, which shifts again (their loss scores
   token t + 2 from position t, with a pad label at the end); that double shift is not reproduced.
   Scores are cached on disk per model (``$MOQAE_HARNESS_CACHE/calibration/kvmix-*.pt``, keyed by the
-  model fingerprint, ``prompt_len`` and the calibration token ids), as KVQuant's calibration.
+  model fingerprint, ``prompt_len`` and the calibration token ids; ``harness.files``), as KVQuant's
+  calibration. The k_proj / v_proj weights come from ``harness.integration.attention_projections``.
 * **Bit allocation**, ranked separately for K and V (``classify_layers``): layers sorted by
   descending score; the first ⌊``important``·L⌋ are "important", the next ⌊``general``·L⌋ "general"
   (``int(0.1 * num_layers)`` twice in the code, although its docstring says 10 % / 20 %), the rest
@@ -56,10 +57,6 @@ Accounting: packed codes ("codes"), fp16 scale + minimum per group ("scales"), t
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +64,15 @@ from typing import ClassVar
 
 import torch
 
-from baselines.kvquant import model_fingerprint
-from harness.integration import decoder_layers, forward, model_info
+from harness.files import calibration_cache_path, load_calibration, save_calibration
+from harness.integration import (
+    attention_projections,
+    calibration_mode,
+    forward,
+    model_fingerprint,
+    model_info,
+    model_name,
+)
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -76,9 +80,8 @@ from harness.interface import (
     MethodSpecError,
     ModelInfo,
     Observation,
-    register_method,
+    ReportStyle,
 )
-from harness.models import cache_root
 from harness.storage import TOKEN_DIM, FullPrecisionSeq, QuantizedSeq, WindowedPairStore
 
 KVMIX_BITS = (1, 2, 3, 4)
@@ -136,30 +139,19 @@ def layer_importance(model: torch.nn.Module, prompts: list[torch.Tensor]) -> tup
     """
     if not prompts:
         raise ValueError("kvmix: calibration got no prompts of at least 2 tokens")
-    layers = decoder_layers(model)
-    weights = [w for layer in layers for w in (layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight)]
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    was_training = model.training
+    projections = attention_projections(model)
+    n_layers = len(projections)
+    weights = [w for p in projections for w in (p.k.weight, p.v.weight)]  # k0, v0, k1, v1, ...
     device = weights[0].device
-    sums = torch.zeros(2, len(layers), dtype=torch.float64)
-    try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
+    sums = torch.zeros(2, n_layers, dtype=torch.float64)
+    with calibration_mode(model, trainable=weights):  # eval; requires_grad on these weights only
         for ids in prompts:
             ids = ids.to(device)
             with torch.enable_grad():
                 loss = forward(model, ids, labels=ids).loss
                 grads = torch.autograd.grad(loss, weights)
             norms = torch.stack([g.detach().double().norm() for g in grads]).cpu()  # [2L]: k0, v0, k1, ...
-            sums += norms.view(len(layers), 2).T
-    finally:
-        for p, f in zip(params, flags, strict=True):
-            p.requires_grad_(f)
-        model.train(was_training)
+            sums += norms.view(n_layers, 2).T
     mean = sums / len(prompts)
     return mean[0], mean[1]
 
@@ -266,42 +258,28 @@ class KVmixConfig(MethodConfig):
 
 
 def importance_cache_path(model: torch.nn.Module, prompts: list[torch.Tensor], prompt_len: int) -> Path:
-    h = hashlib.sha1()
-    h.update(model_fingerprint(model).encode())
-    h.update(json.dumps({"v": CACHE_VERSION, "method": "kvmix", "prompt_len": prompt_len}, sort_keys=True).encode())
-    for p in prompts:
-        h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().to(torch.int64).cpu().numpy().tobytes())
-    name = str(getattr(model.config, "_name_or_path", "") or model.config.model_type).rstrip("/").split("/")[-1]
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
-    return cache_root() / "calibration" / f"kvmix-{slug}-{h.hexdigest()[:16]}.pt"
+    """Where the importance scores of ``model`` on ``prompts`` are cached (``harness.files``)."""
+    key = {"v": CACHE_VERSION, "prompt_len": prompt_len}
+    return calibration_cache_path("kvmix", model_name(model), model_fingerprint(model), key, prompts)
 
 
 def _save_scores(path: Path, k: torch.Tensor, v: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"k": k, "v": v}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_calibration(path, {"k": k, "v": v})
 
 
 def _load_scores(path: Path, n_layers: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):
-        return None
+    data = load_calibration(path)
     if not isinstance(data, dict) or any(data.get(k) is None or data[k].numel() != n_layers for k in ("k", "v")):
         return None
     return data["k"], data["v"]
 
 
-@register_method("kvmix", "KVmix: gradient-ranked layers K3/V4 (top 20 %) else 2-bit, per-bit fp16 recent window")
 class KVmix(KVCacheMethod):
     """KVmix (arXiv 2506.08018): per-layer K/V bits from gradient importance, recent-pivotal fp16 window."""
+
+    name = "kvmix"
+    description = "KVmix: gradient-ranked layers K3/V4 (top 20 %) else 2-bit, per-bit fp16 recent window"
+    report = ReportStyle("KVmix", "p", "C8", rank=70)
 
     config_class = KVmixConfig
 

@@ -25,6 +25,10 @@ calibration, ``quant_fn_nuq_recon``, ``get_outliers`` / ``get_outliers_dynamic``
   domain x' ∈ [−1, 1], fitted by k-means weighted by Fisher information (the squared gradient of the
   LM loss w.r.t. the k_proj / v_proj outputs, as ``run-fisher.py``) on every calibration element
   that is neither an outlier (|x'| > 1) nor one of the ``first_few_fp16`` tokens of a window.
+  Deviation (``FISHER_GRAD = "cut"``, kept so that calibrations stay what they were): every
+  layer's k_proj / v_proj output is a fresh gradient leaf, so a layer's gradient misses the paths
+  through the later layers' k_proj / v_proj; ``run-fisher.py`` keeps them (``retain_grad``, the
+  ``"full"`` mode of ``harness.integration.capture``).
   The official code runs sklearn ``KMeans(max_iter=50, k-means++)`` on all elements; here the
   normalized elements are first summed into a 16384-bin weighted histogram over [−1, 1] (each bin
   at the weighted mean of its elements, so memory does not grow with the calibration set), then a
@@ -40,9 +44,11 @@ calibration, ``quant_fn_nuq_recon``, ``get_outliers`` / ``get_outliers_dynamic``
   off) are stored in fp16 (post-RoPE keys) and never quantized. As in the code they are excluded
   from the k-means but *included* in the per-channel key ranges of the calibration.
 * **Calibration** uses the windows the harness passes (the runner: 16 windows of the calibration
-  split); the result is cached under ``$MOQAE_HARNESS_CACHE/calibration`` (default
-  ``~/.cache/moqae-harness/calibration``), keyed by the model (config and a parameter fingerprint),
-  the method options and the calibration token ids, so a second run does not recalibrate.
+  split); the k_proj / v_proj outputs and their loss gradients come from
+  ``harness.integration.capture``. The result is cached under ``$MOQAE_HARNESS_CACHE/calibration``
+  (default ``~/.cache/moqae-harness/calibration``; ``harness.files.calibration_cache_path``), keyed
+  by the model (config and a parameter fingerprint), the method options and the calibration token
+  ids, so a second run does not recalibrate.
 * **Accounting**: packed codes ("codes"); the per-token value ranges (fp16 lower/upper) plus, once
   per layer, the static per-channel key ranges (fp16) and the two fp32 lookup tables ("scales");
   the sink tokens ("fp_tokens"); outlier values and indices ("outliers"). Nominal bits count b per
@@ -54,10 +60,6 @@ per-token outlier capping (``--cap_outliers``) and the NormalFloat tables (``--n
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +67,19 @@ from typing import ClassVar
 
 import torch
 
-from harness.integration import apply_rope, decoder_layers, forward, model_info, rotary_embedding
+from harness.files import calibration_cache_path as _cache_path
+from harness.files import load_calibration, save_calibration
+from harness.integration import (
+    RopeTables,
+    apply_rope,
+    calibration_mode,
+    capture,
+    forward,
+    model_fingerprint,
+    model_info,
+    model_name,
+    rope_tables,
+)
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -75,17 +89,18 @@ from harness.interface import (
     ModelInfo,
     Observation,
     UnsupportedModelError,
-    register_method,
-    register_variant,
+    ReportStyle,
+    Variant,
     tensor_bytes,
 )
-from harness.models import cache_root
 from harness.quant import nearest_level, pack_codes, percentile, unpack_codes, weighted_kmeans_1d
 from harness.storage import FullPrecisionSeq
 
 NUQ_BITS = (2, 3, 4)
 HIST_BINS = 16384
 CACHE_VERSION = 1
+#: how ``capture`` keeps the Fisher gradients (``harness.integration.GRAD_MODES``); see the docstring
+FISHER_GRAD = "cut"
 
 
 def _fp16_outward(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +213,12 @@ def _window_positions(b: int, t: int) -> torch.Tensor:
     return torch.arange(t).repeat(b)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, H_kv, T, D] (a captured k_proj / v_proj output) -> [B*T, H_kv*D], the projection's rows."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b * t, h * d)
+
+
 def calibrate_kvquant(
     model: torch.nn.Module, windows: list[torch.Tensor], info: ModelInfo, cfg: KVQuantConfig
 ) -> list[LayerCalibration]:
@@ -207,7 +228,7 @@ def calibrate_kvquant(
     backward when ``cfg.fisher``): normalized keys/values and their Fisher weights summed into one
     histogram per layer and tensor, then weighted k-means gives the lookup tables.
     """
-    layers = decoder_layers(model)
+    n_layers = info.n_layers
     device = next(model.parameters()).device
     sparse = cfg.sparsity_threshold < 1.0
     t = 1 - (1 - cfg.sparsity_threshold) / 2 if sparse else 1.0
@@ -216,61 +237,42 @@ def calibrate_kvquant(
         raise ValueError("kvquant: calibration needs at least two tokens")
 
     # ---- pass 1: per-channel key ranges ----------------------------------------------------
-    uppers = [_TailTracker(n_total, t, largest=True) for _ in layers]
-    lowers = [_TailTracker(n_total, 1 - t, largest=False) for _ in layers]
+    uppers = [_TailTracker(n_total, t, largest=True) for _ in range(n_layers)]
+    lowers = [_TailTracker(n_total, 1 - t, largest=False) for _ in range(n_layers)]
 
-    def range_hook(i):
-        def hook(_module, _inputs, output):
-            rows = output.detach().reshape(-1, output.shape[-1])
-            uppers[i].add(rows)
-            lowers[i].add(rows)
+    def add_ranges(i: int, signals: dict[str, torch.Tensor]) -> None:
+        rows = _rows(signals["pre_rope_keys"])  # [B*T, H_kv*D]
+        uppers[i].add(rows)
+        lowers[i].add(rows)
 
-        return hook
-
-    handles = [layer.self_attn.k_proj.register_forward_hook(range_hook(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for ids in windows:
-                forward(model, ids.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    with capture(model, {"pre_rope_keys"}, on_layer=add_ranges), torch.no_grad():
+        for ids in windows:
+            forward(model, ids.to(device))
     k_ranges = [_fp16_outward(lo.value(), hi.value()) for lo, hi in zip(lowers, uppers, strict=True)]
 
     # ---- pass 2: histograms of normalized values, Fisher-weighted --------------------------
-    k_hist = [_Histogram() for _ in layers]
-    v_hist = [_Histogram() for _ in layers]
-    acts: dict[tuple[int, str], torch.Tensor] = {}
-
-    def act_hook(i, name):
-        def hook(_module, _inputs, output):
-            leaf = output.detach().requires_grad_(cfg.fisher)
-            acts[(i, name)] = leaf
-            return leaf
-
-        return hook
-
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.k_proj.register_forward_hook(act_hook(i, "k")))
-        handles.append(layer.self_attn.v_proj.register_forward_hook(act_hook(i, "v")))
-    flags = [p.requires_grad for p in model.parameters()]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    k_hist = [_Histogram() for _ in range(n_layers)]
+    v_hist = [_Histogram() for _ in range(n_layers)]
+    # every parameter frozen; with Fisher, the captured k_proj / v_proj outputs are gradient leaves
+    # ("cut": each layer's gradient stops at the later layers' k_proj / v_proj outputs)
+    kv, grad = {"pre_rope_keys", "values"}, FISHER_GRAD if cfg.fisher else False
+    with calibration_mode(model, trainable=()), capture(model, kv, grad=grad, keep=True) as cap:
         for ids in windows:
             ids = ids.to(device)
-            acts.clear()
+            cap.clear()
             with torch.set_grad_enabled(cfg.fisher):
                 out = forward(model, ids, labels=ids)
                 if cfg.fisher:
                     out.loss.backward()
             b, tt = ids.shape
             sink = _window_positions(b, tt).to(device) < cfg.first_few_fp16  # [B*T]
-            for i in range(len(layers)):
-                k = acts[(i, "k")].detach().reshape(b * tt, -1).float()
-                v = acts[(i, "v")].detach().reshape(b * tt, -1).float()
-                kw, vw = (_fisher(acts[(i, n)], x, cfg.fisher) for n, x in (("k", k), ("v", v)))
+            for i in range(n_layers):
+                k = _rows(cap.layers[i]["pre_rope_keys"]).float()  # [B*T, H_kv*D]
+                v = _rows(cap.layers[i]["values"]).float()
+                kw, vw = (
+                    _fisher(cap.grad(i, n) if cfg.fisher else None, x, cfg.fisher)
+                    for n, x in (("pre_rope_keys", k), ("values", v))
+                )
                 lo, hi = k_ranges[i]
                 kn = _normalize(k, lo.to(device), hi.to(device))
                 keep = (kn.abs() <= 1) & ~sink[:, None]
@@ -280,12 +282,7 @@ def calibrate_kvquant(
                 vn = _normalize(v, v_lo, v_hi)
                 keep = (vn.abs() <= 1) & ~sink[:, None]
                 v_hist[i].add(vn[keep], vw[keep])
-            acts.clear()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
+            cap.clear()
     k = 2**cfg.bits
     return [
         LayerCalibration(
@@ -294,60 +291,32 @@ def calibrate_kvquant(
             k_lut=k_hist[i].lut(k, cfg.kmeans_iters),
             v_lut=v_hist[i].lut(k, cfg.kmeans_iters),
         )
-        for i in range(len(layers))
+        for i in range(n_layers)
     ]
 
 
-def _fisher(leaf: torch.Tensor, like: torch.Tensor, enabled: bool) -> torch.Tensor:
-    """Squared gradient of the loss w.r.t. an activation ([B*T, C] like ``like``); ones when disabled."""
+def _fisher(grad: torch.Tensor | None, like: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """Squared gradient of the loss w.r.t. an activation (``grad`` [B, H_kv, T, D] -> [B*T, C] like
+    ``like``); ones when disabled."""
     if not enabled:
         return torch.ones_like(like)
-    if leaf.grad is None:  # the activation does not reach the loss
+    if grad is None:  # the activation does not reach the loss
         return torch.zeros_like(like)
-    return leaf.grad.reshape(like.shape).float() ** 2
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap identity of a model's config and weights (float64 sums of every parameter)."""
-    h = hashlib.sha1()
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(p.detach().double().sum().cpu().numpy().tobytes())
-    return h.hexdigest()
+    return _rows(grad).reshape(like.shape).float() ** 2
 
 
 def calibration_cache_path(model: torch.nn.Module, windows: list[torch.Tensor], cfg: KVQuantConfig) -> Path:
-    h = hashlib.sha1()
-    h.update(model_fingerprint(model).encode())
+    """Where the calibration of ``model`` on ``windows`` with ``cfg``'s quantizer options is cached."""
     opts = {k: getattr(cfg, k) for k in ("bits", "sparsity_threshold", "first_few_fp16", "fisher", "kmeans_iters")}
-    h.update(json.dumps({"v": CACHE_VERSION, "method": "kvquant", **opts}, sort_keys=True).encode())
-    for w in windows:
-        h.update(str(tuple(w.shape)).encode())
-        h.update(w.detach().to(torch.int64).cpu().numpy().tobytes())
-    name = str(getattr(model.config, "_name_or_path", "") or model.config.model_type).rstrip("/").split("/")[-1]
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
-    return cache_root() / "calibration" / f"kvquant-{slug}-{h.hexdigest()[:16]}.pt"
+    return _cache_path("kvquant", model_name(model), model_fingerprint(model), {"v": CACHE_VERSION, **opts}, windows)
 
 
 def _save_calibration(path: Path, calib: list[LayerCalibration]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save([{k: getattr(c, k) for k in ("k_lower", "k_upper", "k_lut", "v_lut")} for c in calib], tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_calibration(path, [{k: getattr(c, k) for k in ("k_lower", "k_upper", "k_lut", "v_lut")} for c in calib])
 
 
 def _load_calibration(path: Path, n_layers: int) -> list[LayerCalibration] | None:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):
-        return None
+    data = load_calibration(path)
     if not isinstance(data, list) or len(data) != n_layers:
         return None
     return [LayerCalibration(**d) for d in data]
@@ -560,9 +529,23 @@ class KVQuantConfig(MethodConfig):
             raise MethodSpecError(f"kvquant: kmeans_iters={self.kmeans_iters} must be >= 1")
 
 
-@register_method("kvquant", "KVQuant: pre-RoPE per-channel keys, Fisher-weighted nuq, dense-and-sparse, fp16 sink")
 class KVQuant(KVCacheMethod):
     """KVQuant: pre-RoPE per-channel keys, per-token values, nuq lookup tables, sparse outliers, sink."""
+
+    name = "kvquant"
+    description = "KVQuant: pre-RoPE per-channel keys, Fisher-weighted nuq, dense-and-sparse, fp16 sink"
+    variants = {
+        "kvquant-4b": Variant("KVQuant nuq4, dense only (no outliers), fp16 sink", sparsity_threshold=1.0),
+        "kvquant-4b-1%": Variant("KVQuant nuq4-1%: 1% outliers in fp16, fp16 sink", bits=4),
+        "kvquant-3b-1%": Variant("KVQuant nuq3-1%: 1% outliers in fp16, fp16 sink", bits=3),
+        "kvquant-2b-1%": Variant("KVQuant nuq2-1%: 1% outliers in fp16, fp16 sink", bits=2),
+    }
+    report = ReportStyle("KVQuant", "D", "C1", rank=40)
+
+    @classmethod
+    def report_sort_key(cls, config: dict) -> tuple:
+        """More bits first, then dense before dense-and-sparse (fewer outliers first)."""
+        return (-float(config.get("bits", 4)), -float(config.get("sparsity_threshold", 1.0)))
 
     config_class = KVQuantConfig
     signals = frozenset({"pre_rope_keys"})
@@ -571,7 +554,7 @@ class KVQuant(KVCacheMethod):
         super().__init__(config, name)
         self.calibration: list[LayerCalibration] | None = None
         self.calibration_source: str | None = None  # "computed" or the cache file it came from
-        self._rotary: torch.nn.Module | None = None
+        self._rope: RopeTables | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -587,32 +570,32 @@ class KVQuant(KVCacheMethod):
             )
 
     def attach(self, model: torch.nn.Module, info: ModelInfo) -> None:
-        rotary = rotary_embedding(model)
-        if rotary is None:
-            raise UnsupportedModelError(f"{self.label}: no model.model.rotary_emb to re-apply RoPE to pre-RoPE keys")
-        rope_type = getattr(rotary, "rope_type", "default")
+        rope = rope_tables(model)
+        if rope is None:
+            raise UnsupportedModelError(
+                f"{self.label}: the model has no shared rotary embedding to re-apply RoPE to pre-RoPE keys"
+            )
+        rope_type = rope.rope_type
         if rope_type in ("dynamic", "longrope"):
             raise UnsupportedModelError(
                 f"{self.label}: RoPE type {rope_type!r} depends on the sequence length; pre-RoPE keys cannot be "
                 "re-rotated exactly (accepted: static RoPE types such as default, linear, llama3, yarn)"
             )
-        probe = torch.zeros(1, device=info.device, dtype=torch.float32)
-        cos, _ = rotary(probe, torch.zeros(1, 1, dtype=torch.long, device=info.device))
-        if cos.shape[-1] != info.head_dim:
+        dim = rope.dim(info.device)
+        if dim != info.head_dim:
             raise UnsupportedModelError(
-                f"{self.label}: partial rotary embeddings ({cos.shape[-1]} of {info.head_dim} dims) are not supported"
+                f"{self.label}: partial rotary embeddings ({dim} of {info.head_dim} dims) are not supported"
             )
-        self._rotary = rotary
+        self._rope = rope
 
     def detach(self, model: torch.nn.Module, info: ModelInfo) -> None:
-        self._rotary = None
+        self._rope = None
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [1, T, D] in fp32 for absolute ``positions`` [T], from the model's rotary module."""
-        if self._rotary is None:
+        if self._rope is None:
             raise RuntimeError(f"{self.label}: not attached to a model")
-        probe = torch.zeros(1, device=positions.device, dtype=torch.float32)
-        return self._rotary(probe, positions.view(1, -1))
+        return self._rope(positions)
 
     def calibrate(self, model: torch.nn.Module, calibration_batches: Iterable[torch.Tensor]) -> None:
         info = self.info or model_info(model)
@@ -625,12 +608,8 @@ class KVQuant(KVCacheMethod):
             if calib is not None:
                 self.calibration, self.calibration_source = calib, str(path)
                 return
-        was_training = model.training
-        model.eval()
-        try:
+        with calibration_mode(model):
             self.calibration = calibrate_kvquant(model, windows, info, self.config)
-        finally:
-            model.train(was_training)
         self.calibration_source = "computed"
         if self.config.cache:
             _save_calibration(path, self.calibration)
@@ -639,9 +618,3 @@ class KVQuant(KVCacheMethod):
         if self.calibration is None:
             raise RuntimeError(f"{self.label}: not calibrated; call AttachedMethod.calibrate(windows) first")
         return KVQuantStore(layer_idx, info, self.calibration[layer_idx], self.config, self.rope_tables)
-
-
-register_variant("kvquant-4b", KVQuant, "KVQuant nuq4, dense only (no outliers), fp16 sink", sparsity_threshold=1.0)
-register_variant("kvquant-4b-1%", KVQuant, "KVQuant nuq4-1%: 1% outliers in fp16, fp16 sink", bits=4)
-register_variant("kvquant-3b-1%", KVQuant, "KVQuant nuq3-1%: 1% outliers in fp16, fp16 sink", bits=3)
-register_variant("kvquant-2b-1%", KVQuant, "KVQuant nuq2-1%: 1% outliers in fp16, fp16 sink", bits=2)

@@ -60,7 +60,7 @@ from typing import ClassVar
 
 import torch
 
-from harness.integration import attention_probs, decoder_layers
+from harness.integration import attention_probs, attention_scaling
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -69,7 +69,7 @@ from harness.interface import (
     MethodSpecError,
     ModelInfo,
     Observation,
-    register_method,
+    ReportStyle,
     tensor_bytes,
 )
 from harness.quant import META_DTYPE, SUPPORTED_BITS, QuantizedTensor, quantize
@@ -384,9 +384,12 @@ class MiKVStore(LayerStore):
         self._batch = len(index)
 
 
-@register_method("mikv", "MiKV: H2O-important tokens FP16, the rest INT2, balanced keys (options ratio, high, low)")
 class MiKV(KVCacheMethod):
     """MiKV (arXiv 2402.18096): importance-aware mixed precision with outlier-aware key balancing."""
+
+    name = "mikv"
+    description = "MiKV: H2O-important tokens FP16, the rest INT2, balanced keys (options ratio, high, low)"
+    report = ReportStyle("MiKV", "v", "C2", rank=60)
 
     config_class = MiKVConfig
     signals = frozenset({"attention", "queries"})
@@ -409,8 +412,7 @@ class MiKV(KVCacheMethod):
 
     def attach(self, model: torch.nn.Module, info: ModelInfo) -> None:
         """Read the attention scaling the model uses (for the prefill probabilities the store computes)."""
-        attn = decoder_layers(model)[0].self_attn
-        self.scaling = float(getattr(attn, "scaling", None) or info.head_dim**-0.5)
+        self.scaling = attention_scaling(model)
 
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
         return MiKVStore(layer_idx, info, self.config, self.scaling)

@@ -37,6 +37,9 @@ that smooths refuses to make caches before it is calibrated. ``detach`` (called 
 ``AttachedMethod.detach``) calls ``unfold``, which restores the exact original q/k/v/o weights:
 copies of the touched tensors are kept on the CPU at fold time, because the runner evaluates every
 method on the same model object and dividing by λ again would leave one-ulp rounding drift.
+The weights come from ``harness.integration.attention_projections`` and are changed and restored
+through ``harness.integration.WeightEdits``; the calibration keys and RoPE tables from
+``harness.integration.capture``.
 """
 
 from __future__ import annotations
@@ -47,15 +50,14 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.integration import apply_rope, decoder_layers, forward, model_info
+from harness.integration import WeightEdits, apply_rope, attention_projections, capture, forward, model_info
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
     MethodConfig,
     MethodSpecError,
     ModelInfo,
-    UnsupportedModelError,
-    register_method,
+    ReportStyle,
 )
 from harness.quant import SUPPORTED_BITS
 from harness.storage import QuantizedSeq, SeqPairStore
@@ -101,9 +103,12 @@ class QoQConfig(MethodConfig):
             raise MethodSpecError(f"qoq: alpha={self.alpha} must be in [0, 1]")
 
 
-@register_method("qoq", "QServe's QoQ KV4: SmoothAttention + Hadamard-rotated values, per-head INT4 K/V")
 class QoQ(KVCacheMethod):
     """QoQ (QServe) KV4: SmoothAttention folded into q/k_proj, Hadamard-rotated values, per-head INT4."""
+
+    name = "qoq"
+    description = "QServe's QoQ KV4: SmoothAttention + Hadamard-rotated values, per-head INT4 K/V"
+    report = ReportStyle("QoQ", "^", "C4", rank=50)
 
     config_class = QoQConfig
 
@@ -111,8 +116,7 @@ class QoQ(KVCacheMethod):
         super().__init__(config, name)
         self.lam: list[torch.Tensor] | None = None  # per layer [H_kv, D] (float64, CPU)
         self.rotation: torch.Tensor | None = None  # [D, D] when values are rotated
-        # id(parameter) -> (projection name, parameter, CPU copy of its original data)
-        self._saved: dict[int, tuple[str, torch.nn.Parameter, torch.Tensor]] = {}
+        self._edits = WeightEdits()  # exact CPU copies of the q/k/v/o parameters changed, tagged q, k, v, o
         self._smoothed = False
 
     # ---- life cycle --------------------------------------------------------------------------
@@ -150,7 +154,7 @@ class QoQ(KVCacheMethod):
         if not self.config.smooth:
             return
         info = self.info or model_info(model)
-        self._restore(model, which=("q_proj", "k_proj"))  # recalibrating: start from the unsmoothed weights
+        self._edits.restore(("q", "k"))  # recalibrating: start from the unsmoothed weights
         spans = key_absmax(model, calibration_batches, info)
         self.lam = [smooth_scales(s, self.config.alpha) for s in spans]
         self._fold_smoothing(model, info, self.lam)
@@ -158,7 +162,7 @@ class QoQ(KVCacheMethod):
 
     def unfold(self, model: torch.nn.Module) -> None:
         """Restore every weight this method changed (exact copies taken before folding)."""
-        self._restore(model)
+        self._edits.restore()
         self._smoothed = False
 
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
@@ -171,84 +175,53 @@ class QoQ(KVCacheMethod):
         return SeqPairStore(layer_idx, info, QuantizedSeq(b, d, axis=-1), QuantizedSeq(b, d, axis=-1))
 
     # ---- weight folding ----------------------------------------------------------------------
-    def _save(self, name: str, p: torch.nn.Parameter | None) -> None:
-        if p is not None and id(p) not in self._saved:
-            self._saved[id(p)] = (name, p, p.detach().to("cpu", copy=True))
-
-    def _restore(self, model: torch.nn.Module, which: tuple[str, ...] | None = None) -> None:
-        for key, (name, p, original) in list(self._saved.items()):
-            if which is None or name in which:
-                with torch.no_grad():
-                    p.copy_(original.to(p.device))
-                del self._saved[key]
-
-    @staticmethod
-    def _set(p: torch.Tensor, value: torch.Tensor) -> None:
-        with torch.no_grad():
-            p.copy_(value.to(p.dtype))
-
     def _fold_rotation(self, model: torch.nn.Module, info: ModelInfo, r: torch.Tensor) -> None:
         d, h, h_kv = info.head_dim, info.n_heads, info.n_kv_heads
-        for layer in decoder_layers(model):
-            attn = layer.self_attn
-            v, o = attn.v_proj, getattr(attn, "o_proj", None)
+        edits = self._edits
+        for proj in attention_projections(model):
+            v, o = proj.v, proj.o
             if o is None:
-                raise MethodSpecError(f"{self.label}: rotate_values needs self_attn.o_proj; pass rotate_values=false")
-            for name, p in (("v_proj", v.weight), ("v_proj", v.bias), ("o_proj", o.weight)):
-                self._save(name, p)
+                raise MethodSpecError(
+                    f"{self.label}: rotate_values needs the attention's output projection; pass rotate_values=false"
+                )
+            for tag, p in (("v", v.weight), ("v", v.bias), ("o", o.weight)):
+                edits.save(tag, p)
             rr = r.to(v.weight.device)
             w = v.weight.double().view(h_kv, d, -1)  # [H_kv, D, hidden]: v_g' = R v_g
-            self._set(v.weight, torch.matmul(rr, w).view_as(v.weight))
+            edits.set("v", v.weight, torch.matmul(rr, w).view_as(v.weight))
             if v.bias is not None:
-                self._set(v.bias, torch.matmul(rr, v.bias.double().view(h_kv, d, 1)).view(-1))
+                edits.set("v", v.bias, torch.matmul(rr, v.bias.double().view(h_kv, d, 1)).view(-1))
             wo = o.weight.double().view(o.weight.shape[0], h, d)  # [hidden, H, D]: W_o,h' = W_o,h Rᵀ
-            self._set(o.weight, torch.matmul(wo, rr.T).view_as(o.weight))
+            edits.set("o", o.weight, torch.matmul(wo, rr.T).view_as(o.weight))
 
     def _fold_smoothing(self, model: torch.nn.Module, info: ModelInfo, lam: list[torch.Tensor]) -> None:
         n_rep = info.n_heads // info.n_kv_heads
-        for layer, lam_l in zip(decoder_layers(model), lam, strict=True):
-            q, k = layer.self_attn.q_proj, layer.self_attn.k_proj
-            for name, p in (("q_proj", q.weight), ("q_proj", q.bias), ("k_proj", k.weight), ("k_proj", k.bias)):
-                self._save(name, p)
+        edits = self._edits
+        for proj, lam_l in zip(attention_projections(model), lam, strict=True):
+            q, k = proj.q, proj.k
+            for tag, p in (("q", q.weight), ("q", q.bias), ("k", k.weight), ("k", k.bias)):
+                edits.save(tag, p)
             lk = lam_l.to(k.weight.device).reshape(-1)  # [H_kv * D]
             lq = lam_l.to(q.weight.device).repeat_interleave(n_rep, dim=0).reshape(-1)  # [H * D]
-            self._set(q.weight, q.weight.double() * lq[:, None])
-            self._set(k.weight, k.weight.double() / lk[:, None])
+            edits.set("q", q.weight, q.weight.double() * lq[:, None])
+            edits.set("k", k.weight, k.weight.double() / lk[:, None])
             if q.bias is not None:
-                self._set(q.bias, q.bias.double() * lq)
+                edits.set("q", q.bias, q.bias.double() * lq)
             if k.bias is not None:
-                self._set(k.bias, k.bias.double() / lk)
+                edits.set("k", k.bias, k.bias.double() / lk)
 
 
 @torch.no_grad()
 def key_absmax(model: torch.nn.Module, batches: Iterable[torch.Tensor], info: ModelInfo) -> list[torch.Tensor]:
     """max_t |K| per layer [H_kv, D] of the post-RoPE keys over every token of ``batches`` ([B, T] ids)."""
-    layers = decoder_layers(model)
-    spans: list[torch.Tensor | None] = [None] * len(layers)
-    rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
+    spans: list[torch.Tensor | None] = [None] * info.n_layers
 
-    def pre_hook(i):
-        def hook(_module, _args, kwargs):
-            if kwargs.get("position_embeddings") is None:
-                raise UnsupportedModelError(f"{info.family}: attention gets no position_embeddings (RoPE tables)")
-            rope[i] = kwargs["position_embeddings"]
+    def add_spans(i: int, signals: dict) -> None:
+        k = apply_rope(signals["pre_rope_keys"].float(), *signals["rope"])  # [B, H_kv, T, D] post-RoPE
+        m = k.abs().amax(dim=(0, 2))
+        spans[i] = m if spans[i] is None else torch.maximum(spans[i], m)
 
-        return hook
-
-    def k_hook(i):
-        def hook(_module, _inputs, output):
-            b, t, _ = output.shape
-            k = apply_rope(output.view(b, t, -1, info.head_dim).transpose(1, 2).float(), *rope[i])  # [B, H_kv, T, D]
-            m = k.abs().amax(dim=(0, 2))
-            spans[i] = m if spans[i] is None else torch.maximum(spans[i], m)
-
-        return hook
-
-    try:
-        for i, layer in enumerate(layers):
-            handles.append(layer.self_attn.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-            handles.append(layer.self_attn.k_proj.register_forward_hook(k_hook(i)))
+    with capture(model, {"pre_rope_keys", "rope"}, on_layer=add_spans):
         device = next(model.parameters()).device
         n = 0
         for ids in batches:
@@ -256,7 +229,4 @@ def key_absmax(model: torch.nn.Module, batches: Iterable[torch.Tensor], info: Mo
             n += 1
         if n == 0:
             raise ValueError("qoq: calibration got no windows")
-    finally:
-        for h in handles:
-            h.remove()
     return [s.double().cpu() for s in spans]

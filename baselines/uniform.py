@@ -16,13 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.interface import (
+    ReportStyle,
+    Variant,
     KVCacheMethod,
     LayerStore,
     MethodConfig,
     MethodSpecError,
     ModelInfo,
-    register_method,
-    register_variant,
 )
 from harness.quant import SUPPORTED_BITS
 from harness.storage import FullPrecisionSeq, QuantizedSeq, SeqPairStore
@@ -33,9 +33,12 @@ class FP16Config(MethodConfig):
     pass
 
 
-@register_method("fp16", "K/V stored as fp16 (the reference; byte ratios are against it)")
 class FP16(KVCacheMethod):
     """K/V stored as 16-bit floats: the papers' FP16 reference."""
+
+    name = "fp16"
+    description = "K/V stored as fp16 (the reference; byte ratios are against it)"
+    report = ReportStyle("uniform", "X", "C7", rank=10)
 
     config_class = FP16Config
 
@@ -43,9 +46,12 @@ class FP16(KVCacheMethod):
         return SeqPairStore(layer_idx, info, FullPrecisionSeq(), FullPrecisionSeq())
 
 
-@register_method("full", "K/V kept in the model's compute dtype (equals running without quantization)")
 class FullPrecision(KVCacheMethod):
     """K/V kept exactly as the model computed them (fp32 on CPU): a no-quantization check."""
+
+    name = "full"
+    description = "K/V kept in the model's compute dtype (equals running without quantization)"
+    report = ReportStyle("uniform", "X", "C7", rank=0)
 
     config_class = FP16Config
 
@@ -66,9 +72,13 @@ class UniformConfig(MethodConfig):
             raise MethodSpecError(f"int: group={self.group} must be >= 1 (or 0 for head_dim)")
 
 
-@register_method("int", "uniform per-token asymmetric INT-N K/V (option bits)")
 class Uniform(KVCacheMethod):
     """Uniform per-token INT-N quantization of keys and values (group = head_dim by default)."""
+
+    name = "int"
+    description = "uniform per-token asymmetric INT-N K/V (option bits)"
+    variants = {f"int{b}": Variant(f"uniform per-token asymmetric INT{b} K/V", bits=b) for b in (8, 4, 2)}
+    report = ReportStyle("uniform", "X", "C7", rank=20)
 
     config_class = UniformConfig
     decode_from_codes = True  # decode steps attend from the codes (SeqPairStore.attend)
@@ -92,6 +102,3 @@ class Uniform(KVCacheMethod):
         v = QuantizedSeq(c.bits, group, axis=-1, symmetric=c.symmetric)
         return SeqPairStore(layer_idx, info, k, v)
 
-
-for _bits in (8, 4, 2):
-    register_variant(f"int{_bits}", Uniform, f"uniform per-token asymmetric INT{_bits} K/V", bits=_bits)

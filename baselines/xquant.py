@@ -67,7 +67,7 @@ from harness.interface import (
     MethodSpecError,
     ModelInfo,
     Observation,
-    register_method,
+    ReportStyle,
     tensor_bytes,
 )
 from harness.quant import META_DTYPE, QuantizedTensor, quantize
@@ -244,9 +244,12 @@ class XQuantConfig(MethodConfig):
         )
 
 
-@register_method("xquant", "XQuant: KIVI layout at 1/2 bits, data-free calibrated levels, codes shared by layer pairs")
 class XQuant(KVCacheMethod):
     """XQuant (arXiv 2510.11236): 1/2-bit KIVI-style cache, calibrated levels, cross-layer codes."""
+
+    name = "xquant"
+    description = "XQuant: KIVI layout at 1/2 bits, data-free calibrated levels, codes shared by layer pairs"
+    report = ReportStyle("XQuant", "h", "C9", rank=70)
 
     config_class = XQuantConfig
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness.builtins import DEFAULT_TASK, REFERENCE_METHOD
 from harness.interface import MethodSpecError, Registry, UnsupportedModelError
 
 EXIT_USAGE = 2
@@ -47,18 +48,24 @@ def split_specs(values: Sequence[str] | None, registry: Registry | None = None) 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from harness.evaluation import TASKS
-    from harness.interface import describe_methods
+    from harness.interface import METHODS
     from harness.models import MODEL_ALIASES
 
     def options(opts: dict) -> str:
         return ", ".join(f"{k}={v}" for k, v in opts.items()) or "-"
 
-    print("methods (use NAME or NAME:key=value,key=value):")
-    for name, desc, opts in describe_methods():
-        print(f"  {name:<14} {desc}\n  {'':<14} options: {options(opts)}")
-    print("tasks:")
-    for name, desc, opts in TASKS.describe():
-        print(f"  {name:<14} {desc}\n  {'':<14} options: {options(opts)}")
+    broken = 0
+    for title, registry in (("methods (use NAME or NAME:key=value,key=value):", METHODS), ("tasks:", TASKS)):
+        print(title)
+        for d in registry.describe():
+            if d.error:  # a plugin that fails to load: one line, the others are listed as usual
+                broken += 1
+                print(f"  {d.name:<14} NOT AVAILABLE: {d.error}")
+                continue
+            print(f"  {d.name:<14} {d.description}\n  {'':<14} options: {options(d.options)}")
+            print(f"  {'':<14} from: {d.source}")
+        for line in registry.problems():
+            print(f"  (refused entry point {line})")
     print("model aliases (or a hub id, a local folder, a .gguf file):")
     for name, desc in MODEL_ALIASES.items():
         print(f"  {name:<18} {desc}")
@@ -165,17 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list registered methods, tasks and model aliases").set_defaults(fn=_cmd_list)
     r = sub.add_parser("run", help="run methods x tasks on one model, one JSON record per cell")
     r.add_argument("--methods", action="append", required=True, help="comma-separated method specs")
-    r.add_argument("--tasks", action="append", default=None, help="comma-separated task specs (default wikitext2)")
+    r.add_argument("--tasks", action="append", default=None, help=f"comma-separated task specs (default {DEFAULT_TASK})")
     r.add_argument("--model", default="smollm2-135m", help="alias, hub id, local folder or .gguf file")
     r.add_argument("--out", default="results", help="directory for the JSON records")
     r.add_argument("--data-dir", default=None, help="local data mirror (else $MOQAE_DATA_DIR, else the hub)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: bf16/fp16 on GPU, fp32 on CPU)")
-    r.add_argument("--seqlen", type=int, default=None, help="perplexity window length (wikitext2 default 2048)")
-    r.add_argument("--max-windows", type=int, default=None, help="at most N perplexity windows (quick runs)")
+    r.add_argument("--seqlen", type=int, default=None, help="window length (tasks with a seqlen option)")
+    r.add_argument("--max-windows", type=int, default=None, help="at most N windows (tasks with max_windows)")
     r.add_argument("--limit", type=int, default=None, help="first N samples of each dataset (tasks with a limit)")
-    r.add_argument("--max-length", type=int, default=None, help="longbench prompt token budget (0 = model window)")
-    r.add_argument("--calibration-windows", type=int, default=16, help="windows KVQuant / QoQ calibrate on (16)")
+    r.add_argument("--max-length", type=int, default=None, help="prompt token budget (tasks with max_length)")
+    r.add_argument("--calibration-windows", type=int, default=16, help="windows methods that calibrate use (16)")
     r.add_argument("--force", action="store_true", help="recompute records that already exist")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
@@ -199,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--list-profiles", action="store_true", help="list the shipped profiles")
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(fn=_cmd_reproduce)
-    prof = sub.add_parser("profile", help="prefill / decode latency, KV bytes, peak memory, ratios to fp16")
+    prof = sub.add_parser("profile", help="prefill / decode latency, KV bytes, peak memory, ratios to a reference")
     prof.add_argument("--methods", action="append", required=True, help="comma-separated method specs")
     prof.add_argument("--model", default="smollm2-135m", help="alias, folder, hub id or a random *-shape alias")
     prof.add_argument("--context", "--prompt", action="append", help="comma-separated context lengths (2048)")
@@ -210,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also profile dequantize-then-attend decode for methods that attend from their codes",
     )  # fmt: skip
     prof.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
-    prof.add_argument("--reference", default="fp16", help="method the ratios are taken against")
+    prof.add_argument("--reference", default=REFERENCE_METHOD, help=f"method the ratios are taken against ({REFERENCE_METHOD})")
     prof.add_argument("--device", default=None)
     prof.add_argument("--dtype", default=None)
     prof.add_argument("--out", default=None, help="JSON file for the rows (+ .md table, .png/.svg plot)")
@@ -222,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run" and not args.tasks:
-        args.tasks = ["wikitext2"]
+        args.tasks = [DEFAULT_TASK]
     from harness.data import MissingDataError
     from harness.models import ModelLoadError
 

@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import torch
 
 from harness.integration import AttachedMethod
-from harness.interface import MethodConfig, Registry
+from harness.interface import MethodConfig
+from harness.registry import Registry, Variant
 
 
 @dataclass
@@ -34,7 +35,14 @@ class Task(ABC):
     """An evaluation: ``evaluate`` returns {"metrics": {...}, "kv": MemoryReport.as_dict(), ...}."""
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    #: registry name (the record's ``key.task``) and one line for ``python -m harness list``
     name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    variants: ClassVar[dict[str, Variant]] = {}
+    #: report sections for this task's records, as ``"module:object"`` names of ``harness.reports.Section``
+    report_sections: ClassVar[tuple[str, ...]] = ()
+    #: a model with random weights (``*-shape`` aliases) is refused: its quality numbers mean nothing
+    refuses_random_weights: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, name: str | None = None):
         self.config = config if config is not None else self.config_class()
@@ -47,11 +55,13 @@ class Task(ABC):
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]: ...
 
 
-def _load_builtin_tasks() -> None:
-    import tasks  # noqa: F401
+def _registry() -> Registry:
+    from harness.builtins import BUILTIN_TASKS, TASK_GROUP
+
+    return Registry("task", TASK_GROUP, BUILTIN_TASKS)
 
 
-TASKS = Registry("task", _load_builtin_tasks)
+TASKS = _registry()
 register_task = TASKS.register
 
 

@@ -5,7 +5,11 @@ A method is two small pieces, in the style of kvpress:
 * ``KVCacheMethod`` — a registered class with a config dataclass. It validates itself against the
   model (``check_model``), may fold weights at attach time (``attach``, QoQ's SmoothAttention), may
   calibrate (``calibrate``, KVQuant / KVmix), declares which signals it needs (``signals``), and makes
-  one ``LayerStore`` per decoder layer for every new cache (``new_layer_store``).
+  one ``LayerStore`` per decoder layer for every new cache (``new_layer_store``). It also declares
+  what reports need (``name``, ``description``, ``variants``, ``report``: family, marker, colour,
+  rank; ``report_label``, ``report_sort_key``, ``ablation_options``, ``report_sections``) and a
+  ``prepare`` step that ``python -m harness reproduce`` runs before the sweep (MoQAE's router
+  training). The registry (``harness.registry``) finds it by name, built-in or entry point.
 * ``LayerStore`` — what one layer of one cache really holds: packed codes, fp16 scales/zeros,
   full-precision tokens, outliers. ``append`` receives each update's post-RoPE K/V plus the observed
   signals; ``read`` returns the K/V attention uses; ``memory`` counts the bytes really held.
@@ -17,15 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-
-class MethodSpecError(ValueError):
-    """A bad method name or option; the message is one line listing what is accepted."""
+from harness.registry import MethodSpecError, Registry, Variant, parse_spec  # noqa: F401  (re-exported)
 
 
 class UnsupportedModelError(ValueError):
@@ -187,6 +190,55 @@ class LayerStore(ABC):
 
 
 # --------------------------------------------------------------------------------------------
+# What a method tells the report and the reproduce pipeline
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportStyle:
+    """How reports draw and order a method's rows.
+
+    ``family`` groups rows in plot legends (one marker and colour per family); ``marker`` and
+    ``color`` are matplotlib's; ``rank`` places the method in the paper's row order (uniform 0-20,
+    KIVI 30, KVQuant 40, QoQ 50, MiKV 60, other methods 70 by name, MoQAE 90).
+    """
+
+    family: str = "other"
+    marker: str = "P"
+    color: str = "C5"
+    rank: int = 70
+
+
+@dataclass
+class PrepareContext:
+    """What ``KVCacheMethod.prepare`` gets from ``python -m harness reproduce``.
+
+    ``out`` is the results folder of the sweep (artefacts go under it, so a re-run finds them);
+    ``options`` the profile's ``[prepare.<method name>]`` table; ``load()`` loads the model and
+    tokenizer once, on the first call, and returns them.
+    """
+
+    model: str  # the model spec as the profile gives it (alias, hub id, folder, .gguf)
+    out: Path
+    data_dir: Path | None
+    options: dict[str, Any]
+    load: Callable[[], tuple[torch.nn.Module, Any]]
+    progress: bool = True
+    log: Callable[[str], Any] = print
+
+
+@dataclass
+class Prepared:
+    """What a ``prepare`` step made: the spec to run instead (``moqae:lam=0.5,ckpt=.../router.pt``),
+    a name for the summary (``router moqae λ=0.5``), the artefact and whether it was already there."""
+
+    spec: str
+    cell: str
+    path: Path
+    reused: bool = False
+
+
+# --------------------------------------------------------------------------------------------
 # Methods and their registry
 # --------------------------------------------------------------------------------------------
 
@@ -215,9 +267,15 @@ class KVCacheMethod(ABC):
     #: its stores implement ``LayerStore.attend``: decode steps attend from the codes (see
     #: ``harness.integration``; ``MOQAE_DECODE_FROM_CODES=0`` turns it off for comparison)
     decode_from_codes: ClassVar[bool] = False
-    #: registry name, set by ``register_method``
+    #: registry name (the record's ``key.method``) and one line for ``python -m harness list``
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: named presets of the options, each a registry name of its own (``kivi-2``: bits=2)
+    variants: ClassVar[dict[str, Variant]] = {}
+    #: how reports draw and order its rows
+    report: ClassVar[ReportStyle] = ReportStyle()
+    #: extra report sections, as ``"module:object"`` names of ``harness.reports.Section`` objects
+    report_sections: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig | None = None, name: str | None = None):
         self.config = config if config is not None else self.config_class()
@@ -258,100 +316,51 @@ class KVCacheMethod(ABC):
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
+    # ---- before a run (python -m harness reproduce) -------------------------------------------
+    @classmethod
+    def check_prepare_options(cls, options: dict[str, Any]) -> None:
+        """Validate a profile's ``[prepare.<name>]`` table (raise MethodSpecError, one line)."""
+        if options:
+            raise MethodSpecError(f"{cls.name}: has no prepare step; remove [prepare.{cls.name}] from the profile")
 
-class Registry:
-    """Named classes with a config dataclass, built from ``name`` or ``name:key=value,...`` specs.
+    def needs_prepare(self) -> bool:
+        """True if ``prepare`` may have work to do for this spec (decided from the config alone,
+        before any model is loaded)."""
+        return False
 
-    Serves methods and tasks alike (lm-evaluation-harness style: register by decorator, look up by
-    name). ``load`` imports the packages whose modules register entries.
-    """
+    def prepare(self, spec: str, ctx: PrepareContext) -> Prepared | None:
+        """Work that must happen before the runs (MoQAE trains a router where none ships). Returns
+        the spec to run instead, or None when nothing was needed. Raising fails this cell only."""
+        return None
 
-    def __init__(self, kind: str, load: Any):
-        self.kind = kind
-        self._load = load
-        self._entries: dict[str, _Entry] = {}
+    # ---- in reports (class-level: a report reads records, not live methods) --------------------
+    @classmethod
+    def report_label(cls, label: str, config: dict[str, Any]) -> str:
+        """The row name of a record whose method spec was ``label`` (options as the user wrote them)."""
+        return label
 
-    def register(self, name: str, description: str = "", **defaults: Any):
-        """Class decorator registering ``cls`` under ``name``; ``variant`` adds more names."""
-
-        def deco(cls):
-            cls.name = cls.name or name
-            doc = description or (cls.__doc__ or "").strip().splitlines()[0]
-            self.variant(name, cls, doc, **defaults)
-            return cls
-
-        return deco
-
-    def variant(self, name: str, cls: type, description: str = "", **defaults: Any) -> None:
-        if name in self._entries and self._entries[name].cls is not cls:
-            raise ValueError(f"{self.kind} name {name!r} is already registered by {self._entries[name].cls.__name__}")
-        unknown = set(defaults) - {f.name for f in dataclasses.fields(cls.config_class)}
-        if unknown:
-            raise ValueError(f"{self.kind} {name!r} sets unknown options {sorted(unknown)}")
-        self._entries[name] = _Entry(cls, defaults, description)
-
-    def names(self) -> list[str]:
-        self._load()
-        return sorted(self._entries)
-
-    def entry(self, name: str) -> _Entry:
-        self._load()
-        if name not in self._entries:
-            raise MethodSpecError(f"unknown {self.kind} {name!r}; accepted: {', '.join(sorted(self._entries))}")
-        return self._entries[name]
-
-    def positional(self, name: str) -> str | None:
-        """The option that bare items of a spec fill (``longbench:trec,samsum``), if the entry has one."""
-        self._load()
-        entry = self._entries.get(name)
-        return getattr(entry.cls.config_class, "positional", None) if entry else None
-
-    def config(self, spec: str, **overrides: Any) -> tuple[str, _Entry, Any, dict[str, str]]:
-        """Parse ``spec`` into (name, entry, validated config, explicit options)."""
-        name = spec.strip().partition(":")[0].strip()
-        entry = self.entry(name)
-        name, opts = parse_spec(spec, self.positional(name))
-        aliases = getattr(entry.cls.config_class, "aliases", {})
-        opts = {aliases.get(k, k): v for k, v in opts.items()}
-        fields = {f.name: f for f in dataclasses.fields(entry.cls.config_class)}
-        unknown = sorted(set(opts) - set(fields))
-        if unknown:
-            accepted = ", ".join(fields) or "none"
-            raise MethodSpecError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
-        values: dict[str, Any] = dict(entry.defaults)
-        values.update({k: v for k, v in overrides.items() if k in fields and v is not None})
-        for key, raw in opts.items():
-            values[key] = _coerce(raw, fields[key].type, key, name)
+    @classmethod
+    def report_sort_key(cls, config: dict[str, Any]) -> tuple:
+        """Order of this method's rows within its rank (default: more bits first)."""
         try:
-            config = entry.cls.config_class(**values)
-        except TypeError as e:
-            raise MethodSpecError(f"{name}: {e}") from None
-        config.validate()
-        return name, entry, config, opts
+            return (-float(config.get("bits", 16)),)
+        except (TypeError, ValueError):
+            return (-16.0,)
 
-    def describe(self) -> list[tuple[str, str, dict[str, Any]]]:
-        """(name, description, default options) for every entry."""
-        out = []
-        for name in self.names():
-            entry = self._entries[name]
-            out.append((name, entry.description, dataclasses.asdict(entry.cls.config_class(**entry.defaults))))
-        return out
+    @classmethod
+    def ablation_options(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Options that make a record an ablation variant: its row leaves the main tables for the
+        method's own report section (MoQAE: anything but λ, router file, seed off its defaults)."""
+        return {}
 
 
-@dataclass
-class _Entry:
-    cls: type
-    defaults: dict[str, Any]
-    description: str
+def _load_registry():
+    from harness.builtins import BUILTIN_METHODS, METHOD_GROUP
+
+    return Registry("method", METHOD_GROUP, BUILTIN_METHODS)
 
 
-def _load_builtin_methods() -> None:
-    """Import the packages whose modules register methods (idempotent)."""
-    import baselines  # noqa: F401
-    import moqae  # noqa: F401
-
-
-METHODS = Registry("method", _load_builtin_methods)
+METHODS = _load_registry()
 register_method = METHODS.register
 
 
@@ -363,50 +372,6 @@ def method_names() -> list[str]:
     return METHODS.names()
 
 
-def _coerce(value: str, typ: Any, key: str, owner: str) -> Any:
-    t = typ if isinstance(typ, type) else str(typ)
-    try:
-        if t in (bool, "bool"):
-            low = value.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if t in (int, "int"):
-            return int(value)
-        if t in (float, "float"):
-            return float(value)
-        if t in ("int | None",):
-            return None if value.lower() in ("none", "") else int(value)
-    except ValueError:
-        raise MethodSpecError(f"{owner}: option {key}={value!r} is not a valid {getattr(t, '__name__', t)}") from None
-    return value
-
-
-def parse_spec(spec: str, positional: str | None = None) -> tuple[str, dict[str, str]]:
-    """``"kivi:bits=2,group=32"`` -> ``("kivi", {"bits": "2", "group": "32"})``.
-
-    With ``positional`` (a config field name), items without ``=`` are collected into that option:
-    ``"longbench:trec,samsum,limit=4"`` -> ``("longbench", {"tasks": "trec,samsum", "limit": "4"})``.
-    """
-    name, _, rest = spec.strip().partition(":")
-    opts: dict[str, str] = {}
-    bare: list[str] = []
-    if rest:
-        for item in rest.split(","):
-            key, eq, value = item.partition("=")
-            if not eq and positional and key.strip():
-                bare.append(key.strip())
-                continue
-            if not eq or not key.strip():
-                raise MethodSpecError(f"{name}: bad option {item!r}; write {name}:key=value,key=value")
-            opts[key.strip()] = value.strip()
-    if bare:
-        opts[positional] = ",".join([*bare, opts[positional]] if positional in opts else bare)
-    return name.strip(), opts
-
-
 def build_method(spec: str) -> KVCacheMethod:
     """Build a method from ``name`` or ``name:key=value,...``. Bad input raises MethodSpecError."""
     name, entry, config, opts = METHODS.config(spec)
@@ -415,4 +380,4 @@ def build_method(spec: str) -> KVCacheMethod:
 
 
 def describe_methods() -> list[tuple[str, str, dict[str, Any]]]:
-    return METHODS.describe()
+    return [(d.name, d.error or d.description, d.options) for d in METHODS.describe()]

@@ -2,12 +2,13 @@
 
 A *profile* is data: a TOML file (``harness/profiles/quick.toml``, ``full.toml``, ``smoke.toml``, or
 any path) naming the models, the runs (methods × tasks with their options), the profiling settings
-and, where a MoQAE router is missing, its training. ``reproduce`` runs it in stages, each through
-the same code as the single commands, then writes the report:
+and the options of the methods' prepare steps. ``reproduce`` runs it in stages, each through the
+same code as the single commands, then writes the report:
 
-1. ``[train]`` (optional) — for every MoQAE spec without a router for the model (no shipped
-   checkpoint, no ``ckpt=``), train one (``moqae.train``) into ``OUT/routers/...``; a finished
-   ``router.pt`` is reused, an unfinished training resumes from its saved state;
+1. ``[prepare.NAME]`` (optional) — for every spec of method NAME whose ``needs_prepare()`` is true,
+   ``KVCacheMethod.prepare`` with the table's options (e.g. a router trained where none ships for
+   the model, into ``OUT/...``); the core knows nothing of what a step does. Artefacts found from an
+   earlier run are reused (``skipped``); the spec it returns replaces the original in the stages below;
 2. ``[[run]]`` — ``harness.runner.run`` per model: one record per (method, task); records that exist
    are skipped, a failed cell is recorded with its reason and the sweep goes on (a method the model
    cannot run, too); a stage that cannot start (no data, no model) is listed as failed;
@@ -22,7 +23,7 @@ when a cell finishes. Profile file format::
 
     name = "mine"
     models = ["smollm2-135m"]           # aliases, hub ids, folders, .gguf files
-    calibration_windows = 4             # KVQuant / QoQ calibration windows (default 16)
+    calibration_windows = 4             # windows of methods that calibrate (default 16)
     # device = "cuda"; dtype = "bf16"   # optional
 
     [[run]]
@@ -38,7 +39,7 @@ when a cell finishes. Profile file format::
     new_tokens = 8
     repeats = 1
 
-    [train]                             # MoQAE router training where no checkpoint exists
+    [prepare.moqae]                     # options of that method's prepare step (router training)
     steps = 200
 """
 
@@ -51,6 +52,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from harness.builtins import REFERENCE_METHOD
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 RUN_OPTIONS = ("seqlen", "max_windows", "limit", "max_length")
@@ -77,17 +80,7 @@ class ProfileStage:
     new_tokens: int = 32
     repeats: int = 3
     models: list[str] | None = None  # default: the profile's models
-    reference: str = "fp16"
-
-
-@dataclass
-class TrainStage:
-    steps: int = 200
-    seqlen: int = 512
-    windows: int = 64
-    lr: float = 1e-2
-    estimator: str = "gumbel"
-    seed: int = 0
+    reference: str = REFERENCE_METHOD
 
 
 @dataclass
@@ -96,7 +89,7 @@ class Profile:
     models: list[str]
     runs: list[RunStage]
     profile: ProfileStage | None = None
-    train: TrainStage | None = None
+    prepare: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> its [prepare.NAME] table
     calibration_windows: int | None = None
     device: str | None = None
     dtype: str | None = None
@@ -133,7 +126,7 @@ def _int_list(where: str, value: Any) -> list[int]:
 def parse_profile(data: dict[str, Any], name: str = "profile", path: Path | None = None) -> Profile:
     where = str(path or name)
     _check_keys(where, data, ("name", "description", "models", "calibration_windows", "device", "dtype", "run",
-                              "profile", "train"))  # fmt: skip
+                              "profile", "prepare"))  # fmt: skip
     runs = []
     for i, r in enumerate(data.get("run") or []):
         w = f"{where} [[run]] #{i + 1}"
@@ -153,13 +146,18 @@ def parse_profile(data: dict[str, Any], name: str = "profile", path: Path | None
             int(p.get("new_tokens", 32)),
             int(p.get("repeats", 3)),
             _str_list(f"{where} [profile] models", p["models"]) if "models" in p else None,
-            str(p.get("reference", "fp16")),
+            str(p.get("reference", REFERENCE_METHOD)),
         )
-    train = None
-    if "train" in data:
-        t = data["train"]
-        _check_keys(f"{where} [train]", t, ("steps", "seqlen", "windows", "lr", "estimator", "seed"))
-        train = TrainStage(**t)
+    prepare = data.get("prepare") or {}
+    if not isinstance(prepare, dict) or not all(isinstance(v, dict) for v in prepare.values()):
+        raise ValueError(f"{where}: [prepare] holds one table per method, e.g. [prepare.NAME] with its options")
+    for method, options in prepare.items():
+        from harness.interface import METHODS
+
+        try:
+            METHODS.entry(method).cls.check_prepare_options(options)
+        except ValueError as e:
+            raise ValueError(f"{where} [prepare.{method}]: {e}") from None
     if not runs and prof is None:
         raise ValueError(f"{where}: no [[run]] and no [profile]: nothing to reproduce")
     cw = data.get("calibration_windows")
@@ -170,7 +168,7 @@ def parse_profile(data: dict[str, Any], name: str = "profile", path: Path | None
         models=_str_list(f"{where} models", data.get("models")),
         runs=runs,
         profile=prof,
-        train=train,
+        prepare=prepare,
         calibration_windows=cw,
         device=data.get("device") or None,
         dtype=data.get("dtype") or None,
@@ -266,80 +264,51 @@ def _slug(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _with_option(spec: str, option: str) -> str:
-    return spec + ("," if ":" in spec else ":") + option
-
-
-def _moqae_base(spec: str) -> tuple[str, float]:
-    """``moqae:lam=0.5,share=1`` -> (``moqae:share=1``, 0.5): the router's architecture and its λ."""
-    from harness.interface import build_method
-
-    m = build_method(spec)
-    name, _, opts = spec.partition(":")
-    keep = [
-        o for o in opts.split(",") if o.strip() and o.split("=")[0].strip() not in ("lam", "lambda", "ckpt", "seed")
-    ]
-    return name + (":" + ",".join(keep) if keep else ""), float(m.config.lam)
-
-
-def train_routers(
+def prepare_methods(
     prof: Profile, model: str, specs: list[str], out: Path, data_dir: Any, device: str | None, dtype: str | None,
     summary: ReproduceSummary, progress: bool, log: Any,
 ) -> dict[str, str]:  # fmt: skip
-    """Train a router for each MoQAE spec that has none for ``model``; returns spec -> spec with
-    ``ckpt=`` of the trained router (specs with a shipped router are left as they are)."""
+    """Each method's ``prepare`` step (``KVCacheMethod.prepare``: MoQAE trains a router where none
+    ships) for the specs whose method has a ``[prepare.<name>]`` table in the profile; returns
+    spec -> the spec to run instead. The model is loaded once, only if some step needs it."""
     from harness.data import resolve_data_dir
-    from harness.integration import model_info
-    from harness.interface import build_method
-    from harness.models import load_model, model_id
+    from harness.interface import PrepareContext, build_method
+    from harness.models import load_model
 
-    cand = []
-    for s in dict.fromkeys(specs):
-        m = build_method(s)
-        if m.name == "moqae" and not m.config.ckpt:
-            cand.append(s)
-    if not cand or prof.train is None:
+    cand = [(s, m) for s in dict.fromkeys(specs) if (m := build_method(s)).name in prof.prepare and m.needs_prepare()]
+    if not cand:
         return {}
-    try:
-        lm, tok = load_model(model, device=device, dtype=dtype)
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # noqa: BLE001 - recorded; the runs report the same failure per cell
-        summary.add("train", model, "(load model)", "failed", reason=_reason(e))
-        return {}
-    info = model_info(lm)
-    mapping: dict[str, str] = {}
-    t = prof.train
-    for spec in cand:
-        method = build_method(spec)
-        if method.checkpoint_path(info).exists():
-            continue  # a shipped router
-        base, lam = _moqae_base(spec)
-        where = out / "routers" / _slug(model_id(model)) / f"{_slug(base)}-lambda{lam:g}"
-        ckpt = where / "router.pt"
-        cell = f"router {base} λ={lam:g}"
-        if ckpt.exists():
-            summary.add("train", model, cell, "skipped", ckpt)
-        else:
-            from moqae.train import RouterTrainer, TrainConfig
+    loaded: list[Any] = []
+    load_error: list[BaseException] = []
 
-            log(f"== train: {cell} on {model} ({t.steps} steps x {t.seqlen} tokens) -> {ckpt}")
-            cfg = TrainConfig(lam=lam, steps=t.steps, seqlen=t.seqlen, windows=t.windows, lr=t.lr,
-                              estimator=t.estimator, seed=t.seed, method=base)  # fmt: skip
+    def load() -> tuple[Any, Any]:
+        if load_error:
+            raise load_error[0]
+        if not loaded:
             try:
-                trainer = RouterTrainer(lm, tok, cfg, data_dir=resolve_data_dir(data_dir), out=where)
-                dev = next(lm.parameters()).device
-                trainer.windows = [w.to(dev) for w in trainer.windows]
-                trainer.train(progress=progress)
-            except KeyboardInterrupt:
+                loaded.extend(load_model(model, device=device, dtype=dtype))
+            except Exception as e:
+                load_error.append(e)
                 raise
-            except Exception as e:  # noqa: BLE001 - a failed training is a failed cell
-                summary.add("train", model, cell, "failed", reason=_reason(e))
-                log(f"FAILED {cell}: {_reason(e)}")
-                continue
-            summary.add("train", model, cell, "done", ckpt)
-        mapping[spec] = _with_option(spec, f"ckpt={ckpt}")
-    del lm, tok
+        return loaded[0], loaded[1]
+
+    mapping: dict[str, str] = {}
+    for spec, method in cand:
+        ctx = PrepareContext(model, out, resolve_data_dir(data_dir), dict(prof.prepare[method.name]), load,
+                             progress=progress, log=log)  # fmt: skip
+        try:
+            done = method.prepare(spec, ctx)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed step is a failed cell; the runs report it per cell
+            summary.add("prepare", model, f"{method.label} (prepare)", "failed", reason=_reason(e))
+            log(f"FAILED prepare {method.label}: {_reason(e)}")
+            continue
+        if done is None:
+            continue  # nothing was needed (a shipped artefact)
+        summary.add("prepare", model, done.cell, "skipped" if done.reused else "done", done.path)
+        mapping[spec] = done.spec
+    loaded.clear()
     gc.collect()
     return mapping
 
@@ -489,7 +458,7 @@ def reproduce(
         specs = [m for r in prof.runs for m in r.methods] if model in models else []
         if prof.profile and model in prof_models:
             specs += prof.profile.methods
-        routers = train_routers(prof, model, specs, out, data_dir, device, dtype, summary, progress, log)
+        routers = prepare_methods(prof, model, specs, out, data_dir, device, dtype, summary, progress, log)
         if model in models:
             for stage in prof.runs:
                 methods = [routers.get(m, m) for m in stage.methods]

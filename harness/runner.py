@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shlex
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from harness.data import MissingDataError, resolve_data_dir
 from harness.data import calibration_windows as calibration_batches
 from harness.env import environment
 from harness.evaluation import Task, TaskContext, build_task
+from harness.files import write_json_atomic, write_text_atomic  # re-exported: cli, reports, reproduce import them here
 from harness.integration import AttachedMethod, model_info
 from harness.interface import KVCacheMethod, MethodSpecError, UnsupportedModelError, build_method
 from harness.models import is_random_weights, load_model, model_id
@@ -81,25 +80,6 @@ def record_path(out_dir: Path, key: dict[str, Any], method_label: str) -> Path:
     return out_dir / f"{_slug(key['model'])}__{_slug(method_label)}__{key['task']}__{digest}.json"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_record(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -146,8 +126,9 @@ def run(
     out = Path(out_dir)
     method_objs, task_objs = build_all(methods, tasks, **task_overrides)
     data = resolve_data_dir(data_dir)
-    if is_random_weights(model) and any(t.name == "wikitext2" for t in task_objs):
-        raise MethodSpecError(f"{model} has random weights: perplexity is never reported for it")
+    refused = [t.name for t in task_objs if t.refuses_random_weights]
+    if is_random_weights(model) and refused:
+        raise MethodSpecError(f"{model} has random weights: {', '.join(refused)} is never reported for it")
     t0 = time.perf_counter()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - t0

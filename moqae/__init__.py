@@ -1,1 +1,1 @@
-from moqae import method  # noqa: F401  (registers moqae)
+"""MoQAE (ACL 2025): the method (``moqae.method``), its routers, training and report section."""

@@ -21,10 +21,12 @@ width = number of experts; with batch > 1 each sequence routes its own chunks.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,9 @@ from harness.interface import (
     MethodSpecError,
     ModelInfo,
     Observation,
-    register_method,
+    PrepareContext,
+    Prepared,
+    ReportStyle,
 )
 from harness.quant import SUPPORTED_BITS, QuantizedTensor, fake_quantize, quantize
 from harness.storage import FullPrecisionSeq, held_memory
@@ -86,6 +90,10 @@ class MoQAEConfig(MethodConfig):
     @property
     def expert_bits(self) -> tuple[int, ...]:
         return parse_experts(self.experts)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
 
 def model_signature(info: ModelInfo) -> str:
@@ -290,9 +298,16 @@ class MoQAEStore(LayerStore):
         return {"expert_chunks": counts}
 
 
-@register_method("moqae", "MoQAE: chunk router picks FP16/INT4/INT2 per chunk (RF, RS); options lambda, ckpt")
 class MoQAE(KVCacheMethod):
     """Mixture of quantization-aware experts: routers choose a bit-width per chunk and layer."""
+
+    name = "moqae"
+    description = "MoQAE: chunk router picks FP16/INT4/INT2 per chunk (RF, RS); options lambda, ckpt"
+    report = ReportStyle("MoQAE", "o", "C3", rank=90)
+    #: options that select a point of the λ sweep (or its router) rather than an ablation variant
+    sweep_options: ClassVar[tuple[str, ...]] = ("lam", "ckpt", "seed")
+    #: the profile's [prepare.moqae] table: router training where no checkpoint ships (moqae.train)
+    prepare_keys: ClassVar[tuple[str, ...]] = ("steps", "seqlen", "windows", "lr", "estimator", "seed")
 
     config_class = MoQAEConfig
     signals = frozenset({"block_input"})
@@ -305,6 +320,73 @@ class MoQAE(KVCacheMethod):
         self.time_routes = False  # profiling turns it on: time (and on GPU synchronise) each router call
         self.route_seconds = 0.0  # wall time spent in the routers while time_routes is on
 
+    # ---- in reports -------------------------------------------------------------------------
+    @classmethod
+    def report_label(cls, label: str, config: dict[str, Any]) -> str:
+        """``moqae:lam=0.5,ckpt=runs/x/router.pt`` -> ``moqae:lam=0.5 (own router)``: a trained
+        router's path is an implementation detail of the row, not its name."""
+        name, sep, opts = label.partition(":")
+        if not sep:
+            return label
+        items = opts.split(",")
+        kept = [o for o in items if not (o.startswith("ckpt=") and o.endswith(".pt"))]
+        if len(kept) == len(items):
+            return label
+        return name + (":" + ",".join(kept) if kept else "") + " (own router)"
+
+    @classmethod
+    def report_sort_key(cls, config: dict[str, Any]) -> tuple:
+        """By λ, the full method before its ablation variants."""
+        return (float(config.get("lam", 0.5)), len(cls.ablation_options(config)))
+
+    @classmethod
+    def ablation_options(cls, config: dict[str, Any]) -> dict[str, Any]:
+        defaults = dataclasses.asdict(MoQAEConfig())
+        return {
+            k: v for k, v in config.items() if k not in cls.sweep_options and k in defaults and v != defaults[k]
+        }
+
+    # ---- before a run: router training where none ships -----------------------------------------
+    @classmethod
+    def check_prepare_options(cls, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(cls.prepare_keys))
+        if unknown:
+            raise MethodSpecError(
+                f"[prepare.moqae]: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(cls.prepare_keys)}"
+            )
+
+    def needs_prepare(self) -> bool:
+        return not self.config.ckpt
+
+    def prepare(self, spec: str, ctx: PrepareContext) -> Prepared | None:
+        """Train a router (``moqae.train``) into ``OUT/routers/<model>/<spec>-lambda<λ>/router.pt``
+        unless one ships for this model; a finished router is reused, an unfinished training resumes."""
+        from harness.integration import model_info
+        from harness.models import model_id
+        from moqae.train import RouterTrainer, TrainConfig
+
+        self.check_prepare_options(ctx.options)
+        lm, tok = ctx.load()
+        if self.checkpoint_path(model_info(lm)).exists():
+            return None  # a shipped router
+        name, _, opts = spec.partition(":")
+        keep = [o for o in opts.split(",") if o.strip() and o.split("=")[0].strip() not in ("lam", "lambda", "ckpt", "seed")]
+        base, lam = name + (":" + ",".join(keep) if keep else ""), float(self.config.lam)
+        where = ctx.out / "routers" / _slug(model_id(ctx.model)) / f"{_slug(base)}-lambda{lam:g}"
+        ckpt = where / "router.pt"
+        cell = f"router {base} λ={lam:g}"
+        new_spec = spec + ("," if ":" in spec else ":") + f"ckpt={ckpt}"
+        if ckpt.exists():
+            return Prepared(new_spec, cell, ckpt, reused=True)
+        cfg = TrainConfig(lam=lam, method=base, **ctx.options)
+        ctx.log(f"== prepare: {cell} on {ctx.model} ({cfg.steps} steps x {cfg.seqlen} tokens) -> {ckpt}")
+        trainer = RouterTrainer(lm, tok, cfg, data_dir=ctx.data_dir, out=where)
+        dev = next(lm.parameters()).device
+        trainer.windows = [w.to(dev) for w in trainer.windows]
+        trainer.train(progress=ctx.progress)
+        return Prepared(new_spec, cell, ckpt)
+
+    # ---- life cycle ---------------------------------------------------------------------------
     def checkpoint_path(self, info: ModelInfo) -> Path | None:
         if self.config.ckpt == "random":
             return None

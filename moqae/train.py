@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +82,9 @@ class TrainConfig:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from harness.files import torch_save_atomic
+
+    torch_save_atomic(path, obj)
 
 
 def token_nll(model: torch.nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:

@@ -1,1 +1,1 @@
-from tasks import lmeval, longbench, wikitext2  # noqa: F401  (importing registers the tasks)
+"""Benchmarks: WikiText-2 perplexity, LongBench, lm-eval; ``harness.builtins`` names them (imported lazily)."""

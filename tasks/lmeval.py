@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 
 from harness.data import MissingDataError, resolve_data_dir
-from harness.evaluation import Task, TaskContext, register_task
+from harness.evaluation import Task, TaskContext
 from harness.integration import AttachedMethod, cache_kwargs, forward
 from harness.interface import MethodConfig, MethodSpecError
 
@@ -253,8 +253,10 @@ class LMEvalConfig(MethodConfig):
             raise MethodSpecError(f"lmeval: num_fewshot={self.num_fewshot} must be >= 0")
 
 
-@register_task("lmeval", "lm-evaluation-harness tasks (acc / acc_norm) through the method's cache")
 class LMEval(Task):
+
+    name = "lmeval"
+    description = "lm-evaluation-harness tasks (acc / acc_norm) through the method's cache"
     config_class = LMEvalConfig
 
     def task_specs(self, data_dir: Path | None) -> list[str | dict]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness.data import token_windows, wikitext2_test_text
-from harness.evaluation import Task, TaskContext, register_task
+from harness.evaluation import Task, TaskContext
 from harness.integration import forward
 from harness.interface import MethodConfig, MethodSpecError
 
@@ -66,8 +66,12 @@ def window_logits(model: torch.nn.Module, ids: torch.Tensor, cache, piece: int =
     return torch.cat([forward(model, ids[:, i : i + piece], cache).logits for i in range(0, ids.shape[1], piece)], 1)
 
 
-@register_task("wikitext2", "WikiText-2 (raw) test perplexity, non-overlapping windows of seqlen tokens")
 class WikiText2(Task):
+    """WikiText-2 perplexity as the KV-quantization papers measure it (GPTQ's windows)."""
+
+    name = "wikitext2"
+    description = "WikiText-2 (raw) test perplexity, non-overlapping windows of seqlen tokens"
+    refuses_random_weights = True
     config_class = WikiText2Config
     _ids_cache: dict[tuple[int, str], torch.Tensor] = {}
 

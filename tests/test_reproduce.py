@@ -21,9 +21,9 @@ def test_shipped_profiles_parse():
     assert set(PAPER_METHODS) <= set(wt.methods)
     assert {f"moqae:lam={x}" for x in (0.1, 0.3, 0.5, 0.7, 0.9)} <= set(wt.methods)
     assert {r.tasks[0].split(":")[0] for r in quick.runs} == {"wikitext2", "longbench", "lmeval"}
-    assert quick.profile is not None and max(quick.profile.contexts) <= 2048 and quick.train is None
+    assert quick.profile is not None and max(quick.profile.contexts) <= 2048 and not quick.prepare
     full = load_profile("full")
-    assert "meta-llama/Llama-2-7b-hf" in full.models and full.train is not None
+    assert "meta-llama/Llama-2-7b-hf" in full.models and full.prepare["moqae"]["steps"] == 200
     assert max(full.profile.contexts) == 32768 and not any("limit" in r.options for r in full.runs)
 
 
@@ -34,6 +34,13 @@ def test_bad_profiles_say_what_is_wrong(tmp_path):
         parse_profile({"models": ["m"], "run": [{"tasks": ["wikitext2"], "methods": ["fp16"], "windows": 1}]})
     with pytest.raises(ValueError, match="nothing to reproduce"):
         parse_profile({"models": ["m"]})
+    run = [{"tasks": ["wikitext2"], "methods": ["fp16"]}]
+    with pytest.raises(ValueError, match=r"\[prepare.moqae\]: .*unknown key\(s\) stepz; accepted: steps"):
+        parse_profile({"models": ["m"], "run": run, "prepare": {"moqae": {"stepz": 2}}})
+    with pytest.raises(ValueError, match=r"\[prepare.fp16\]: fp16: has no prepare step"):
+        parse_profile({"models": ["m"], "run": run, "prepare": {"fp16": {"steps": 2}}})
+    with pytest.raises(ValueError, match=r"unknown method 'nosuch'"):
+        parse_profile({"models": ["m"], "run": run, "prepare": {"nosuch": {}}})
     bad = tmp_path / "bad.toml"
     bad.write_text("models = [")
     with pytest.raises(ValueError, match="not valid TOML"):
@@ -61,7 +68,7 @@ new_tokens = 2
 repeats = 1
 """
     if train:
-        text += "\n[train]\nsteps = 2\nseqlen = 64\nwindows = 2\n"
+        text += "\n[prepare.moqae]\nsteps = 2\nseqlen = 64\nwindows = 2\n"
     path = tmp_path / "tiny.toml"
     path.write_text(text)
     return path
@@ -73,11 +80,11 @@ def _cells(summary, status: str, stage: str) -> list[str]:
 
 def test_tiny_profile_end_to_end_with_failures_and_training(tmp_path, stories_dir, data_dir):
     # int:group=3 cannot run on head_dim 8: recorded as failed, the sweep goes on; MoQAE has no
-    # router for stories260K: [train] trains one (2 steps) and the run uses it
+    # router for stories260K: [prepare.moqae] trains one (2 steps) and the run uses it
     prof = _profile(tmp_path, stories_dir, ["fp16", "int:group=3", "moqae:lam=0.5"], train=True)
     out, rep = tmp_path / "results", tmp_path / "report"
     s = reproduce(prof, out=out, report=rep, data_dir=data_dir, progress=False, log=lambda *_: None)
-    assert _cells(s, "done", "train") == ["router moqae λ=0.5"]
+    assert _cells(s, "done", "prepare") == ["router moqae λ=0.5"]
     assert (out / "routers").is_dir() and list((out / "routers").rglob("router.pt"))
     done = _cells(s, "done", "wikitext2")
     assert "fp16" in done and any(c.startswith("moqae:lam=0.5,ckpt=") for c in done)
@@ -93,7 +100,7 @@ def test_tiny_profile_end_to_end_with_failures_and_training(tmp_path, stories_di
     assert (rep / "ppl.csv").exists() and (rep / "kv_memory_vs_context.png").exists()
     # a second run trains nothing and recomputes nothing but the failed cell
     s2 = reproduce(prof, out=out, report=rep, data_dir=data_dir, progress=False, log=lambda *_: None)
-    assert not s2.done and _cells(s2, "skipped", "train") == ["router moqae λ=0.5"]
+    assert not s2.done and _cells(s2, "skipped", "prepare") == ["router moqae λ=0.5"]
     assert [o.cell for o in s2.failed] == ["int:group=3"]
 
 

@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.data import longbench_rows
-from harness.evaluation import Task, TaskContext, register_task
+from harness.evaluation import Task, TaskContext
 from harness.integration import generate
 from harness.interface import MethodConfig, MethodSpecError
 from tasks.longbench.metrics import sample_score
@@ -215,8 +215,10 @@ def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
-@register_task("longbench", "LongBench v1 (21 datasets; groups all, e, kivi8): official prompts, truncation, metrics")
 class LongBench(Task):
+
+    name = "longbench"
+    description = "LongBench v1 (21 datasets; groups all, e, kivi8): official prompts, truncation, metrics"
     config_class = LongBenchConfig
 
     def prompt_budget(self, ctx: TaskContext, dataset: str, chat: bool) -> int:

@@ -1,0 +1,44 @@
+"""The built-in methods and tasks, by dotted path: the only place in ``harness/`` that names them.
+
+Nothing here is imported until a spec names it (``harness.registry``). A user's own package adds
+entries through entry points instead (see README "Adding a method"); each class serves its ``name``
+and the names of its ``variants``, so every variant is listed here against its class.
+"""
+
+from __future__ import annotations
+
+BUILTIN_METHODS: dict[str, str] = {
+    "full": "baselines.uniform:FullPrecision",
+    "fp16": "baselines.uniform:FP16",
+    "int": "baselines.uniform:Uniform",
+    "int8": "baselines.uniform:Uniform",
+    "int4": "baselines.uniform:Uniform",
+    "int2": "baselines.uniform:Uniform",
+    "kivi": "baselines.kivi:KIVI",
+    "kivi-2": "baselines.kivi:KIVI",
+    "kivi-4": "baselines.kivi:KIVI",
+    "kvquant": "baselines.kvquant:KVQuant",
+    "kvquant-4b": "baselines.kvquant:KVQuant",
+    "kvquant-4b-1%": "baselines.kvquant:KVQuant",
+    "kvquant-3b-1%": "baselines.kvquant:KVQuant",
+    "kvquant-2b-1%": "baselines.kvquant:KVQuant",
+    "qoq": "baselines.qoq:QoQ",
+    "mikv": "baselines.mikv:MiKV",
+    "kvmix": "baselines.kvmix:KVmix",
+    "xquant": "baselines.xquant:XQuant",
+    "alignedkv": "baselines.alignedkv:AlignedKV",
+    "moqae": "moqae.method:MoQAE",
+}
+
+BUILTIN_TASKS: dict[str, str] = {
+    "wikitext2": "tasks.wikitext2:WikiText2",
+    "longbench": "tasks.longbench.task:LongBench",
+    "lmeval": "tasks.lmeval:LMEval",
+}
+
+METHOD_GROUP = "moqae_harness.methods"
+TASK_GROUP = "moqae_harness.tasks"
+
+#: the method every ratio is taken against (profiling, reports), and the task ``run`` defaults to
+REFERENCE_METHOD = "fp16"
+DEFAULT_TASK = "wikitext2"
