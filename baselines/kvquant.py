@@ -88,8 +88,8 @@ from harness.interface import (
     MethodSpecError,
     ModelInfo,
     Observation,
-    UnsupportedModelError,
     ReportStyle,
+    UnsupportedModelError,
     Variant,
     tensor_bytes,
 )

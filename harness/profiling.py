@@ -39,10 +39,11 @@ from typing import Any
 
 import torch
 
+from harness.builtins import REFERENCE_METHOD
 from harness.integration import AttachedMethod, forward
 from harness.interface import KVCacheMethod
 
-REFERENCE = "fp16"
+REFERENCE = REFERENCE_METHOD  # the default; profile(reference=...) changes it
 
 
 def _sync(device: torch.device) -> None:
@@ -295,17 +296,18 @@ def add_ratios(rows: list[dict[str, Any]], reference: str = REFERENCE) -> list[d
 
 def profile_table(rows: list[dict[str, Any]], reference: str = REFERENCE) -> str:
     """Markdown table, one line per row, every figure followed by its ratio to ``reference``."""
+    from harness.reports.table import markdown_table
+
     add_ratios(rows, reference)
     head = ["method", "context", "batch"]
     for _, title, *_ in COLUMNS:
         head += [title, f"× {reference}"]
     head += ["own ms (prefill / step)", "added params"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines = []
     for r in rows:
         cells = [r["method"], str(r["context"]), str(r["batch"])]
         if r.get("status") != "done":
-            cells += [f"**{r.get('status')}**"] + ["—"] * (len(head) - 4)
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(cells + [f"**{r.get('status')}**"] + ["—"] * (len(head) - 4))
             continue
         for key, _, unit, fmt in COLUMNS:
             v, q = r.get(key), r.get(f"{key}_ratio")
@@ -314,49 +316,22 @@ def profile_table(rows: list[dict[str, Any]], reference: str = REFERENCE) -> str
         cells.append("—" if own is None else f"{1e3 * own:.1f} / {1e3 * r['own_decode_step_s']:.2f}")
         params = r["method_parameters"]
         cells.append(f"{params:,} ({100 * params / r['model_parameters']:.3f} %)" if params else "0")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    return markdown_table(head, lines, numeric_from=1)
 
 
 def plot_profile(rows: list[dict[str, Any]], path: Path, title: str = "") -> list[Path]:
     """KV memory and decode latency against context length, one line per method (first batch
-    size), side by side; PNG and SVG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    size), side by side; PNG and SVG (``harness.reports.plots.plot_against_context``)."""
+    from harness.reports.plots import plot_against_context
 
     done = [r for r in rows if r.get("status") == "done"]
     if not done:
         return []
-    batch = done[0]["batch"]
-    methods = list(dict.fromkeys(r["method"] for r in done))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = (("kv_bytes", "KV cache held (MiB)", 2**-20), ("decode_step_s", "decode latency (ms / step)", 1e3))
-    for ax, (key, label, unit) in zip(axes, panels, strict=True):
-        for m in methods:
-            pts = sorted((r["context"], r[key] * unit) for r in done if r["method"] == m and r["batch"] == batch)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        ax.set_xscale("log", base=2)
-        contexts = sorted({r["context"] for r in done})
-        ax.set_xticks(contexts, [str(c) for c in contexts])
-        ax.minorticks_off()
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    where = f"{done[0]['model']}, {done[0]['device']}, {done[0]['dtype']}, batch {batch}"
-    fig.suptitle(f"{title} ({where})" if title else where, fontsize=10)
-    fig.tight_layout()
-    out = []
-    for suffix in (".png", ".svg"):
-        p = path.with_suffix(suffix)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(p, dpi=130)
-        out.append(p)
-    plt.close(fig)
-    return out
+    where = f"{done[0]['model']}, {done[0]['device']}, {done[0]['dtype']}"
+    heading = title or "KV memory and decode latency against context length"
+    png = plot_against_context(done, path, ["kv_bytes", "decode_step_s"], heading, where)
+    return [png, png.with_suffix(".svg")] if png else []
 
 
 def profile(

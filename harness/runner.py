@@ -228,25 +228,25 @@ def _fmt_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
-def results_table(paths: list[Path]) -> str:
-    """A Markdown table of records; KV byte ratios are against the fp16 record of the same task."""
+def results_table(paths: list[Path], reference: str | None = None) -> str:
+    """A Markdown table of records; KV byte ratios are against the ``reference`` method's record of
+    the same model and task options (default ``harness.builtins.REFERENCE_METHOD``)."""
+    from harness.builtins import REFERENCE_METHOD
+    from harness.reports.table import markdown_table
+
+    reference = reference or REFERENCE_METHOD
     recs = [r for r in (load_record(p) for p in paths) if r and r.get("status") == "done"]
     ref = {
         (r["model"], json.dumps(r["key"]["task_config"], sort_keys=True)): r["kv"]["total_bytes"]
         for r in recs
-        if r["key"]["method"] == "fp16"
+        if r["key"]["method"] == reference
     }
-    lines = [
-        "| model | method | task | metric | nominal bits | effective bits | KV bytes | × fp16 bytes |",
-        "|---|---|---|---|---:|---:|---:|---:|",
-    ]
+    header = ["model", "method", "task", "metric", "nominal bits", "effective bits", "KV bytes", f"× {reference} bytes"]
+    rows = []
     for r in recs:
-        fp16 = ref.get((r["model"], json.dumps(r["key"]["task_config"], sort_keys=True)))
+        base = ref.get((r["model"], json.dumps(r["key"]["task_config"], sort_keys=True)))
         kv = r["kv"]
-        ratio = f"{kv['total_bytes'] / fp16:.3f}" if fp16 else "—"
-        metric = _fmt_metrics(r["metrics"])
-        lines.append(
-            f"| {r['model']} | {r['method']} | {r['task']} | {metric} | {kv['nominal_bits']:.2f} "
-            f"| {kv['effective_bits']:.2f} | {kv['total_bytes']:,} | {ratio} |"
-        )
-    return "\n".join(lines)
+        ratio = f"{kv['total_bytes'] / base:.3f}" if base else "—"
+        rows.append([r["model"], r["method"], r["task"], _fmt_metrics(r["metrics"]), f"{kv['nominal_bits']:.2f}",
+                     f"{kv['effective_bits']:.2f}", f"{kv['total_bytes']:,}", ratio])  # fmt: skip
+    return markdown_table(header, rows, numeric_from=4)

@@ -149,10 +149,19 @@ def test_gradients_of_projection_outputs(family):
         assert g.shape == cap.layers[1][name].shape
         rows = g.transpose(1, 2).reshape(-1, info.n_kv_heads * info.head_dim)  # [T, H_kv * D]
         assert torch.allclose(rows.T @ x, g_w, rtol=1e-4, atol=1e-6)
+    # "cut": every captured output a fresh leaf; the last layer's gradient is the same, an earlier
+    # layer's misses the paths through the later layers' k_proj
+    with calibration_mode(model, trainable=()), capture(model, {"pre_rope_keys"}, grad="cut") as cut:
+        forward(model, ids, labels=ids).loss.backward()
+    last = info.n_layers - 1
+    assert torch.allclose(cut.grad(last, "pre_rope_keys"), cap.grad(last, "pre_rope_keys"), rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(cut.grad(0, "pre_rope_keys"), cap.grad(0, "pre_rope_keys"), rtol=1e-3, atol=0)
     with capture(model, {"pre_rope_keys"}) as plain:
         forward(model, ids)
     with pytest.raises(ValueError, match="grad=True"):
         plain.grad(0, "pre_rope_keys")
+    with pytest.raises(ValueError, match="accepted"), capture(model, {"values"}, grad="some"):
+        pass
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -215,7 +224,8 @@ def test_weight_fold_and_restore_exactly(family):
     g = torch.Generator().manual_seed(2)
     n_rep = info.n_heads // info.n_kv_heads
     for p in projections:  # q·k unchanged: q channels × λ, k channels ÷ λ (per KV head, GQA-shared)
-        lam = torch.rand(info.n_kv_heads, info.head_dim, generator=g, dtype=torch.float64) + 0.5
+        half = torch.rand(info.n_kv_heads, info.head_dim // 2, generator=g, dtype=torch.float64) + 0.5
+        lam = torch.cat([half, half], dim=-1)  # channels j and j + D/2 share λ: commutes with RoPE
         lq, lk = lam.repeat_interleave(n_rep, dim=0).reshape(-1), lam.reshape(-1)
         edits.set("q", p.q.weight, p.q.weight.double() * lq[:, None])
         edits.set("k", p.k.weight, p.k.weight.double() / lk[:, None])

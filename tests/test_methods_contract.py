@@ -35,7 +35,6 @@ import math
 import re
 import types
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -143,11 +142,18 @@ def _spec(name: str, extra: str = "") -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _calibration_cache(tmp_path_factory):
-    """KVQuant / KVmix cache their calibration on disk: keep it out of the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MOQAE_HARNESS_CACHE", str(tmp_path_factory.mktemp("harness-cache")))
-        yield
+def _environment(tmp_path_factory):
+    """KVQuant / KVmix cache their calibration on disk: keep it out of the user's cache. One torch
+    thread: these tensors are tiny, and on a shared 2-core machine a second thread makes every
+    operation wait for a busy core (20x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MOQAE_HARNESS_CACHE", str(tmp_path_factory.mktemp("harness-cache")))
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -270,34 +276,16 @@ def run_method(spec: str, model, ids: torch.Tensor, calibration: list[torch.Tens
     """Prefill + ``DECODE`` one-token steps of ``spec`` (cached per spec for the module)."""
     if spec in _RUNS:
         return _RUNS[spec]
-    name = spec.partition(":")[0]
     before = _weights(model)
     method = build_method(spec)
     try:
-        with AttachedMethod(model, method) as am, torch.no_grad():
+        with AttachedMethod(model, method) as am:
             calibrated = method.needs_calibration
-            if calibrated:
+            if calibrated:  # as the runner does: outside no_grad (KVQuant / KVmix take gradients)
                 am.calibrate([w.clone() for w in calibration])
-            cache = am.new_cache()
-            fed: list[list] = [[] for _ in cache.stores]
-            for store, sink in zip(cache.stores, fed, strict=True):
-                _record_appends(store, sink)
-            logits = [forward(model, ids[:, :PREFILL], cache).logits]
-            lengths = [(PREFILL, cache.get_seq_length(), [s.seq_len for s in cache.stores])]
-            for i in range(DECODE):
-                logits.append(forward(model, ids[:, PREFILL + i : PREFILL + i + 1], cache).logits)
-                lengths.append((PREFILL + i + 1, cache.get_seq_length(), [s.seq_len for s in cache.stores]))
-            for store in cache.stores:
-                del store.append  # the class's own again
-            run = Run(method, am.info, cache, torch.cat(logits, dim=1), lengths, calibrated=calibrated)
-            run.fed = [(torch.cat([k for k, _ in f], -2), torch.cat([v for _, v in f], -2)) for f in fed]
-            ignore = _ignore(name)
-            seen: set[int] = set()
-            for store in cache.stores:
-                run.held.append(held_tensors(store, "store", ("cache_state",), {}, set(), ignore))
-                held_tensors(store, "store", ("cache_state",), run.held_cache, seen, ignore)
-            held_tensors(cache.state, "cache_state", (), run.held_cache, seen, ignore)
-            run.read = [store.read(torch.float32) for store in cache.stores]  # after the walk: reads may record
+            with torch.no_grad():
+                run = _decode(am, ids, _ignore(spec.partition(":")[0]))
+            run.calibrated = calibrated
     finally:
         after = model.state_dict()
         restored = all(torch.equal(before[k], after[k]) for k in before)
@@ -305,6 +293,29 @@ def run_method(spec: str, model, ids: torch.Tensor, calibration: list[torch.Tens
             model.load_state_dict(before)  # the next methods get the model as it was
     run.weights_restored = restored
     _RUNS[spec] = run
+    return run
+
+
+def _decode(am: AttachedMethod, ids: torch.Tensor, ignore) -> Run:
+    model, cache = am.model, am.new_cache()
+    fed: list[list] = [[] for _ in cache.stores]
+    for store, sink in zip(cache.stores, fed, strict=True):
+        _record_appends(store, sink)
+    logits = [forward(model, ids[:, :PREFILL], cache).logits]
+    lengths = [(PREFILL, cache.get_seq_length(), [s.seq_len for s in cache.stores])]
+    for i in range(DECODE):
+        logits.append(forward(model, ids[:, PREFILL + i : PREFILL + i + 1], cache).logits)
+        lengths.append((PREFILL + i + 1, cache.get_seq_length(), [s.seq_len for s in cache.stores]))
+    for store in cache.stores:
+        del store.append  # the class's own again
+    run = Run(am.method, am.info, cache, torch.cat(logits, dim=1), lengths)
+    run.fed = [(torch.cat([k for k, _ in f], -2), torch.cat([v for _, v in f], -2)) for f in fed]
+    seen: set[int] = set()
+    for store in cache.stores:
+        run.held.append(held_tensors(store, "store", ("cache_state",), {}, set(), ignore))
+        held_tensors(store, "store", ("cache_state",), run.held_cache, seen, ignore)
+    held_tensors(cache.state, "cache_state", (), run.held_cache, seen, ignore)
+    run.read = [store.read(torch.float32) for store in cache.stores]  # after the walk: a read may record
     return run
 
 
@@ -495,7 +506,7 @@ def test_greedy_generate(name, model, ids, calibration):
     run_method(_spec(name), model, ids, calibration)  # fails first, with its own message, if the method cannot run
     method = build_method(_spec(name))
     prompt = ids[:, :PREFILL]
-    with AttachedMethod(model, method) as am, torch.no_grad():
+    with AttachedMethod(model, method) as am:
         if method.needs_calibration:
             am.calibrate([w.clone() for w in calibration])
         cache = am.new_cache()
@@ -553,19 +564,49 @@ def _first_cells(markdown: str) -> list[str]:
     return [line[2:].split(" | ")[0].strip() for line in markdown.splitlines() if line.startswith("| ")]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_record_gets_a_report_row(name, model, ids, calibration, tmp_path: Path):
+@pytest.fixture(scope="module")
+def report_rows(model, ids, calibration, tmp_path_factory) -> dict[str, tuple[str, list[str]] | BaseException]:
+    """name -> (its display name, the first cells of its report's table rows), or why its record
+    could not be made. Records go into as few reports as possible (writing one takes about a second):
+    a report shows one row per record key, and names that are the same cell (``kivi`` and ``kivi-2``:
+    one class, one config) go into different reports."""
     from harness.files import write_json_atomic
     from harness.reports import write_report
     from harness.runner import record_path
 
-    run = run_method(_spec(name), model, ids, calibration)
-    rec, shown = _record(run, model, ids, calibration)
-    runs = tmp_path / "runs"
-    write_json_atomic(record_path(runs, rec["key"], rec["method"]), rec)
-    files = write_report([runs], tmp_path / "report")
-    readme = tmp_path / "report" / "README.md"
-    assert files[0] == readme
-    rows = _first_cells(readme.read_text())
+    root = tmp_path_factory.mktemp("reports")
+    out: dict[str, Any] = {}
+    groups: list[dict[str, tuple[str, dict, str]]] = []  # record key -> (name, record, display name)
+    for name in NAMES:
+        try:
+            rec, shown = _record(run_method(_spec(name), model, ids, calibration), model, ids, calibration)
+        except Exception as e:  # noqa: BLE001 - that method's test reports it
+            out[name] = e
+            continue
+        key = json.dumps(rec["key"], sort_keys=True)
+        group = next((g for g in groups if key not in g), None)
+        if group is None:
+            group = {}
+            groups.append(group)
+        group[key] = (name, rec, shown)
+    for i, group in enumerate(groups):
+        runs = root / f"runs-{i}"
+        for _, rec, _ in group.values():
+            write_json_atomic(record_path(runs, rec["key"], rec["method"]), rec)
+        files = write_report([runs], root / f"report-{i}")
+        readme = root / f"report-{i}" / "README.md"
+        assert files[0] == readme
+        rows = _first_cells(readme.read_text())
+        for name, _, shown in group.values():
+            out[name] = (shown, rows)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_record_gets_a_report_row(name, report_rows):
+    got = report_rows[name]
+    if isinstance(got, BaseException):
+        raise got
+    shown, rows = got
     # the report may add a note to the name (MoQAE's "(own router)", "(calib. 2 windows)")
     assert any(r == shown or r.startswith(shown + " (") for r in rows), f"no row {shown!r}; rows: {rows}"
