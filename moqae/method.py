@@ -304,6 +304,7 @@ class MoQAE(KVCacheMethod):
     name = "moqae"
     description = "MoQAE: chunk router picks FP16/INT4/INT2 per chunk (RF, RS); options lambda, ckpt"
     report = ReportStyle("MoQAE", "o", "C3", rank=90)
+    report_sections = ("moqae.report:PUBLISHED", "moqae.report:ANALYSIS")
     #: options that select a point of the λ sweep (or its router) rather than an ablation variant
     sweep_options: ClassVar[tuple[str, ...]] = ("lam", "ckpt", "seed")
     #: the profile's [prepare.moqae] table: router training where no checkpoint ships (moqae.train)

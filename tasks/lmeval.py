@@ -257,6 +257,7 @@ class LMEval(Task):
 
     name = "lmeval"
     description = "lm-evaluation-harness tasks (acc / acc_norm) through the method's cache"
+    report_sections = ("tasks.lmeval_report:LMEVAL",)
     config_class = LMEvalConfig
 
     def task_specs(self, data_dir: Path | None) -> list[str | dict]:

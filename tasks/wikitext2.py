@@ -72,6 +72,7 @@ class WikiText2(Task):
     name = "wikitext2"
     description = "WikiText-2 (raw) test perplexity, non-overlapping windows of seqlen tokens"
     refuses_random_weights = True
+    report_sections = ("tasks.wikitext2_report:PERPLEXITY",)
     config_class = WikiText2Config
     _ids_cache: dict[tuple[int, str], torch.Tensor] = {}
 

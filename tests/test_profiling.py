@@ -98,3 +98,16 @@ def test_profile_cli_writes_rows(tmp_path, capsys):
     assert main(["profile", "--methods", "fp16", "--model", "tiny-llama", "--context", "0"]) == 2
     assert capsys.readouterr().err.startswith("error:")
     assert main(["profile", "--methods", "fp16", "--model", "tiny-llama", "--batch", "x"]) == 2
+
+
+def test_plot_profile_writes_png_and_svg(tmp_path):
+    """The CLI's profile plot is the report's plotter (harness.reports.plots.plot_against_context)."""
+    from harness.profiling import plot_profile
+
+    rows = [{"method": m, "model": "tiny", "device": "cpu", "dtype": "float32", "context": c, "batch": 1,
+             "status": "done", "kv_bytes": k * c, "decode_step_s": 0.01 * k} for m, k in (("fp16", 4), ("int4", 1))
+            for c in (64, 128)]  # fmt: skip
+    paths = plot_profile(rows, tmp_path / "profile.png")
+    assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.exists() for p in paths)
+    assert paths[0].read_bytes()[:4] == b"\x89PNG"
+    assert plot_profile([{**rows[0], "status": "oom"}], tmp_path / "none.png") == []

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.reports import load_results, method_sort_key, pareto_front, place_labels, write_report
+from harness.interface import KVCacheMethod, MethodConfig, ReportStyle
+from harness.reports import Section, load_results, method_sort_key, pareto_front, place_labels, write_report
 from moqae.method import MoQAEConfig
 
 WT_CFG = {"seqlen": 2048, "max_windows": 2, "prefill_chunk": 0}
@@ -241,3 +242,135 @@ def test_reports_index_lists_every_report_reproduce_first(results, tmp_path):
     # a report outside any reports/ folder writes no index
     write_report([results / "runs"], tmp_path / "elsewhere", "x", command="c")
     assert not (tmp_path / "README.md").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# A method-agnostic core: a plugin's style, rank, label and sections; a method not installed
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _MineConfig(MethodConfig):
+    bits: int = 3
+
+
+class _Mine(KVCacheMethod):
+    """A plugin-like method registered at run time."""
+
+    config_class = _MineConfig
+    report = ReportStyle("Mine family", "d", "#123456", rank=15)
+    report_sections = (f"{__name__}:MINE_SECTION", "no_such_module_here:SECTION")
+
+    @classmethod
+    def report_label(cls, label: str, config: dict) -> str:
+        return f"mine {config.get('bits')}-bit"
+
+    @classmethod
+    def ablation_options(cls, config: dict) -> dict:
+        return {"bits": 2} if config.get("bits") == 2 else {}
+
+    def new_layer_store(self, layer_idx, info):
+        raise NotImplementedError
+
+
+MINE_SECTION = Section("Mine's own section", lambda data: (f"{len(data.records)} records seen.", []), order=35,
+                       legacy=lambda data: "## Mine in results.md")  # fmt: skip
+
+
+@pytest.fixture
+def mine():
+    from harness.interface import METHODS
+
+    METHODS.register("mine")(_Mine)
+    try:
+        yield _Mine
+    finally:
+        METHODS.unregister("mine")
+
+
+PROFILED = ["int4", "gone-plugin:x=1", "mine:bits=3", "int4 [dequantize]"]
+
+
+@pytest.fixture
+def plugin_results(tmp_path) -> Path:
+    runs = tmp_path / "runs"
+    for label, name, cfg, bits, ppl in (("fp16", "fp16", {}, 16.0, 10.0), ("int4", "int", {"bits": 4}, 4.0, 11.0),
+                                        ("mine", "mine", {"bits": 3}, 3.0, 10.5),
+                                        ("mine:bits=2", "mine", {"bits": 2}, 2.0, 12.0),
+                                        ("gone:x=1", "gone-plugin", {"x": 1}, 5.0, 10.7)):  # fmt: skip
+        rec = _record(label, name, cfg, metrics={"ppl": ppl}, bits=(bits, bits + 1), windows=2, tokens=4094)
+        _write(runs, f"tiny__{label.replace(':', '_')}__wikitext2.json", rec)
+    rows = [{"method": m, "model": "tiny", "device": "cpu", "dtype": "float32", "attention": "sdpa", "context": c,
+             "batch": 1, "new_tokens": 4, "repeats": 1, "status": "done", "prefill_s": 0.01 * (i + 1),
+             "decode_step_s": 0.001 * (i + 1), "decode_tokens_per_s": 1000 / (i + 1), "kv_bytes": 2**20 * (i + 1),
+             "kv_read_bytes_per_step": 2**20, "peak_bytes": 2**21, "peak_kind": "cpu_rss", "nominal_bits": 4.0,
+             "effective_bits": 4.5, "method_parameters": 0, "model_parameters": 1000}
+            for i, m in enumerate(PROFILED) for c in (64, 128)]  # fmt: skip
+    _write(tmp_path / "prof", "p.json", {"command": "python -m harness reproduce", "settings": {"reference": "int4"},
+                                         "rows": rows})  # fmt: skip
+    return tmp_path
+
+
+def test_plugin_style_rank_label_and_sections(mine, plugin_results, tmp_path):
+    from harness.reports import family_styles, load_results, method_style
+
+    assert method_style("mine:bits=3") == mine.report and method_style("gone-plugin:x=1") == ReportStyle()
+    res = load_results([plugin_results / "runs"])
+    assert [r["method"] for r in sorted(res.records, key=method_sort_key)] == [
+        "fp16", "mine", "mine:bits=2", "int4", "gone:x=1"]  # fmt: skip
+    assert family_styles(res.records)["Mine family"].marker == "d"
+    out = tmp_path / "report"
+    write_report([plugin_results], out, "plugin report", command="c")
+    md = (out / "README.md").read_text()
+    ppl = md[md.index("## Perplexity") : md.index("## Mine's own section")]
+    assert ppl.index("| fp16 |") < ppl.index("| mine 3-bit |") < ppl.index("| int4 |") < ppl.index("| gone:x=1 |")
+    assert "mine 2-bit" not in ppl  # an ablation variant (ablation_options non-empty): not in the main table
+    assert "by method family (uniform, Mine family, other)" in ppl
+    assert "## Mine's own section\n\n5 records seen." in md  # declared by the class, ordered by its order
+    assert md.index("## Mine's own section") < md.index("## Profiling")
+    assert "no_such_module_here:SECTION` of method mine could not be loaded" in md
+    assert "## Mine in results.md" in (out / "results.md").read_text()
+    assert {r["method"] for r in _csv(out / "ppl.csv")} == {"fp16", "mine 3-bit", "int4", "gone:x=1"}
+    # the profile file's own reference, the plugin's rank for its rows, "[dequantize]" rows as their method
+    lat = md[md.index("### Profile, latency") : md.index("### Profile, memory")]
+    assert "| prefill ms | × int4 |" in lat and "ratio to int4" in lat
+    order = [line.split(" | ")[0][2:] for line in lat.splitlines() if line.startswith("| ") and "| 64 |" in line]
+    assert order == ["mine:bits=3", "int4", "int4 [dequantize]", "gone-plugin:x=1"]
+
+
+def test_plugin_family_drawn_with_its_marker(mine, plugin_results, tmp_path, monkeypatch):
+    import harness.reports.plots as plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figs.append(fig) or path)
+    recs = load_results([plugin_results / "runs"]).records
+    assert plots.plot_ppl_vs_bits(recs, tmp_path / "p.png", "tiny") == tmp_path / "p.png"
+    lines = {ln.get_label(): ln for ln in figs[0].axes[0].get_lines()}
+    assert lines["Mine family"].get_marker() == "d" and lines["Mine family"].get_color() == "#123456"
+    assert lines["other"].get_marker() == ReportStyle().marker  # the method that is not installed
+    assert lines["Mine family"].get_linestyle() == "-"  # one method's settings: joined by bits
+    assert lines["uniform"].get_linestyle() == "None"  # fp16 and int4: two methods, not joined
+    assert list(lines)[:3] == ["uniform", "Mine family", "other"]  # legend in rank order
+
+
+def test_record_of_a_method_not_installed_renders_as_other(plugin_results, tmp_path):
+    """Without the ``mine`` registration, its records are rows like any other (plain label, "other")."""
+    from harness.reports import display_name, family
+
+    res = load_results([plugin_results / "runs"])
+    gone = [r for r in res.records if r["key"]["method"] in ("mine", "gone-plugin")]
+    assert {family(r) for r in gone} == {"other"} and {display_name(r) for r in gone} == {"mine", "mine:bits=2",
+                                                                                           "gone:x=1"}  # fmt: skip
+    write_report([plugin_results], tmp_path / "r", command="c")
+    md = (tmp_path / "r" / "README.md").read_text()
+    assert "| mine:bits=2 |" in md and "| gone:x=1 |" in md and "Mine's own section" not in md
+
+
+def test_markdown_table_alignment_and_escaping():
+    from harness.reports import markdown_table
+
+    assert markdown_table(["a", "b", "c"], [["x|y", 1, 2]], numeric_from=2) == (
+        "| a | b | c |\n|---|---|---:|\n| x\\|y | 1 | 2 |"
+    )
+    assert markdown_table(["a", "b"], [], numeric_from=None).splitlines()[1] == "|---|---|"
+    assert markdown_table(["a", "b"], [], align="rl").splitlines()[1] == "|---:|---|"

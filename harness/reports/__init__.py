@@ -138,11 +138,7 @@ def write_report(
         "",
         f"Written by the command below from {len(res.records)} finished run records"
         + (f", {len(res.failed)} failed ones" if res.failed else "")
-        + (
-            f" and {len(res.profile_rows)} profile rows ({plural(n_profile_files, 'file')})"
-            if res.profile_rows
-            else ""
-        )
+        + (f" and {len(res.profile_rows)} profile rows ({plural(n_profile_files, 'file')})" if res.profile_rows else "")
         + f" under {_where(sources)}. Do not edit by hand: re-run "
         "the command. Every number is in a CSV file whose `record` column names the record it comes from.",
         "",

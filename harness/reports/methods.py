@@ -5,7 +5,7 @@ the class (``harness.interface.METHODS.entry(name).cls``) tells the rest: ``repo
 (``ReportStyle``: family, marker, colour, rank), ``report_label``, ``report_sort_key`` and
 ``ablation_options``. A name this checkout cannot load (a plugin not installed, a class that
 fails to import) gets ``ReportStyle()`` (family "other") and its plain label: a report never
-fails for want of a method. Profile rows carry only the label (``kivi-2``, ``moqae:lam=0.5``,
+fails for want of a method. Profile rows carry only the label (``int4``, ``mine:bits=3``,
 ``int4 [dequantize]``): the part before ``:`` (and before a space) is the registry name.
 """
 
@@ -21,7 +21,7 @@ DEFAULT_STYLE = ReportStyle()
 
 
 def registry_name(label: str) -> str:
-    """``moqae:lam=0.5`` -> ``moqae``; ``int4 [dequantize]`` -> ``int4``."""
+    """``mine:bits=3`` -> ``mine``; ``int4 [dequantize]`` -> ``int4``."""
     return label.partition(":")[0].strip().split(" ")[0]
 
 

@@ -219,6 +219,7 @@ class LongBench(Task):
 
     name = "longbench"
     description = "LongBench v1 (21 datasets; groups all, e, kivi8): official prompts, truncation, metrics"
+    report_sections = ("tasks.longbench.report:LONGBENCH",)
     config_class = LongBenchConfig
 
     def prompt_budget(self, ctx: TaskContext, dataset: str, chat: bool) -> int:

@@ -1,0 +1,361 @@
+"""MoQAE's report sections (declared by ``moqae.method.MoQAE.report_sections``).
+
+* ``PUBLISHED`` — the MoQAE paper's own figures (``moqae/published/moqae_acl2025.toml``) in a
+  separate, labelled block, never mixed with measured numbers;
+* ``ANALYSIS`` — expert shares (overall and per layer), the expert-share heat map (layer × expert),
+  the λ trade-off plot and the ablation table; it also adds the share tables to ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from harness.reports import (
+    ReportData,
+    Section,
+    Table,
+    ablation_options,
+    column,
+    display_name,
+    fmt,
+    group_records,
+    markdown_table,
+    method_sort_key,
+    num,
+    pyplot,
+    save_figure,
+    suffix,
+    task_config,
+)
+from tasks.wikitext2_report import wikitext_protocol
+
+PUBLISHED_FILE = Path(__file__).parent / "published" / "moqae_acl2025.toml"
+#: the measured rows the ablation and the λ plot compare against
+REFERENCE = "fp16"
+PPL_TASK = "wikitext2"
+
+
+# --------------------------------------------------------------------------------------------
+# Published figures
+# --------------------------------------------------------------------------------------------
+
+
+def published_block(path: Path = PUBLISHED_FILE) -> tuple[str, Table | None]:
+    """The MoQAE paper's own figures as a separate labelled block (Markdown text, and a table when
+    the file holds figures)."""
+    data: dict[str, Any] = {}
+    if path.exists():
+        data = tomllib.loads(path.read_text())
+    source = data.get("source", "Tao et al., MoQAE, ACL 2025 (arXiv:2506.07533)")
+    rows = data.get("rows") or []
+    head = (
+        f"**Published figures, not measured here** — {source}. These are the paper's own numbers for "
+        "its Llama models, quoted for comparison only: they come from another model, hardware and "
+        "code, and are never mixed into the measured tables above."
+    )
+    if not rows:
+        text = (
+            f"{head}\n\n*(empty)* {data.get('status', 'No published figures are recorded.')} "
+            f"They belong in `moqae/published/{path.name}` (`[[rows]]` with model, method, "
+            "nominal bits, PPL and where in the paper each number is printed); this block shows them "
+            "once they are there."
+        )
+        return text, None
+    cols = ["model", "method", "nominal_bits", "dataset", "ppl", "where"]
+    table = Table(
+        "published-moqae-paper",
+        "Published figures: MoQAE paper (not measured here)",
+        ["model", "method", "nominal bits", "dataset", "PPL", "where in the paper"],
+        [[str(r.get(k, "—")) for k in cols] for r in rows],
+        [{**{k: r.get(k) for k in cols}, "record": f"published: {source}"} for r in rows],
+        intro=head,
+        numeric_from=2,
+    )
+    return head, table
+
+
+def _published(data: ReportData) -> tuple[str, list[Table]]:
+    text, table = published_block()
+    return text, [table] if table else []
+
+
+# --------------------------------------------------------------------------------------------
+# Expert shares
+# --------------------------------------------------------------------------------------------
+
+
+def expert_labels(rec: dict[str, Any]) -> list[str]:
+    experts = str((rec["key"].get("method_config") or {}).get("experts", "16/4/2"))
+    bits = [b for b in experts.replace(",", "/").split("/") if b.strip()]
+    return ["FP16" if b.strip() == "16" else f"INT{b.strip()}" for b in bits]
+
+
+def expert_shares(record: dict[str, Any]) -> list[float] | None:
+    """Share of chunks per expert over all layers (MoQAE records), experts in config order."""
+    stats = record.get("layer_stats") or []
+    counts = [layer["expert_chunks"] for layer in stats if "expert_chunks" in layer]
+    if not counts:
+        return None
+    totals = [sum(c[e] for c in counts) for e in range(len(counts[0]))]
+    n = sum(totals)
+    return [t / n for t in totals] if n else None
+
+
+def layer_shares(record: dict[str, Any]) -> list[list[float] | None]:
+    """Per layer: share of its chunks per expert (None where the layer stored no chunk)."""
+    out = []
+    for layer in record.get("layer_stats") or []:
+        counts = layer.get("expert_chunks") or []
+        total = sum(counts)
+        out.append([c / total for c in counts] if total else None)
+    return out
+
+
+def shares_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: MoQAE records with their experts and the share of chunks each received."""
+    rows = []
+    for r in records:
+        shares = expert_shares(r)
+        if shares is None:
+            continue
+        experts = str(r["key"]["method_config"].get("experts", ""))
+        rows.append([r["method"], experts, " / ".join(f"{100 * s:.1f} %" for s in shares)])
+    header = ["method", "experts (bits)", "chunk share per expert"]
+    return markdown_table(header, rows, numeric_from=None) if rows else ""
+
+
+def layer_shares_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: one row per layer, one column per MoQAE record, cells = chunk shares per expert (%)."""
+    cols = [(r["method"], r["layer_stats"]) for r in records if expert_shares(r) is not None]
+    if not cols:
+        return ""
+    n_layers = max(len(stats) for _, stats in cols)
+    rows = []
+    for i in range(n_layers):
+        cells = [str(i)]
+        for _, stats in cols:
+            counts = stats[i]["expert_chunks"] if i < len(stats) else []
+            total = sum(counts)
+            cells.append(" / ".join(f"{100 * c / total:.0f}" for c in counts) if total else "—")
+        rows.append(cells)
+    return markdown_table(["layer", *[name for name, _ in cols]], rows, numeric_from=None)
+
+
+def _legacy(data: ReportData) -> str:
+    """The share tables of the compact ``results.md``."""
+    shares = shares_table(data.records)
+    if not shares:
+        return ""
+    parts = ["## MoQAE: share of chunks per expert (all layers)", "", shares, ""]
+    parts += ["## MoQAE: share of chunks per expert per layer (%, experts in config order)", ""]
+    parts += [layer_shares_table(data.records)]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Ablation variants
+# --------------------------------------------------------------------------------------------
+
+
+def variant_order(variant: dict[str, Any]) -> list[tuple[str, float, str]]:
+    return [(k, float(v) if isinstance(v, int | float) else 0.0, str(v)) for k, v in sorted(variant.items())]
+
+
+def describe_variant(variant: dict[str, Any]) -> str:
+    parts = []
+    for k, v in variant.items():
+        if k == "freeze_first" and not v:
+            parts.append("without routing freezing (freeze_first=false)")
+        elif k == "share" and v == 1:
+            parts.append("without routing sharing (share=1)")
+        elif k == "share":
+            parts.append(f"routing sharing over {v} layers (share={v})")
+        elif k == "chunk":
+            parts.append(f"chunk {v} tokens")
+        else:
+            parts.append(f"{k}={v}")
+    return ", ".join(parts) or "default"
+
+
+# --------------------------------------------------------------------------------------------
+# Tables and plots
+# --------------------------------------------------------------------------------------------
+
+
+def moqae_tables(records: list[dict[str, Any]], out: Path) -> list[Table]:
+    """Expert shares (overall, per layer), the ablation, the λ trade-off and the heat map."""
+    moq = sorted((r for r in records if expert_shares(r) is not None), key=lambda r: (r["model"], method_sort_key(r)))
+    if not moq:
+        return []
+    tables: list[Table] = []
+    n_exp = max(len(expert_labels(r)) for r in moq)
+    labels = expert_labels(moq[0])
+    head = ["model", "method", "task", "λ", "nominal bits", *[f"share {e}" for e in labels[:n_exp]]]
+    rows, rows_csv = [], []
+    for r in moq:
+        shares = expert_shares(r) or []
+        lam = (r["key"].get("method_config") or {}).get("lam")
+        rows.append([r["model"], display_name(r), r["task"], fmt(lam, "{:g}"), fmt(r["kv"]["nominal_bits"]),
+                     *[fmt(s, "{:.1f} %", 100) for s in shares]])  # fmt: skip
+        for e, s in zip(expert_labels(r), shares, strict=False):
+            rows_csv.append({"model": r["model"], "method": display_name(r), "spec": r["method"], "task": r["task"],
+                             "lambda": lam, "expert": e, "share": s, "record": r["_file"]})  # fmt: skip
+    t = Table("moqae-shares", "MoQAE: share of chunks per expert (all layers)", head, rows, rows_csv, numeric_from=3)
+    t.intro = "The share of all routed and frozen chunks of all layers that each expert stored."
+    tables.append(t)
+
+    wt = [r for r in moq if r["key"]["task"] == PPL_TASK]
+    groups = group_records(wt, lambda r: (column(r), task_config(r)))
+    refs = {
+        (column(r), json.dumps(task_config(r), sort_keys=True)): r
+        for r in records
+        if r["key"]["method"] == REFERENCE and r["key"]["task"] == PPL_TASK
+    }
+    for gi, ((col, cfg), recs) in enumerate(groups):
+        sfx = suffix(gi)
+        where = f"{col[0]}, {wikitext_protocol(cfg, recs)}"
+        ref = refs.get((tuple(col), json.dumps(cfg, sort_keys=True)))
+        tables.append(_layer_table(recs, labels, where, col[0], ref, out, sfx))
+        ablation = _ablation_table(recs, labels, where, ref, sfx)
+        if ablation:
+            tables.append(ablation)
+    return tables
+
+
+def _layer_table(recs, labels, where, model, ref, out: Path, sfx: str) -> Table:
+    """Per-layer shares, one column per record; the heat map and the λ trade-off plot."""
+    n_layers = max(len(r.get("layer_stats") or []) for r in recs)
+    head = ["layer", *[display_name(r) for r in recs]]
+    rows, rows_csv = [], []
+    for i in range(n_layers):
+        row = [str(i)]
+        for r in recs:
+            ls = layer_shares(r)
+            s = ls[i] if i < len(ls) else None
+            row.append("—" if s is None else " / ".join(f"{100 * x:.0f}" for x in s))
+            counts = (r["layer_stats"][i].get("expert_chunks") or []) if i < len(r["layer_stats"]) else []
+            for e, (lab, c) in enumerate(zip(expert_labels(r), counts, strict=False)):
+                share = None if s is None else s[e]
+                rows_csv.append({"model": r["model"], "method": display_name(r), "layer": i, "expert": lab,
+                                 "chunks": c, "share": share, "record": r["_file"]})  # fmt: skip
+        rows.append(row)
+    t = Table(f"moqae-layer-shares{sfx}", f"MoQAE: share of chunks per expert per layer ({where})", head, rows,
+              rows_csv)  # fmt: skip
+    t.intro = f"Cells: % of the layer's chunks stored by {' / '.join(labels)} (experts in config order)."
+    heat = plot_expert_heatmap(recs, out / f"expert_share_heatmap{sfx}.png", model)
+    t.plots.append((heat, f"MoQAE expert share per layer ({model})"))
+    sweep = sorted((r for r in recs if not ablation_options(r)), key=method_sort_key)
+    if len(sweep) >= 2:
+        p = plot_lambda_tradeoff(sweep, ref, out / f"moqae_lambda_tradeoff{sfx}.png", model)
+        t.plots.append((p, f"MoQAE λ trade-off: perplexity and KV bits against λ ({model})"))
+    return t
+
+
+def _ablation_table(recs, labels, where, ref, sfx: str) -> Table | None:
+    """Ablation: the variants of one λ beside the default configuration of that λ."""
+    by_lam: dict[float, list[dict[str, Any]]] = {}
+    for r in recs:
+        by_lam.setdefault(num((r["key"].get("method_config") or {}).get("lam")), []).append(r)
+    rows, rows_csv = [], []
+    for lam, group in sorted(by_lam.items()):
+        if not any(ablation_options(r) for r in group):
+            continue
+        group.sort(key=lambda r: (bool(ablation_options(r)), variant_order(ablation_options(r))))
+        for r in group:
+            variant = ablation_options(r)
+            what = describe_variant(variant) if variant else "full MoQAE (chunk 32, RF, RS = 3)"
+            ppl = r["metrics"]["ppl"]
+            delta = 100 * (ppl / ref["metrics"]["ppl"] - 1) if ref else None
+            shares = expert_shares(r) or []
+            rows.append([f"{lam:g}", what, display_name(r), fmt(ppl, "{:.4f}"), fmt(delta, "{:+.1f} %"),
+                         fmt(r["kv"]["nominal_bits"]), fmt(r["kv"]["effective_bits"]),
+                         f"{r['kv']['total_bytes']:,}", " / ".join(f"{100 * s:.1f}" for s in shares)])  # fmt: skip
+            rows_csv.append({"model": r["model"], "lambda": lam, "variant": what, "method": display_name(r),
+                             "spec": r["method"], "ppl": ppl, f"ppl_vs_{REFERENCE}_percent": delta,
+                             "nominal_bits": r["kv"]["nominal_bits"], "effective_bits": r["kv"]["effective_bits"],
+                             "kv_bytes": r["kv"]["total_bytes"], "shares": " / ".join(f"{s:.4f}" for s in shares),
+                             "record": r["_file"]})  # fmt: skip
+    if not rows:
+        return None
+    head = ["λ", "variant", "method", "PPL", f"vs {REFERENCE}", "nominal bits", "effective bits", "KV bytes",
+            f"shares % {' / '.join(labels)}"]  # fmt: skip
+    t = Table(f"moqae-ablation{sfx}", f"MoQAE ablation ({where})", head, rows, rows_csv, numeric_from=3)
+    t.intro = (
+        "Each variant changes one part of MoQAE at the same λ: routing freezing (RF: the first chunk "
+        "kept FP16), routing sharing (RS: layers in groups reuse the leader's decision), the chunk size."
+        + ("" if ref else f" No {REFERENCE} record with this protocol: no *vs {REFERENCE}* column.")
+    )
+    return t
+
+
+def plot_lambda_tradeoff(sweep: list[dict[str, Any]], ref: dict[str, Any] | None, path: Path, title: str) -> Path:
+    """PPL (left axis) and nominal / effective KV bits (right axis) against the router's λ."""
+    plt = pyplot()
+    sweep = sorted(sweep, key=lambda r: num(r["key"]["method_config"].get("lam")))
+    lam = [num(r["key"]["method_config"].get("lam")) for r in sweep]
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    h = ax.plot(lam, [r["metrics"]["ppl"] for r in sweep], marker="o", color="C3", label="MoQAE perplexity")
+    if ref:
+        h += [ax.axhline(ref["metrics"]["ppl"], ls="--", color="C3", alpha=0.5, lw=1, label=f"{REFERENCE} perplexity")]
+    ax.set_xlabel("router λ (weight of the model loss in training)")
+    ax.set_ylabel("WikiText-2 perplexity", color="C3")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    h += ax2.plot(lam, [r["kv"]["nominal_bits"] for r in sweep], marker="s", color="C0", label="nominal bits")
+    h += ax2.plot(lam, [r["kv"]["effective_bits"] for r in sweep], marker="^", ls=":", color="C0",
+                  label="effective bits")  # fmt: skip
+    ax2.set_ylabel("KV bits per element (bits)", color="C0")
+    ax2.set_ylim(0, 17)
+    ax.set_xticks(lam, [f"{x:g}" for x in lam])
+    ax.legend(h, [x.get_label() for x in h], fontsize=8, loc="upper left", bbox_to_anchor=(1.12, 1.0),
+              borderaxespad=0)  # fmt: skip
+    ax.set_title(f"MoQAE λ trade-off ({title})", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_expert_heatmap(records: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """One panel per MoQAE record: layers along x, experts along y, colour = share of the layer's
+    chunks that expert stored."""
+    plt = pyplot()
+    import numpy as np
+
+    recs = sorted(records, key=lambda r: (bool(ablation_options(r)), method_sort_key(r)))  # the λ sweep first
+    n_layers = max(len(r.get("layer_stats") or []) for r in recs)
+    n_exp = max(len(expert_labels(r)) for r in recs)
+    fig, axes = plt.subplots(len(recs), 1, figsize=(max(7.0, 0.27 * n_layers + 3), 0.42 * n_exp * len(recs) + 1.6),
+                             squeeze=False, sharex=True)  # fmt: skip
+    im = None
+    for ax, r in zip(axes[:, 0], recs, strict=True):
+        grid = np.full((n_exp, n_layers), np.nan)
+        for i, s in enumerate(layer_shares(r)):
+            if s is not None:
+                grid[: len(s), i] = [100 * x for x in s]
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
+        if n_layers <= 16:  # few layers: the numbers fit in the cells
+            for (e, i), v in np.ndenumerate(grid):
+                if v == v:
+                    ax.text(i, e, f"{v:.0f}", ha="center", va="center", fontsize=7, color="k" if v > 60 else "w")
+        ax.set_yticks(range(n_exp), expert_labels(r) + [""] * (n_exp - len(expert_labels(r))), fontsize=7)
+        ax.set_title(display_name(r), fontsize=8, loc="left", pad=2)
+    step = 1 if n_layers <= 16 else 2
+    axes[-1, 0].set_xticks(range(0, n_layers, step))
+    axes[-1, 0].tick_params(axis="x", labelsize=7)
+    axes[-1, 0].set_xlabel("layer")
+    fig.suptitle(f"MoQAE: share of each layer's chunks per expert ({title})", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    cax = fig.add_axes((0.915, 0.15, 0.018, 0.7))
+    fig.colorbar(im, cax=cax).set_label("share of the layer's chunks (%)", fontsize=8)
+    return save_figure(fig, path)
+
+
+PUBLISHED = Section("Published figures: MoQAE paper", _published, order=20)
+ANALYSIS = Section(
+    "MoQAE: expert shares, λ trade-off, ablation",
+    lambda data: ("", moqae_tables(data.records, data.out)),
+    order=60,
+    legacy=_legacy,
+)
