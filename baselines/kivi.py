@@ -45,14 +45,14 @@ from typing import ClassVar
 import torch
 
 from harness.interface import (
-    ReportStyle,
-    Variant,
     KVCacheMethod,
     LayerStore,
     MethodConfig,
     MethodSpecError,
     ModelInfo,
     Observation,
+    ReportStyle,
+    Variant,
 )
 from harness.quant import SUPPORTED_BITS
 from harness.storage import TOKEN_DIM, WindowedPairStore
@@ -141,5 +141,3 @@ class KIVI(KVCacheMethod):
 
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
         return KIVIStore(layer_idx, info, self.config)
-
-

@@ -16,13 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.interface import (
-    ReportStyle,
-    Variant,
     KVCacheMethod,
     LayerStore,
     MethodConfig,
     MethodSpecError,
     ModelInfo,
+    ReportStyle,
+    Variant,
 )
 from harness.quant import SUPPORTED_BITS
 from harness.storage import FullPrecisionSeq, QuantizedSeq, SeqPairStore
@@ -101,4 +101,3 @@ class Uniform(KVCacheMethod):
         k = QuantizedSeq(c.bits, group, axis=-1, symmetric=c.symmetric)
         v = QuantizedSeq(c.bits, group, axis=-1, symmetric=c.symmetric)
         return SeqPairStore(layer_idx, info, k, v)
-

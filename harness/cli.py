@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list registered methods, tasks and model aliases").set_defaults(fn=_cmd_list)
     r = sub.add_parser("run", help="run methods x tasks on one model, one JSON record per cell")
     r.add_argument("--methods", action="append", required=True, help="comma-separated method specs")
-    r.add_argument("--tasks", action="append", default=None, help=f"comma-separated task specs (default {DEFAULT_TASK})")
+    r.add_argument(
+        "--tasks", action="append", default=None, help=f"comma-separated task specs (default {DEFAULT_TASK})"
+    )
     r.add_argument("--model", default="smollm2-135m", help="alias, hub id, local folder or .gguf file")
     r.add_argument("--out", default="results", help="directory for the JSON records")
     r.add_argument("--data-dir", default=None, help="local data mirror (else $MOQAE_DATA_DIR, else the hub)")
@@ -217,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also profile dequantize-then-attend decode for methods that attend from their codes",
     )  # fmt: skip
     prof.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
-    prof.add_argument("--reference", default=REFERENCE_METHOD, help=f"method the ratios are taken against ({REFERENCE_METHOD})")
+    prof.add_argument(
+        "--reference", default=REFERENCE_METHOD, help=f"method the ratios are taken against ({REFERENCE_METHOD})"
+    )
     prof.add_argument("--device", default=None)
     prof.add_argument("--dtype", default=None)
     prof.add_argument("--out", default=None, help="JSON file for the rows (+ .md table, .png/.svg plot)")

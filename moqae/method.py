@@ -343,9 +343,7 @@ class MoQAE(KVCacheMethod):
     @classmethod
     def ablation_options(cls, config: dict[str, Any]) -> dict[str, Any]:
         defaults = dataclasses.asdict(MoQAEConfig())
-        return {
-            k: v for k, v in config.items() if k not in cls.sweep_options and k in defaults and v != defaults[k]
-        }
+        return {k: v for k, v in config.items() if k not in cls.sweep_options and k in defaults and v != defaults[k]}
 
     # ---- before a run: router training where none ships -----------------------------------------
     @classmethod
@@ -371,7 +369,8 @@ class MoQAE(KVCacheMethod):
         if self.checkpoint_path(model_info(lm)).exists():
             return None  # a shipped router
         name, _, opts = spec.partition(":")
-        keep = [o for o in opts.split(",") if o.strip() and o.split("=")[0].strip() not in ("lam", "lambda", "ckpt", "seed")]
+        sweep = ("lam", "lambda", "ckpt", "seed")
+        keep = [o for o in opts.split(",") if o.strip() and o.split("=")[0].strip() not in sweep]
         base, lam = name + (":" + ",".join(keep) if keep else ""), float(self.config.lam)
         where = ctx.out / "routers" / _slug(model_id(ctx.model)) / f"{_slug(base)}-lambda{lam:g}"
         ckpt = where / "router.pt"

@@ -254,7 +254,6 @@ class LMEvalConfig(MethodConfig):
 
 
 class LMEval(Task):
-
     name = "lmeval"
     description = "lm-evaluation-harness tasks (acc / acc_norm) through the method's cache"
     report_sections = ("tasks.lmeval_report:LMEVAL",)

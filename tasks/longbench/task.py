@@ -216,7 +216,6 @@ def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
 
 
 class LongBench(Task):
-
     name = "longbench"
     description = "LongBench v1 (21 datasets; groups all, e, kivi8): official prompts, truncation, metrics"
     report_sections = ("tasks.longbench.report:LONGBENCH",)
