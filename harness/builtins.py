@@ -3,6 +3,10 @@
 Nothing here is imported until a spec names it (``harness.registry``). A user's own package adds
 entries through entry points instead (see README "Adding a method"); each class serves its ``name``
 and the names of its ``variants``, so every variant is listed here against its class.
+
+Elsewhere in ``harness/`` methods appear only as data and prose: the shipped reproduce profiles
+(``profiles/*.toml``) list the methods they run, and docstrings cite methods as examples. No code
+there imports a method, compares against a method's name or reads a method's options.
 """
 
 from __future__ import annotations
