@@ -85,6 +85,14 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
 # --------------------------------------------------------------------------------------------
 
 
+def position_embeddings(attention_kwargs: dict[str, Any], family: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) RoPE tables [B, T, D] an attention module's forward receives (a pre-hook's kwargs)."""
+    pe = attention_kwargs.get("position_embeddings")
+    if pe is None:
+        raise UnsupportedModelError(f"{family}: attention gets no position_embeddings; RoPE tables are needed")
+    return pe
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -354,12 +362,7 @@ class AttachedMethod:
 
     def _rope_hook(self, layer_idx: int):
         def hook(_module, _args, kwargs):
-            pe = kwargs.get("position_embeddings")
-            if pe is None:
-                raise UnsupportedModelError(
-                    f"{self.info.family}: attention gets no position_embeddings; RoPE tables are needed"
-                )
-            self.board.put(layer_idx, "rope", pe)
+            self.board.put(layer_idx, "rope", position_embeddings(kwargs, self.info.family))
 
         return hook
 

@@ -18,6 +18,7 @@ from harness.integration.cache import (
     attention_probs,
     decoder_layers,
     model_info,
+    position_embeddings,
     rotary_embedding,
 )
 from harness.interface import (
@@ -108,12 +109,7 @@ class Capture:
 
     def _rope_hook(self, layer_idx: int):
         def hook(_module, _args, kwargs):
-            pe = kwargs.get("position_embeddings")
-            if pe is None:
-                raise UnsupportedModelError(
-                    f"{self.family}: attention gets no position_embeddings; RoPE tables are needed"
-                )
-            self._put(layer_idx, "rope", tuple(x.detach() for x in pe))
+            self._put(layer_idx, "rope", tuple(x.detach() for x in position_embeddings(kwargs, self.family)))
 
         return hook
 
