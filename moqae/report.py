@@ -1,24 +1,29 @@
 """MoQAE's report sections (declared by ``moqae.method.MoQAE.report_sections``).
 
 * ``PUBLISHED`` — the MoQAE paper's own figures (``moqae/published/moqae_acl2025.toml``) in a
-  separate, labelled block, never mixed with measured numbers;
+  separate, labelled block, quoted beside our WikiText-2 figures of the harness specs we map them to
+  (each with its change against FP16 on its own model), never mixed into the measured tables;
 * ``ANALYSIS`` — expert shares (overall and per layer), the expert-share heat map (layer × expert),
   the λ trade-off plot and the ablation table; it also adds the share tables to ``results.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from harness.interface import METHODS, MethodSpecError
 from harness.reports import (
     ReportData,
     Section,
     Table,
     ablation_options,
     column,
+    column_labels,
     display_name,
     fmt,
     group_records,
@@ -39,46 +44,160 @@ PPL_TASK = "wikitext2"
 
 
 # --------------------------------------------------------------------------------------------
-# Published figures
+# Published figures beside the measured ones
 # --------------------------------------------------------------------------------------------
 
 
-def published_block(path: Path = PUBLISHED_FILE) -> tuple[str, Table | None]:
-    """The MoQAE paper's own figures as a separate labelled block (Markdown text, and a table when
-    the file holds figures)."""
-    data: dict[str, Any] = {}
-    if path.exists():
-        data = tomllib.loads(path.read_text())
+def relative_change(ppl: float, ppl_fp16: float) -> float:
+    """(ppl / ppl_fp16 − 1) × 100: a perplexity's change against FP16 on the same model, in %."""
+    return 100.0 * (ppl / ppl_fp16 - 1.0)
+
+
+def fmt_change(pct: float | None) -> str:
+    """``+30.3 %`` (signed, one decimal); ``—`` where there is no FP16 figure to compare with."""
+    return fmt(pct, "{:+.1f} %")
+
+
+def canonical_spec(spec: str) -> str:
+    """The label a run gives ``spec``, i.e. its records' ``method`` (as ``harness.interface.build_method``
+    writes it: options aliased, ``moqae:lambda=0.5`` -> ``moqae:lam=0.5``); ``spec`` where its method
+    is not installed."""
+    try:
+        name, _, _, opts = METHODS.config(spec)
+    except MethodSpecError:
+        return spec.strip()
+    return name if not opts else f"{name}:" + ",".join(f"{k}={v}" for k, v in opts.items())
+
+
+def spec_matches(rec: dict[str, Any], spec: str) -> bool:
+    """Whether ``rec`` is a run of ``spec``: its ``method`` is the spec's canonical label, or its
+    class and options (defaults filled in) are the spec's (``moqae`` = ``moqae:lam=0.5``)."""
+    if rec["method"] == canonical_spec(spec):
+        return True
+    try:
+        _, entry, config, _ = METHODS.config(spec)
+    except MethodSpecError:
+        return False
+    full = dataclasses.asdict(config)
+    return rec["key"]["method"] == entry.cls.name and {**full, **(rec["key"].get("method_config") or {})} == full
+
+
+def find_record(records: list[dict[str, Any]], spec: str) -> dict[str, Any] | None:
+    """The record of ``spec`` among ``records`` (one calibrated on the default windows first)."""
+    hits = [r for r in records if spec_matches(r, spec)]
+    hits.sort(key=lambda r: bool(r["key"].get("calibration_windows")))
+    return hits[0] if hits else None
+
+
+def measured_groups(records: list[dict[str, Any]]) -> list[tuple[tuple, dict[str, Any], list, dict[str, Any]]]:
+    """WikiText-2 records by (model column, task options), as ``tasks.wikitext2_report`` groups them;
+    only groups with an fp16 record: ``(column, task config, records, fp16 record)``."""
+    wt = [r for r in records if r["key"]["task"] == PPL_TASK and "ppl" in r.get("metrics", {})]
+    groups = []
+    for (col, cfg), recs in group_records(wt, lambda r: (column(r), task_config(r))):
+        ref = find_record(recs, REFERENCE)
+        if ref is not None:
+            groups.append((tuple(col), cfg, recs, ref))
+    return groups
+
+
+def published_block(
+    records: list[dict[str, Any]] | None = None, path: Path = PUBLISHED_FILE
+) -> tuple[str, Table | None]:
+    """The MoQAE paper's figures (``moqae/published/moqae_acl2025.toml``), each with its change
+    against the paper's FP16, beside our PPL of the mapped harness spec and its change against our
+    fp16 (one block of columns per measured model and WikiText-2 protocol); the paper's table alone
+    where no WikiText-2 record with an fp16 reference was read."""
+    data: dict[str, Any] = tomllib.loads(path.read_text()) if path.exists() else {}
     source = data.get("source", "Tao et al., MoQAE, ACL 2025 (arXiv:2506.07533)")
     rows = data.get("rows") or []
-    head = (
-        f"**Published figures, not measured here** — {source}. These are the paper's own numbers for "
-        "its Llama models, quoted for comparison only: they come from another model, hardware and "
-        "code, and are never mixed into the measured tables above."
-    )
+    head = f"**Published figures, not measured here** — {source}."
     if not rows:
         text = (
-            f"{head}\n\n*(empty)* {data.get('status', 'No published figures are recorded.')} "
-            f"They belong in `moqae/published/{path.name}` (`[[rows]]` with model, method, "
-            "nominal bits, PPL and where in the paper each number is printed); this block shows them "
-            "once they are there."
+            f"{head}\n\n*(empty)* {data.get('status', 'No published figures are recorded.')} They belong in "
+            f"`moqae/published/{path.name}` (`[[rows]]` with model, method, bits, PPL and where in the paper)."
         )
         return text, None
-    cols = ["model", "method", "nominal_bits", "dataset", "ppl", "where"]
+    spec_of: dict[str, str] = data.get("harness_method") or {}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    paper = {(r["method"], r["model"]): r for r in rows}
+    fp16 = next((m for m, s in spec_of.items() if s == REFERENCE), "FP16")  # the paper's FP16 row
+    groups = measured_groups(records or [])
+    labels = column_labels([g[0] for g in groups])
+    n_col = Counter(g[0] for g in groups)
+    seen: Counter = Counter()
+    names = []
+    for col, _, _, _ in groups:
+        seen[col] += 1
+        names.append(labels[col] + (f" [{seen[col]}]" if n_col[col] > 1 else ""))
+
+    header = ["paper method", "harness spec (our mapping)", "AvgBit (paper)", *[f"{m} (paper)" for m in models]]
+    for name in names:
+        header += [f"nominal bits ({name})", f"PPL ({name})", f"vs fp16 ({name})"]
+    table_rows, rows_csv = [], []
+    trace = f"published: {source}"
+    for method in methods:
+        spec = spec_of.get(method, "")
+        bits = next((paper[method, m].get("avg_bits") for m in models if (method, m) in paper), None)
+        row = [method, f"`{spec}`" if spec else "—", fmt(bits)]
+        for m in models:
+            r, ref = paper.get((method, m)), paper.get((fp16, m))
+            if r is None:
+                row.append("—")
+                continue
+            change = relative_change(r["ppl"], ref["ppl"]) if ref else None
+            row.append(f"{r['ppl']:.2f}" + (f" ({fmt_change(change)})" if ref else ""))
+            rows_csv.append({"source": "published", "model": m, "method": method, "harness_method": spec,
+                             "avg_bits": r.get("avg_bits"), "dataset": r.get("dataset"), "ppl": r["ppl"],
+                             "ppl_fp16": ref["ppl"] if ref else None, "ppl_vs_fp16_percent": change,
+                             "where": r.get("where"), "record": trace})  # fmt: skip
+        for (col, _, recs, ref), name in zip(groups, names, strict=True):
+            rec = find_record(recs, spec) if spec else None
+            if rec is None:
+                row += ["—", "—", "—"]
+                continue
+            ppl = rec["metrics"]["ppl"]
+            change = relative_change(ppl, ref["metrics"]["ppl"])
+            row += [fmt(rec["kv"]["nominal_bits"]), fmt(ppl, "{:.4f}"), fmt_change(change)]
+            rows_csv.append({"source": "measured", "model": rec["model"], "dtype": col[1], "device": col[2],
+                             "columns": name, "method": method, "harness_method": spec, "spec": rec["method"],
+                             "nominal_bits": rec["kv"]["nominal_bits"], "dataset": "WikiText-2", "ppl": ppl,
+                             "ppl_fp16": ref["metrics"]["ppl"], "ppl_vs_fp16_percent": change,
+                             "fp16_record": ref["_file"], "record": rec["_file"]})  # fmt: skip
+        table_rows.append(row)
+
+    where = str(rows[0].get("where", "the paper"))
+    intro = [
+        f"Every figure under *(paper)* is quoted, not measured here: {source}, {where}, copied into "
+        f"`moqae/published/{path.name}`. The paper's models (LLaMA-7B/13B, "
+        "Llama-2-7B/13B) are not the model measured here, so compare the relative change against FP16 on "
+        "the same model (in parentheses, and *vs fp16*: (PPL / PPL of FP16 − 1) × 100), not the absolute "
+        "perplexity. The *harness spec* column is our mapping of each paper method to a harness method, "
+        "not the paper's. " + str(data.get("mapping_note", "")),
+    ]
+    if groups:
+        for (_, cfg, recs, _), name in zip(groups, names, strict=True):
+            intro.append(f"Measured columns *{name}*: {wikitext_protocol(cfg, recs)}; nominal bits as run; "
+                         "— where no record of that spec was read.")  # fmt: skip
+    else:
+        intro.append("No WikiText-2 record with an fp16 reference was read: the paper's table is shown alone.")
+    if data.get("notes"):
+        intro.append(f"Known disagreements with the baselines' own papers: {data['notes']}")
     table = Table(
         "published-moqae-paper",
-        "Published figures: MoQAE paper (not measured here)",
-        ["model", "method", "nominal bits", "dataset", "PPL", "where in the paper"],
-        [[str(r.get(k, "—")) for k in cols] for r in rows],
-        [{**{k: r.get(k) for k in cols}, "record": f"published: {source}"} for r in rows],
-        intro=head,
+        "Published figures: MoQAE paper (quoted, not measured here) beside our measurements",
+        header,
+        table_rows,
+        rows_csv,
+        intro=" ".join(intro),
         numeric_from=2,
     )
     return head, table
 
 
 def _published(data: ReportData) -> tuple[str, list[Table]]:
-    text, table = published_block()
+    text, table = published_block(data.records)
     return text, [table] if table else []
 
 

@@ -7,20 +7,14 @@ a mask to the model, and those pad tokens would enter the cache, where per-chann
 (KIVI, MoQAE, KVQuant's ranges) and token-importance scores (MiKV) would see them. With one request
 per forward nothing is padded, so a request scores the same alone or among longer ones (tested).
 
-Data. Without a local mirror, the tasks are lm-eval's own (hub datasets, its YAML definitions). With
-a mirror (``--data-dir``), the tasks are built here as lm-eval task configs over the mirror's
-``lm-eval/*.jsonl`` files, with the prompts, choices and targets of lm-eval's standard YAMLs rebuilt
-from the mirror's layout, and scored by lm-eval itself (acc; acc_norm where the standard task has it):
-
-* piqa — validation (1,838): "Question: {goal}\\nAnswer:", choices sol1/sol2.
-* arc_easy, arc_challenge — test: "Question: {question}\\nAnswer:", the choices' texts.
-* openbookqa — test: the question stem, the choices' texts.
-* boolq — validation: "{passage}\\nQuestion: {question}?\\nAnswer:", choices no/yes (acc only).
-* copa — validation: premise without its final period + " because"/" therefore", choices " " +
-  choice with a lower-case first letter (acc only). The mirror writes a comma where the period was;
-  it is dropped to give lm-eval's text.
-* hellaswag — the mirror's 1,000 validation rows in the original schema, through lm-eval's own
-  preprocessing (``activity_label: ctx_a + " " + ctx_b.capitalize()``, WikiHow bracket clean-up).
+Data. Every task is lm-eval's own definition (its YAML: prompt, choices, metrics, filters). Without
+``--data-dir`` lm-eval loads its hub datasets. With ``--data-dir D`` the data come from local files
+only, and the task's YAML is included with nothing but its data source overridden
+(``tasks.lmeval_local``): ``D/lm-eval/<task>/<split>.jsonl`` in the hub dataset's schema, for any
+YAML task, or the mirror's ``D/lm-eval/*.jsonl`` files through the overrides shipped as YAML in
+``tasks/lmeval_yaml/`` (piqa, arc_easy, arc_challenge, openbookqa, boolq, copa, hellaswag). The
+record keeps lm-eval's metric names: ``<task>/<metric>`` (``<task>/<metric>[<filter>]`` for a filter
+other than ``none``) and ``..._stderr``.
 
 lm-eval's own command line has no hook for models from other packages (it can include task folders,
 not model modules), so ``moqae-lm-eval`` (``python -m tasks.lmeval``) is lm-eval's CLI with the
@@ -30,17 +24,17 @@ model=smollm2-135m,method=kivi-2 --tasks piqa``. From Python, importing this mod
 
 from __future__ import annotations
 
-import json
-import re
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from harness.data import MissingDataError, resolve_data_dir
+from harness.data import resolve_data_dir
 from harness.evaluation import Task, TaskContext
 from harness.integration import AttachedMethod, cache_kwargs, forward
 from harness.interface import MethodConfig, MethodSpecError
@@ -136,98 +130,6 @@ def register_with_lm_eval() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Mirror tasks: lm-eval's standard prompts rebuilt from the mirror's layout
-# --------------------------------------------------------------------------------------------
-
-
-def _question(query: str) -> str:
-    return "Question: " + query.removeprefix("Question: ").rstrip("\n") + "\nAnswer:"
-
-
-def _boolq(query: str) -> str:
-    return query.removeprefix("Passage: ") + "\nAnswer:"
-
-
-def _copa(query: str) -> str:
-    return re.sub(r",\s*(because|therefore)$", r" \1", query.strip())
-
-
-def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:]
-
-
-def hellaswag_preprocess(text: str) -> str:
-    """lm-eval's HellaSwag clean-up: strip, " [title]" -> ". ", drop [bracketed] artifacts, "  " -> " "."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
-def hellaswag_doc(row: dict) -> dict:
-    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
-    return {
-        "query": hellaswag_preprocess(row["activity_label"] + ": " + ctx),
-        "choices": [hellaswag_preprocess(e) for e in row["endings"]],
-        "gold": int(row["label"]),
-    }
-
-
-@dataclass(frozen=True)
-class MirrorTask:
-    file: str  # under <data_dir>/lm-eval/
-    doc: Callable[[dict], dict]  # mirror row -> {"query", "choices", "gold"} in lm-eval's text
-    acc_norm: bool = True
-
-
-def _icl(text: Callable[[str], str], choice: Callable[[str], str] = lambda c: c) -> Callable[[dict], dict]:
-    return lambda r: {"query": text(r["query"]), "choices": [choice(c) for c in r["choices"]], "gold": int(r["gold"])}
-
-
-MIRROR_TASKS: dict[str, MirrorTask] = {
-    "piqa": MirrorTask("piqa.jsonl", _icl(_question)),
-    "arc_easy": MirrorTask("arc_easy.jsonl", _icl(_question)),
-    "arc_challenge": MirrorTask("arc_challenge.jsonl", _icl(_question)),
-    "openbookqa": MirrorTask("openbook_qa.jsonl", _icl(lambda q: q)),
-    "boolq": MirrorTask("boolq.jsonl", _icl(_boolq), acc_norm=False),
-    "copa": MirrorTask("copa.jsonl", _icl(_copa, lambda c: " " + _lower_first(c)), acc_norm=False),
-    "hellaswag": MirrorTask("hellaswag.jsonl", hellaswag_doc),
-}
-
-
-def mirror_docs(name: str, data_dir: Path) -> list[dict]:
-    path = data_dir / "lm-eval" / MIRROR_TASKS[name].file
-    if not path.exists():
-        raise MissingDataError(
-            f"lm-eval task {name}: {path} not found; give --data-dir with lm-eval/{MIRROR_TASKS[name].file}, "
-            "or run online without --data-dir to use lm-eval's hub datasets"
-        )
-    with path.open() as f:
-        return [MIRROR_TASKS[name].doc(json.loads(line)) for line in f if line.strip()]
-
-
-def mirror_task_config(name: str, data_dir: Path) -> dict[str, Any]:
-    """An lm-eval task config (dict) over the mirror's file, scored by lm-eval as its standard task."""
-    import datasets
-
-    docs = mirror_docs(name, data_dir)
-    metrics = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
-    if MIRROR_TASKS[name].acc_norm:
-        metrics.append({"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True})
-    return {
-        "task": f"{name}",
-        "custom_dataset": lambda **_: {"test": datasets.Dataset.from_list(docs)},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{query}}",
-        "doc_to_choice": "choices",
-        "doc_to_target": "gold",
-        "target_delimiter": " ",
-        "metric_list": metrics,
-        "metadata": {"version": 1.0, "source": str(data_dir / "lm-eval" / MIRROR_TASKS[name].file)},
-    }
-
-
-# --------------------------------------------------------------------------------------------
 # The harness task
 # --------------------------------------------------------------------------------------------
 
@@ -253,73 +155,120 @@ class LMEvalConfig(MethodConfig):
             raise MethodSpecError(f"lmeval: num_fewshot={self.num_fewshot} must be >= 0")
 
 
+def result_metrics(name: str, results: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's ``{"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...}`` for one task as
+    ``{"<name>/acc": 0.5, "<name>/acc_stderr": 0.1}``; a filter other than ``none`` stays in brackets."""
+    out: dict[str, float] = {}
+    for key, value in results.items():
+        metric, _, flt = key.partition(",")
+        if not flt or isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # "alias", "samples", "N/A" standard errors
+        out[f"{name}/{metric}" + ("" if flt == "none" else f"[{flt}]")] = float(value)
+    return out
+
+
+def sample_row(name: str, row: dict[str, Any]) -> dict[str, Any]:
+    """One logged lm-eval sample: its per-sample metric values and the model's responses
+    (loglikelihoods for loglikelihood / multiple-choice requests, texts for generation)."""
+    out: dict[str, Any] = {"task": name, "doc_id": row.get("doc_id"), "target": row.get("target")}
+    for metric in row.get("metrics") or []:
+        value = row.get(metric)
+        out[metric] = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+    resps = [r[0] for r in row.get("resps", []) if r]
+    if resps and all(isinstance(r, tuple | list) for r in resps):
+        out["loglikelihoods"] = [float(r[0]) for r in resps]
+    elif resps:
+        out["responses"] = [str(r) for r in resps]
+    return out
+
+
 class LMEval(Task):
     name = "lmeval"
-    description = "lm-evaluation-harness tasks (acc / acc_norm) through the method's cache"
+    description = "lm-evaluation-harness tasks through the method's cache (lm-eval's own definitions and metrics)"
     report_sections = ("tasks.lmeval_report:LMEVAL",)
     config_class = LMEvalConfig
 
-    def task_specs(self, data_dir: Path | None) -> list[str | dict]:
-        names = self.config.names
+    def task_manager(self, data_dir: Path | None):
+        """A context giving (TaskManager or None, {task: YAML written}): lm-eval's own tasks and hub
+        data without a data folder, the local versions of the tasks with one."""
         if data_dir is None:
-            return list(names)  # lm-eval's own task definitions and hub datasets
-        unknown = [n for n in names if n not in MIRROR_TASKS]
-        if unknown:
-            raise MethodSpecError(
-                f"lmeval: no mirror definition for {', '.join(unknown)}; with --data-dir the tasks are "
-                f"{', '.join(MIRROR_TASKS)} (without --data-dir any lm-eval task name works online)"
-            )
-        return [mirror_task_config(n, data_dir) for n in names]
+            return nullcontext((None, {}))
+        from tasks.lmeval_local import local_task_manager
+
+        return local_task_manager(self.config.names, data_dir)
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         from lm_eval import simple_evaluate
 
         start = time.perf_counter()
         lm = make_harness_lm(ctx.model, ctx.tokenizer, ctx.attached)
-        out = simple_evaluate(
-            model=lm,
-            tasks=self.task_specs(ctx.data_dir),
-            num_fewshot=self.config.num_fewshot,
-            limit=self.config.limit,
-            log_samples=True,
-            verbosity="ERROR",
-        )
+        with self.task_manager(ctx.data_dir) as (manager, written):
+            out = simple_evaluate(
+                model=lm,
+                tasks=self.config.names,
+                task_manager=manager,
+                num_fewshot=self.config.num_fewshot,
+                limit=self.config.limit,
+                log_samples=True,
+                verbosity="ERROR",
+            )
         metrics: dict[str, float] = {}
         for name in self.config.names:
-            res = out["results"].get(name, {})
-            for key, value in res.items():
-                metric, _, _filter = key.partition(",")
-                if metric in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr") and isinstance(value, float):
-                    metrics[f"{name}/{metric}"] = value
-        samples = []
-        for name, rows in out.get("samples", {}).items():
-            for row in rows:
-                samples.append(
-                    {
-                        "task": name,
-                        "doc_id": row.get("doc_id"),
-                        "target": row.get("target"),
-                        "acc": row.get("acc"),
-                        "acc_norm": row.get("acc_norm"),
-                        "loglikelihoods": [float(r[0][0]) for r in row.get("resps", [])],
-                    }
-                )
+            metrics.update(result_metrics(name, out["results"].get(name, {})))
+        samples = [sample_row(name, row) for name, rows in out.get("samples", {}).items() for row in rows]
         return {
             "metrics": metrics,
             "kv": lm.last_cache.memory().as_dict() if lm.last_cache is not None else None,
             "samples": samples,
             "documents": {n: len(out.get("samples", {}).get(n, [])) for n in self.config.names},
+            "data_sources": {n: cfg.get("dataset_kwargs", {}).get("data_files") for n, cfg in written.items()},
             "forwards": lm.forwards,
             "eval_seconds": time.perf_counter() - start,
         }
 
 
-def main() -> None:
-    """``moqae-lm-eval``: lm-eval's command line with the ``moqae-harness`` model registered."""
+def _pop_option(argv: list[str], flag: str) -> str | None:
+    """Remove ``flag VALUE`` / ``flag=VALUE`` from ``argv``; its value, or None."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value
+        if arg.startswith(flag + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _task_names(argv: list[str]) -> list[str]:
+    value = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--tasks"), None)
+    value = value or next((a.split("=", 1)[1] for a in argv if a.startswith("--tasks=")), "")
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``moqae-lm-eval``: lm-eval's command line with the ``moqae-harness`` model registered.
+
+    Two additions: ``--device`` defaults to the device this machine has (lm-eval's default is
+    ``cuda:0``), and ``--data_dir D`` runs the named ``--tasks`` on local files (their YAMLs are
+    written to a temporary folder passed as ``--include_path``; see ``tasks.lmeval_local``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--device" or a.startswith("--device=") for a in argv):
+        from harness.models import default_device
+
+        argv += ["--device", str(default_device())]
+    data_dir = _pop_option(argv, "--data_dir")
     register_with_lm_eval()
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    with tempfile.TemporaryDirectory(prefix="moqae-lmeval-") as tmp:
+        if data_dir is not None:
+            from tasks.lmeval_local import write_local_tasks
+
+            write_local_tasks(_task_names(argv), Path(data_dir), Path(tmp))
+            argv += ["--include_path", tmp]
+        sys.argv = [sys.argv[0], *argv]
+        cli_evaluate()
 
 
 if __name__ == "__main__":
