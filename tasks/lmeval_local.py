@@ -60,7 +60,8 @@ def stock_yaml(name: str) -> Path:
     if entry is None:
         raise MethodSpecError(f"lmeval: {name!r} is not an lm-eval task (lm-eval ls tasks lists them)")
     if entry.kind is not Kind.TASK or entry.yaml_path is None:
-        kind = {Kind.GROUP: "a group", Kind.TAG: "a tag", Kind.PY_TASK: "a Python-class task"}.get(entry.kind, "not a task")
+        kinds = {Kind.GROUP: "a group", Kind.TAG: "a tag", Kind.PY_TASK: "a Python-class task"}
+        kind = kinds.get(entry.kind, "not a task")
         raise MethodSpecError(
             f"lmeval: {name!r} is {kind} in lm-eval; local data work for YAML tasks: name its tasks one by one"
         )

@@ -282,3 +282,17 @@ def test_moqae_lm_eval_cli_on_cpu_with_local_data(lambada_dir, tmp_path):
     assert "lambada_openai" in done.stdout and "perplexity" in done.stdout
     (result,) = out.rglob("results_*.json")
     assert json.loads(result.read_text())["results"]["lambada_openai"]["acc,none"] >= 0.0
+
+
+def test_report_shows_every_lm_eval_metric():
+    from tasks.lmeval_report import format_metric, task_metrics
+
+    metrics = {"lambada_openai/perplexity": 12.3456, "lambada_openai/perplexity_stderr": 1.5,
+               "lambada_openai/acc": 0.25, "lambada_openai/acc_stderr": 0.05,
+               "gsm8k/exact_match[strict-match]": 0.5, "gsm8k/exact_match_stderr[strict-match]": 0.1}  # fmt: skip
+    recs = [{"metrics": metrics}]
+    assert task_metrics("lambada_openai", recs) == ["acc", "perplexity"]
+    assert task_metrics("gsm8k", recs) == ["exact_match[strict-match]"]
+    assert format_metric("perplexity", 12.3456, 1.5) == "12.346 ± 1.500"  # as it is, lower is better
+    assert format_metric("acc", 0.25, 0.05) == "25.0 ± 5.0"  # a rate, in %
+    assert format_metric("exact_match[strict-match]", 0.5, None) == "50.0"
