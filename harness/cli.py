@@ -12,9 +12,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.builtins import DEFAULT_TASK, REFERENCE_METHOD
-from harness.interface import MethodSpecError, Registry, UnsupportedModelError
+from harness.registry import MethodSpecError, Registry
 
 EXIT_USAGE = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one ``error:`` line (exit 2) for bad arguments instead of the usage block;
+    ``-h`` still prints the usage. Nothing heavy (torch, transformers) is imported before this."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see {self.prog} -h)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``--limit abc`` and ``--seqlen 0`` are one-line errors)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def split_specs(values: Sequence[str] | None, registry: Registry | None = None) -> list[str]:
@@ -135,12 +155,30 @@ def _int_list(values: list[str]) -> list[int]:
         raise ValueError(f"expected comma-separated integers, got {','.join(values)!r}") from None
 
 
+def profile_out(arg: str | None) -> Path | None:
+    """``profile --out``: a folder, like ``run``'s (the rows go to ``DIR/profile.json``, with
+    ``profile.md`` and the plots beside it), or a ``.json`` file path as before."""
+    if not arg:
+        return None
+    out = Path(arg)
+    if out.suffix.lower() != ".json" or out.is_dir():
+        out = out / "profile.json"
+    if out.exists() and out.is_dir():
+        raise ValueError(f"--out {arg}: {out} is a folder")
+    base = out.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"--out {arg}: {base} is a file; give a folder or a .json path")
+    return out  # the folder is made when the first row is written
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     from harness.profiling import plot_profile, profile, profile_table
     from harness.runner import invocation, write_json_atomic, write_text_atomic
 
     contexts, batches = _int_list(args.context or ["2048"]), _int_list(args.batch or ["1"])
-    out = Path(args.out) if args.out else None
+    out = profile_out(args.out)
     rows_so_far: list[dict] = []
 
     def save(row: dict) -> None:  # after every setting: a crash loses at most the running one
@@ -167,7 +205,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness", description="KV-cache quantization benchmark harness")
+    p = ArgumentParser(prog="python -m harness", description="KV-cache quantization benchmark harness")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list registered methods, tasks and model aliases").set_defaults(fn=_cmd_list)
     r = sub.add_parser("run", help="run methods x tasks on one model, one JSON record per cell")
@@ -180,11 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", default=None, help="local data mirror (else $MOQAE_DATA_DIR, else the hub)")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: bf16/fp16 on GPU, fp32 on CPU)")
-    r.add_argument("--seqlen", type=int, default=None, help="window length (tasks with a seqlen option)")
-    r.add_argument("--max-windows", type=int, default=None, help="at most N windows (tasks with max_windows)")
-    r.add_argument("--limit", type=int, default=None, help="first N samples of each dataset (tasks with a limit)")
+    r.add_argument("--seqlen", type=positive_int, default=None, help="window length (tasks with a seqlen option)")
+    r.add_argument("--max-windows", type=positive_int, default=None, help="at most N windows (tasks with max_windows)")
+    r.add_argument(
+        "--limit", type=positive_int, default=None, help="first N samples of each dataset (tasks with a limit)"
+    )
     r.add_argument("--max-length", type=int, default=None, help="prompt token budget (tasks with max_length)")
-    r.add_argument("--calibration-windows", type=int, default=16, help="windows methods that calibrate use (16)")
+    r.add_argument(
+        "--calibration-windows", type=positive_int, default=16, help="windows methods that calibrate use (16)"
+    )
     r.add_argument("--force", action="store_true", help="recompute records that already exist")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
@@ -204,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--models", action="append", help="comma-separated models instead of the profile's")
     rp.add_argument("--device", default=None)
     rp.add_argument("--dtype", default=None)
-    rp.add_argument("--calibration-windows", type=int, default=None, help="instead of the profile's value")
+    rp.add_argument("--calibration-windows", type=positive_int, default=None, help="instead of the profile's value")
     rp.add_argument("--list-profiles", action="store_true", help="list the shipped profiles")
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(fn=_cmd_reproduce)
@@ -213,18 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--model", default="smollm2-135m", help="alias, folder, hub id or a random *-shape alias")
     prof.add_argument("--context", "--prompt", action="append", help="comma-separated context lengths (2048)")
     prof.add_argument("--batch", action="append", help="comma-separated batch sizes (1)")
-    prof.add_argument("--new-tokens", "--decode", type=int, default=32, help="decode steps timed per round")
+    prof.add_argument("--new-tokens", "--decode", type=positive_int, default=32, help="decode steps timed per round")
     prof.add_argument(
         "--compare-reads", action="store_true",
         help="also profile dequantize-then-attend decode for methods that attend from their codes",
     )  # fmt: skip
-    prof.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
+    prof.add_argument("--repeats", type=positive_int, default=3, help="timed rounds after one warm-up")
     prof.add_argument(
         "--reference", default=REFERENCE_METHOD, help=f"method the ratios are taken against ({REFERENCE_METHOD})"
     )
     prof.add_argument("--device", default=None)
     prof.add_argument("--dtype", default=None)
-    prof.add_argument("--out", default=None, help="JSON file for the rows (+ .md table, .png/.svg plot)")
+    prof.add_argument("--out", default=None, help="folder for profile.json (+ .md, .png/.svg), or a .json path")
     prof.add_argument("--no-progress", action="store_true")
     prof.set_defaults(fn=_cmd_profile)
     return p
@@ -239,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (MethodSpecError, UnsupportedModelError, MissingDataError, ModelLoadError, ValueError) as e:
+    except (MethodSpecError, MissingDataError, ModelLoadError, ValueError) as e:  # UnsupportedModelError too
         message = " ".join(str(e).split())
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE

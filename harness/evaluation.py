@@ -51,6 +51,21 @@ class Task(ABC):
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
+    def tokens_needed(self) -> int | None:
+        """The longest sequence (in tokens) one forward of this task feeds the model, when its options
+        fix it (``seqlen``, a positive ``max_length``); the runner refuses a task that needs more than
+        the model's context. None: the task fits itself to the model."""
+        for option in ("seqlen", "max_length"):
+            value = getattr(self.config, option, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def check_data(self, data_dir: Path | None) -> None:
+        """Raise ``MissingDataError`` (one line) when the task's data cannot be read, before any model
+        is loaded (the runner and ``reproduce`` call it first). Default: nothing to check."""
+        return None
+
     @abstractmethod
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]: ...
 

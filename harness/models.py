@@ -93,6 +93,34 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(spec: str | torch.device | None) -> torch.device:
+    """``--device``: None -> :func:`default_device`; a device this machine does not have -> one-line
+    ValueError (``cuda`` without CUDA, ``tpu``), before any model is loaded."""
+    if spec is None:
+        return default_device()
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {spec}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: this machine has no CUDA device (torch sees none); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {spec}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {spec}: not supported; use cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings`` of its text config)."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(cfg, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 on CUDA (float16 where bf16 is unsupported); float32 on the CPU."""
     if device.type == "cuda":
@@ -248,6 +276,46 @@ def _random_model(alias: str, device: torch.device, dtype: torch.dtype, attn: st
     return _ready(model)
 
 
+class _TokenLengthFilter(logging.Filter):
+    """Drops transformers' "Token indices sequence length is longer than the specified maximum" line:
+    the harness tokenizes whole texts and windows them itself (tasks refuse windows longer than the
+    model's context), so the warning says nothing here. Every other transformers warning stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token indices sequence length is longer than" not in record.getMessage()
+
+
+def quiet_token_length_warning() -> None:
+    target = logging.getLogger("transformers.tokenization_utils_base")
+    if not any(isinstance(f, _TokenLengthFilter) for f in target.filters):
+        target.addFilter(_TokenLengthFilter())
+
+
+def check_model_source(spec: str) -> None:
+    """Refuse (``ModelLoadError``, one line) a model that cannot be there, before anything is loaded:
+    a missing .gguf file or folder, a folder without config.json, a hub id while the hub is off
+    (``HF_HUB_OFFLINE``) and the id is not in the local hub cache."""
+    if spec in SHAPES or spec == SMOLLM2_ALIAS:
+        return
+    path = Path(spec).expanduser()
+    problem = None
+    if spec.endswith(".gguf"):
+        problem = None if path.is_file() else "no such .gguf file"
+    elif path.is_dir() and not (path / "config.json").exists():
+        problem = "the folder has no config.json"
+    elif path.exists() and not path.is_dir():
+        problem = "a file, not a model folder or .gguf file"
+    elif not path.exists() and not _is_hub_id(spec):  # a missing path: fail before any network access
+        problem = "no such local model folder"
+    elif not path.exists() and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            problem = "HF_HUB_OFFLINE is set and the hub cache does not hold it; download it once or give a folder"
+    if problem:
+        raise ModelLoadError(f"cannot load model {spec!r}: {problem}; {_accepted()}")
+
+
 def load_model(
     spec: str,
     device: str | torch.device | None = None,
@@ -264,7 +332,8 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the harness shows its own progress; keep stderr to errors
-    dev = torch.device(device) if device is not None else default_device()
+    quiet_token_length_warning()
+    dev = parse_device(device)
     dt = parse_dtype(dtype) or default_dtype(dev)
     attn = attn_implementation or DEFAULT_ATTN
     if spec in SHAPES:
@@ -279,17 +348,9 @@ def load_model(
             raise ModelLoadError(f"cannot load model {spec!r}: no such .gguf file; {_accepted()}")
         source = str(_dequantized_gguf(path.resolve()))
     else:
+        check_model_source(spec)
         path = Path(spec).expanduser()
         source = str(path) if path.exists() else spec  # else a hub id
-        problem = None
-        if path.is_dir() and not (path / "config.json").exists():
-            problem = "the folder has no config.json"
-        elif path.exists() and not path.is_dir():
-            problem = "a file, not a model folder or .gguf file"
-        elif not path.exists() and not _is_hub_id(spec):  # a missing path: fail before any network access
-            problem = "no such local model folder"
-        if problem:
-            raise ModelLoadError(f"cannot load model {spec!r}: {problem}; {_accepted()}")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -221,6 +221,10 @@ class Registry:
         entry = self.entry(name)
         name, opts = parse_spec(spec, getattr(entry.cls.config_class, "positional", None))
         aliases = getattr(entry.cls.config_class, "aliases", {})
+        clash = [k for k in opts if k in aliases and aliases[k] in opts]
+        if clash:  # moqae:lambda=0.5,lam=0.3
+            k = clash[0]
+            raise MethodSpecError(f"{name}: option {aliases[k]!r} given twice (as {k} and as {aliases[k]})")
         opts = {aliases.get(k, k): v for k, v in opts.items()}
         fields = {f.name: f for f in dataclasses.fields(entry.cls.config_class)}
         unknown = sorted(set(opts) - set(fields))
@@ -311,6 +315,10 @@ def parse_spec(spec: str, positional: str | None = None) -> tuple[str, dict[str,
                 continue
             if not eq or not key.strip():
                 raise MethodSpecError(f"{name}: bad option {item!r}; write {name}:key=value,key=value")
+            if key.strip() in opts:  # int:bits=2,bits=8 would silently take the last
+                raise MethodSpecError(
+                    f"{name}: option {key.strip()!r} given twice ({key.strip()}={opts[key.strip()]}, {item.strip()})"
+                )
             opts[key.strip()] = value.strip()
     if bare:
         opts[positional] = ",".join([*bare, opts[positional]] if positional in opts else bare)

@@ -427,6 +427,57 @@ def profile_stage(
     return path
 
 
+def preflight_profile(
+    prof: Profile, models: list[str], prof_models: list[str], data_dir: Any, device: str | None, out: Path,
+    report_dir: Path,
+) -> None:  # fmt: skip
+    """Before any model load or compute: every stage's specs, data, models, the device and the output
+    folders; raises ``MissingDataError`` listing every problem in one line (nothing is written)."""
+    from harness.data import MissingDataError, resolve_data_dir
+    from harness.models import ModelLoadError, check_model_source, parse_device
+    from harness.runner import build_all, check_out_dir, preflight
+
+    parse_device(device)
+    check_out_dir(out)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise ValueError(f"--report {report_dir}: is a file; give a folder")
+    data = resolve_data_dir(data_dir)
+    problems: list[str] = []
+    for stage in prof.runs:
+        methods, tasks = build_all(stage.methods, stage.tasks, **stage.options)
+        for model in models:
+            problems += preflight(methods, tasks, model, data)
+    for model in prof_models:
+        try:
+            check_model_source(model)
+        except ModelLoadError as e:
+            problems.append(str(e))
+    problems = list(dict.fromkeys(problems))
+    if problems:
+        raise MissingDataError(f"profile {prof.name} cannot run here: " + " | ".join(problems))
+
+
+def report_folder(report_dir: Path, files: list[Path], log: Any = print) -> Path:
+    """Where the report goes: ``report_dir``, unless no cell of this run finished and a report is
+    already there (a run that failed everywhere never replaces a real report): then the failed-cell
+    report goes beside it, into ``<report_dir>-failed``."""
+    from harness.runner import is_complete, load_record
+
+    def finished_file(path: Path) -> bool:
+        obj = load_record(path)
+        rows = obj.get("rows") if isinstance(obj, dict) else None
+        if isinstance(rows, list):  # a profile file
+            return any(isinstance(r, dict) and r.get("status") == "done" for r in rows)
+        return is_complete(obj)
+
+    finished = any(finished_file(p) for p in files)
+    if finished or not (report_dir / "README.md").exists():
+        return report_dir
+    beside = report_dir.with_name(report_dir.name + "-failed")
+    log(f"no cell finished: {report_dir} is kept; the failed cells are reported in {beside}")
+    return beside
+
+
 def reproduce(
     profile: str | Path | Profile,
     out: str | Path | None = None,
@@ -454,6 +505,7 @@ def reproduce(
     summary = ReproduceSummary(prof.name)
     files: list[Path] = []
     prof_models = (prof.profile.models or models) if prof.profile else []
+    preflight_profile(prof, models, prof_models, data_dir, device, out, report_dir)
     for model in dict.fromkeys([*models, *prof_models]):
         specs = [m for r in prof.runs for m in r.methods] if model in models else []
         if prof.profile and model in prof_models:
@@ -472,6 +524,7 @@ def reproduce(
     summary.seconds = time.perf_counter() - t0
     if files:
         title = f"Reproduce: profile {prof.name}" + (f" — {prof.description}" if prof.description else "")
+        report_dir = report_folder(report_dir, files, log)
         try:
             summary.report = write_report(list(dict.fromkeys(files)), report_dir, title, command=invocation())
         except ValueError as e:  # nothing finished: no report, said in the summary

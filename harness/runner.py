@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 import sys
 import time
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,14 +23,22 @@ from typing import Any
 
 import torch
 
-from harness.data import MissingDataError, resolve_data_dir
+from harness.data import MissingDataError, resolve_data_dir, wikitext2_calibration_text
 from harness.data import calibration_windows as calibration_batches
 from harness.env import environment
 from harness.evaluation import Task, TaskContext, build_task
 from harness.files import write_json_atomic, write_text_atomic  # re-exported: cli, reports, reproduce import them here
 from harness.integration import AttachedMethod, model_info
 from harness.interface import KVCacheMethod, MethodSpecError, UnsupportedModelError, build_method
-from harness.models import is_random_weights, load_model, model_id
+from harness.models import (
+    ModelLoadError,
+    check_model_source,
+    context_length,
+    is_random_weights,
+    load_model,
+    model_id,
+    parse_device,
+)
 
 #: calibration windows (of the task's seqlen, from the calibration split) for methods that calibrate
 #: (KVQuant, QoQ); ``run(calibration_windows=N)`` / ``--calibration-windows N`` changes it, and a
@@ -83,8 +93,75 @@ def record_path(out_dir: Path, key: dict[str, Any], method_label: str) -> Path:
 def load_record(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+#: what every finished record holds (``kv`` may be null for a task that kept no cache)
+RECORD_FIELDS = {"key": dict, "model": str, "method": str, "task": str, "metrics": dict}
+
+
+def is_complete(record: Any, key: dict[str, Any] | None = None) -> bool:
+    """A finished record that parses as one: status done, every field of :data:`RECORD_FIELDS` with
+    its type, ``kv`` a dict or null, and (given ``key``) the key of the cell it is filed under.
+    Anything else (``{"status": "done"}``, a truncated or hand-edited file) is recomputed, never trusted."""
+    if not isinstance(record, dict) or record.get("status") != "done":
+        return False
+    if not all(isinstance(record.get(f), t) for f, t in RECORD_FIELDS.items()):
+        return False
+    if not (record.get("kv") is None or isinstance(record["kv"], dict)):
+        return False
+    return key is None or _key_text(record["key"]) == _key_text(key)
+
+
+def _key_text(key: dict[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse (one line) an ``--out`` that is a file or cannot be written, before any model is loaded;
+    nothing is created here (the folder is made when the first record is written)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; give a folder for the records")
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"--out {out}: {base} is a file; give a folder for the records")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {base} is not writable; give a writable folder")
+
+
+def preflight(methods: list[KVCacheMethod], tasks: list[Task], model: str, data_dir: Path | None) -> list[str]:
+    """Everything a run needs that can be checked before a model is loaded: the model's source, every
+    task's data, the calibration split where a method calibrates. Returns the problems (one line each)."""
+    problems = []
+    try:
+        check_model_source(model)
+    except ModelLoadError as e:
+        problems.append(str(e))
+    checks = [(t.label, lambda t=t: t.check_data(data_dir)) for t in tasks]
+    if any(m.needs_calibration for m in methods):
+        checks.append(("calibration", lambda: wikitext2_calibration_text(data_dir)))
+    for _, check in checks:
+        try:
+            check()
+        except (MissingDataError, MethodSpecError) as e:
+            problems.append(" ".join(str(e).split()))
+    return list(dict.fromkeys(problems))
+
+
+def check_context(tasks: list[Task], context: int | None, model: str) -> None:
+    """Refuse a task whose windows / prompts are longer than the model's context (one line)."""
+    if context is None:
+        return
+    for task in tasks:
+        need = task.tokens_needed()
+        if need is not None and need > context:
+            raise MethodSpecError(
+                f"{task.label}: {need} tokens per sequence, longer than the context of {model} ({context}); "
+                f"use --seqlen / max_length <= {context}"
+            )
 
 
 @dataclass
@@ -100,7 +177,20 @@ def build_all(methods: list[str], tasks: list[str], **task_overrides: Any) -> tu
         raise MethodSpecError("no method given; use --methods fp16,int4,...")
     if not tasks:
         raise MethodSpecError("no task given; use --tasks wikitext2")
-    return [build_method(m) for m in methods], [build_task(t, **task_overrides) for t in tasks]
+    return _distinct([build_method(m) for m in methods]), _distinct([build_task(t, **task_overrides) for t in tasks])
+
+
+def _distinct(items: list[Any]) -> list[Any]:
+    """Items of the same configuration (``int4`` and ``int:bits=4``) once: the first spelling wins."""
+    seen: dict[str, Any] = {}
+    for item in items:
+        ident = _key_text({"name": item.name, "options": item.options()})
+        if ident in seen:
+            print(f"note: {item.label} is the same configuration as {seen[ident].label}: computed once",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        seen[ident] = item
+    return list(seen.values())
 
 
 def run(
@@ -129,9 +219,15 @@ def run(
     refused = [t.name for t in task_objs if t.refuses_random_weights]
     if is_random_weights(model) and refused:
         raise MethodSpecError(f"{model} has random weights: {', '.join(refused)} is never reported for it")
+    parse_device(device)
+    check_out_dir(out)
+    problems = preflight(method_objs, task_objs, model, data)
+    if problems:
+        raise MissingDataError(" | ".join(problems))
     t0 = time.perf_counter()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - t0
+    check_context(task_objs, context_length(lm), model)
     info = model_info(lm)
     unsupported: dict[int, str] = {}
     for m in method_objs:  # group sizes, bits vs head_dim etc., before any work
@@ -151,7 +247,7 @@ def run(
         if id(method) in unsupported:
             reason = unsupported[id(method)]
             for task, key, path in cells:
-                if not force and (load_record(path) or {}).get("status") == "done":
+                if not force and is_complete(load_record(path), key):
                     summary.skipped.append(path)
                     continue
                 failed = {"key": key, "model": name, "method": method.label, "task": task.label,
@@ -164,20 +260,37 @@ def run(
         todo = []
         for task, key, path in cells:
             rec = None if force else load_record(path)
-            if rec is not None and rec.get("status") == "done":
+            if is_complete(rec, key):
                 summary.skipped.append(path)
                 log(f"skip {path.name} (exists)")
             else:
+                if rec is not None and rec.get("status") == "done":
+                    log(f"recompute {path.name}: not a complete record of this cell")
                 todo.append((task, key, path))
         if not todo:
             continue
         calib_seconds = 0.0
-        with AttachedMethod(lm, method) as attached:
-            if method.needs_calibration:
-                c0 = time.perf_counter()
-                seqlen = getattr(todo[0][0].config, "seqlen", 2048)
-                attached.calibrate(calibration_batches(tokenizer, data, seqlen, calibration_windows))
-                calib_seconds = time.perf_counter() - c0
+        with ExitStack() as stack:
+            try:  # a method that cannot attach or calibrate (a bad router file...) fails its cells only
+                attached = stack.enter_context(AttachedMethod(lm, method))
+                if method.needs_calibration:
+                    c0 = time.perf_counter()
+                    seqlen = getattr(todo[0][0].config, "seqlen", 2048)
+                    attached.calibrate(calibration_batches(tokenizer, data, seqlen, calibration_windows))
+                    calib_seconds = time.perf_counter() - c0
+            except (MissingDataError, KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:
+                reason = " ".join(f"{type(e).__name__}: {e}".split())
+                for task, key, path in todo:
+                    failed = {"key": key, "model": name, "method": method.label, "task": task.label,
+                              "created": datetime.now(UTC).isoformat(timespec="seconds"), "command": invocation(),
+                              "environment": env, "status": "failed", "reason": reason,
+                              "traceback": traceback.format_exc()}  # fmt: skip
+                    write_json_atomic(path, failed)
+                    summary.failed.append((path, reason))
+                    log(f"FAILED {method.label} / {task.label}: {reason}")
+                continue
             for task, key, path in todo:
                 record: dict[str, Any] = {
                     "key": key,
@@ -235,7 +348,7 @@ def results_table(paths: list[Path], reference: str | None = None) -> str:
     from harness.reports.table import markdown_table
 
     reference = reference or REFERENCE_METHOD
-    recs = [r for r in (load_record(p) for p in paths) if r and r.get("status") == "done"]
+    recs = [r for r in (load_record(p) for p in paths) if is_complete(r)]
     ref = {
         (r["model"], json.dumps(r["key"]["task_config"], sort_keys=True)): r["kv"]["total_bytes"]
         for r in recs

@@ -197,6 +197,12 @@ class LMEval(Task):
 
         return local_task_manager(self.config.names, data_dir)
 
+    def check_data(self, data_dir: Path | None) -> None:
+        """With a data folder, every task's local files (lm-eval's own task names checked too)."""
+        if data_dir is not None:
+            with self.task_manager(data_dir):
+                pass
+
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         from lm_eval import simple_evaluate
 

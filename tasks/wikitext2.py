@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,9 @@ class WikiText2(Task):
     report_sections = ("tasks.wikitext2_report:PERPLEXITY",)
     config_class = WikiText2Config
     _ids_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    def check_data(self, data_dir: Path | None) -> None:
+        wikitext2_test_text(data_dir)
 
     def token_ids(self, ctx: TaskContext) -> torch.Tensor:
         key = (id(ctx.tokenizer), str(ctx.data_dir))

@@ -59,7 +59,16 @@ def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
 def test_group_not_dividing_head_dim_exits_2(capsys, stories_dir, tmp_path):
     # stories260K has head_dim 8
     code, out, err = _run_cli(
-        capsys, "run", "--methods", "int:group=3", "--model", str(stories_dir), "--out", str(tmp_path)
+        capsys,
+        "run",
+        "--methods",
+        "int:group=3",
+        "--model",
+        str(stories_dir),
+        "--seqlen",
+        "256",
+        "--out",
+        str(tmp_path),
     )
     assert code == 2
     assert err.count("\n") == 1 and "does not divide head_dim=8" in err

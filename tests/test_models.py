@@ -102,6 +102,7 @@ def test_unreachable_hub_is_a_model_load_error(monkeypatch):
 
     import transformers
 
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # with it set, the id is refused before any load
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
     with pytest.raises(ModelLoadError) as e:
         load_model("some-owner/some-model", device="cpu")

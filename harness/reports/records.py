@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.runner import load_record, normalize_command
+from harness.runner import is_complete, load_record, normalize_command
 
 
 def record_paths(sources: Iterable[str | Path]) -> list[Path]:
@@ -55,7 +55,7 @@ def json_files(sources: Iterable[str | Path]) -> list[Path]:
 
 
 def done_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    return [r for r in (load_record(p) for p in paths) if r and r.get("status") == "done"]
+    return [r for r in (load_record(p) for p in paths) if is_complete(r)]
 
 
 def shown_path(path: Path) -> str:
@@ -86,6 +86,9 @@ def load_results(sources: Iterable[str | Path]) -> Results:
         obj = load_record(path)
         shown = shown_path(path)
         if isinstance(obj, dict) and "key" in obj and "status" in obj:
+            if obj["status"] == "done" and not is_complete(obj):
+                res.notes.append(f"`{shown}`: says done but is not a complete record; skipped (re-run the cell)")
+                continue
             key = json.dumps(obj["key"], sort_keys=True, default=str)
             if key in keys:
                 continue

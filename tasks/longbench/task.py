@@ -192,11 +192,12 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
 
 
 def context_window(model: torch.nn.Module) -> int:
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    window = getattr(cfg, "max_position_embeddings", None)
+    from harness.models import context_length
+
+    window = context_length(model)
     if not window:
         raise ValueError("longbench: the model config has no max_position_embeddings; set max_length=N")
-    return int(window)
+    return window
 
 
 def eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
@@ -241,6 +242,10 @@ class LongBench(Task):
             newline = tok.encode("\n", add_special_tokens=False)[-1]
             kw.update(eos_token_id=list(dict.fromkeys([*eos, newline])), min_new_tokens=1)
         return kw
+
+    def check_data(self, data_dir: Path | None) -> None:
+        for ds in expand_datasets(self.config.tasks):
+            longbench_rows(ds, data_dir)
 
     @torch.no_grad()
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
