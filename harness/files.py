@@ -10,15 +10,24 @@
   ``harness.integration.model_fingerprint``), the method's options and the calibration token ids;
   ``save_calibration`` / ``load_calibration`` write it atomically and read it back with
   ``torch.load(weights_only=True)`` (tensors, lists, dicts and numbers only; nothing is unpickled).
+* ``load_torch_safe`` reads a user-handed torch file (training states, old router checkpoints):
+  at most ``max_bytes`` are read, only the zip format of ``torch.save`` with uncompressed entries
+  totalling at most ``max_bytes`` is accepted (no legacy pickle files, no zip bombs), and it goes
+  through ``torch.load(weights_only=True)``, which builds tensors, numbers, strings, lists, tuples
+  and dicts and runs nothing from the file. ``save_safetensors_atomic`` / ``load_safetensors_safe``
+  write and read a flat ``{name: tensor}`` file with string metadata (size-checked the same way).
+  Every refusal is a ``ValueError`` with a one-line reason naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -78,6 +87,101 @@ def write_json_atomic(path: Path | str, obj: Any) -> None:
 def torch_save_atomic(path: Path | str, obj: Any) -> None:
     """``torch.save(obj)`` to ``path`` atomically (checkpoints, calibration artefacts)."""
     replace_atomic(path, lambda f: torch.save(obj, f))
+
+
+# --------------------------------------------------------------------------------------------
+# Size-checked loads of user-handed files (never unpickled)
+# --------------------------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters."""
+    text = (str(e).strip().splitlines() or [""])[0].strip()
+    text = "".join(c for c in text if c.isprintable())
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_bytes_bounded(path: Path | str, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path``; ValueError if it is missing, not a file, empty or
+    larger than ``max_bytes`` (checked before reading, and at most ``max_bytes + 1`` bytes are read)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file")
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist or is not a regular file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path} has {size} bytes, more than the {max_bytes} expected at most")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({_first_line(e)})") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} grew past the {max_bytes} bytes expected at most while being read")
+    if not data:
+        raise ValueError(f"{path} is empty")
+    return data
+
+
+def load_torch_safe(path: Path | str, max_bytes: int) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU of a zip-format torch file of at most ``max_bytes``
+    (uncompressed entries, also at most ``max_bytes`` in all); ValueError with a one-line reason
+    for anything else (legacy or pickle files, random bytes, what the restricted unpickler refuses)."""
+    data = read_bytes_bounded(path, max_bytes)
+    buf = io.BytesIO(data)
+    if not zipfile.is_zipfile(buf):
+        raise ValueError(f"{path} is not a torch.save zip file (random bytes, a pickle or a legacy format)")
+    try:
+        with zipfile.ZipFile(buf) as z:
+            entries = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable torch.save zip file ({_first_line(e)})") from None
+    if any(i.compress_type != zipfile.ZIP_STORED for i in entries):
+        raise ValueError(f"{path} has compressed entries; torch.save writes none")
+    if sum(i.file_size for i in entries) > max_bytes:
+        raise ValueError(f"{path} unpacks to more than the {max_bytes} bytes expected at most")
+    buf.seek(0)
+    try:
+        return torch.load(buf, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a global: the file asks to run or build code
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain data (a pickle payload?); it was not loaded"
+        ) from None
+    except Exception as e:  # every other failure of a corrupt or hostile file is one refusal
+        raise ValueError(f"{path} cannot be loaded safely ({_first_line(e)})") from None
+
+
+def save_safetensors_atomic(path: Path | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``{name: tensor}`` (contiguous CPU copies) and string ``metadata`` as safetensors, atomically."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = save(flat, metadata=metadata)
+    replace_atomic(path, lambda f: f.write(data))
+
+
+def load_safetensors_safe(path: Path | str, max_bytes: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file of at most ``max_bytes``; ValueError with a
+    one-line reason if it is missing, too large or not a valid safetensors file."""
+    from safetensors.torch import load
+
+    data = read_bytes_bounded(path, max_bytes)
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or header_len > len(data) - 8:
+            raise ValueError("header length past the end of the file")
+        header = json.loads(data[8 : 8 + header_len])
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        metadata = header.get("__metadata__") or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError("metadata is not a table of strings")
+        tensors = load(data)
+    except Exception as e:  # every failure of a corrupt file is one refusal
+        raise ValueError(f"{path} is not a valid safetensors file ({_first_line(e)})") from None
+    return tensors, metadata
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 from harness.data import MissingDataError
 from harness.interface import MethodSpecError
 from harness.models import ModelLoadError, load_model
-from moqae.train import RouterTrainer, TrainConfig, summarize
+from moqae.train import RouterTrainer, TrainConfig, check_train_args, summarize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train the routers on the calibration split; resumable")
     t.add_argument("--model", default="smollm2-135m")
     t.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the model loss (0..1)")
-    t.add_argument("--out", required=True, help="folder for train_state.pt (resume) and router.pt")
+    t.add_argument("--out", required=True, help="folder for train_state.pt (resume) and router.safetensors")
     t.add_argument("--data-dir", default=None, help="local data mirror (else $MOQAE_DATA_DIR, else the hub)")
     t.add_argument("--method", default="moqae", help="base spec, e.g. moqae:chunk=64,share=1")
     for field, typ in (("steps", int), ("seqlen", int), ("windows", int), ("lr", float), ("seed", int)):
@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         estimator=args.estimator, seed=args.seed, method=args.method, nll_scale=args.nll_scale,
     )  # fmt: skip
     try:
+        check_train_args(cfg, args.out)  # before the model loads: bad arguments fail at once
         model, tok = load_model(args.model, device="cpu", dtype="fp32")
         trainer = RouterTrainer(model, tok, cfg, data_dir=args.data_dir, out=args.out)
         path = trainer.train(progress=not args.no_progress)
-    except (MethodSpecError, MissingDataError, ModelLoadError, ValueError) as e:
+    except (MethodSpecError, MissingDataError, ModelLoadError, ValueError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,11 +17,23 @@ Algorithm (MoQAE, ACL 2025), per layer and per chunk of N tokens:
 
 Choices where the paper is silent (documented options): experts default ``16/4/2``; router hidden
 width = number of experts; with batch > 1 each sequence routes its own chunks.
+
+Router checkpoints (``moqae:ckpt=PATH``; ``save_router_checkpoint`` / ``read_router_checkpoint``):
+``.safetensors`` files hold the router weights as tensors (``routers.<i>.w1.weight`` ...) and, as
+JSON in the string metadata key ``moqae``, everything else: ``format``, ``config`` (experts, share,
+router_width, chunk, hidden_size, n_layers), ``lambda``, ``signature``, ``train_config``, ``steps``.
+Any other suffix is read as an old ``torch.save`` file (the shipped ``checkpoints/*.pt``) through
+``torch.load(weights_only=True)``; a user's ``.pt`` gets a one-line deprecation note, once per process.
+Both are refused unreadable (one-line ``MethodSpecError`` naming the file) if larger than
+``router_checkpoint_bound`` (2 x the router bank's fp32 parameter bytes + 1 MiB), corrupt, of
+another structure, or a pickle payload; nothing in the file is ever executed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -49,6 +61,9 @@ from moqae.router import RouterBank, chunk_votes
 
 FP16_BITS = 16
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+ROUTER_FORMAT = "moqae-router/1"
+_log = logging.getLogger("moqae")
+_legacy_noted = False  # the deprecation note on a user's .pt router checkpoint: once per process
 
 
 def parse_experts(text: str) -> tuple[int, ...]:
@@ -102,9 +117,58 @@ def model_signature(info: ModelInfo) -> str:
 
 
 def default_checkpoint(info: ModelInfo, lam: float, share: int = 3) -> Path:
-    """Shipped router for this model shape and λ (routing-sharing group 3; other groups are named)."""
+    """Shipped router for this model shape and λ (routing-sharing group 3; other groups are named):
+    the shipped ``.pt`` where one exists (their names are part of run records), else ``.safetensors``."""
     suffix = "" if share == 3 else f"-share{share}"
-    return CHECKPOINT_DIR / f"{model_signature(info)}-lambda{lam:g}{suffix}.pt"
+    stem = CHECKPOINT_DIR / f"{model_signature(info)}-lambda{lam:g}{suffix}"
+    pt = stem.with_name(stem.name + ".pt")
+    return pt if pt.exists() else stem.with_name(stem.name + ".safetensors")
+
+
+def router_checkpoint_bound(bank: RouterBank) -> int:
+    """Largest router checkpoint read: 2 x the bank's fp32 parameter bytes + 1 MiB (headers, metadata)."""
+    fp32 = sum(p.numel() * 4 for p in bank.parameters())
+    return 2 * fp32 + (1 << 20)
+
+
+def save_router_checkpoint(path: Path | str, routers: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Write router weights as safetensors, ``info`` (config, lambda, ...; JSON-able) as metadata ``moqae``."""
+    from harness.files import save_safetensors_atomic
+
+    meta = json.dumps({"format": ROUTER_FORMAT, **info}, sort_keys=True)
+    save_safetensors_atomic(path, routers, {"moqae": meta})
+
+
+def read_router_checkpoint(path: Path | str, max_bytes: int) -> dict[str, Any]:
+    """``{"routers": {name: tensor}, "config": {...}, ...}`` of a ``.safetensors`` router checkpoint or
+    an old ``.pt`` one (``torch.load(weights_only=True)``); ValueError with a one-line reason otherwise."""
+    global _legacy_noted
+    from harness.files import load_safetensors_safe, load_torch_safe
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors, metadata = load_safetensors_safe(path, max_bytes)
+        try:
+            info = json.loads(metadata.get("moqae", ""))
+        except ValueError:
+            raise ValueError(f"{path} has no readable 'moqae' metadata (JSON of the router's config)") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: its 'moqae' metadata is not a JSON object")
+        state = {**info, "routers": tensors}
+    else:
+        state = load_torch_safe(path, max_bytes)
+        shipped = path.resolve().parent == CHECKPOINT_DIR.resolve()
+        if not shipped and not _legacy_noted:
+            _legacy_noted = True
+            _log.warning(f"note: {path} is an old .pt router checkpoint; new trainings write .safetensors")
+    if not isinstance(state, dict) or not isinstance(state.get("routers"), dict) or not state["routers"]:
+        raise ValueError(f"{path} is not a router checkpoint (no 'routers' table of tensors)")
+    bad = [k for k, v in state["routers"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad or not all(v.is_floating_point() for v in state["routers"].values()):
+        raise ValueError(f"{path} is not a router checkpoint ('routers' holds entries that are not float tensors)")
+    if not isinstance(state.get("config", {}), dict):
+        raise ValueError(f"{path} is not a router checkpoint ('config' is not a table)")
+    return state
 
 
 @dataclass
@@ -330,7 +394,7 @@ class MoQAE(KVCacheMethod):
         if not sep:
             return label
         items = opts.split(",")
-        kept = [o for o in items if not (o.startswith("ckpt=") and o.endswith(".pt"))]
+        kept = [o for o in items if not (o.startswith("ckpt=") and o.endswith((".pt", ".safetensors")))]
         if len(kept) == len(items):
             return label
         return name + (":" + ",".join(kept) if kept else "") + " (own router)"
@@ -358,8 +422,9 @@ class MoQAE(KVCacheMethod):
         return not self.config.ckpt
 
     def prepare(self, spec: str, ctx: PrepareContext) -> Prepared | None:
-        """Train a router (``moqae.train``) into ``OUT/routers/<model>/<spec>-lambda<λ>/router.pt``
-        unless one ships for this model; a finished router is reused, an unfinished training resumes."""
+        """Train a router (``moqae.train``) into ``OUT/routers/<model>/<spec>-lambda<λ>/router.safetensors``
+        unless one ships for this model; a finished router is reused (also an older run's ``router.pt``,
+        so that its run records keep their keys), an unfinished training resumes."""
         from harness.integration import model_info
         from harness.models import model_id
         from moqae.train import RouterTrainer, TrainConfig
@@ -373,7 +438,9 @@ class MoQAE(KVCacheMethod):
         keep = [o for o in opts.split(",") if o.strip() and o.split("=")[0].strip() not in sweep]
         base, lam = name + (":" + ",".join(keep) if keep else ""), float(self.config.lam)
         where = ctx.out / "routers" / _slug(model_id(ctx.model)) / f"{_slug(base)}-lambda{lam:g}"
-        ckpt = where / "router.pt"
+        ckpt = where / "router.safetensors"
+        if not ckpt.exists() and (where / "router.pt").exists():
+            ckpt = where / "router.pt"  # written before routers were safetensors
         cell = f"router {base} λ={lam:g}"
         new_spec = spec + ("," if ":" in spec else ":") + f"ckpt={ckpt}"
         if ckpt.exists():
@@ -400,7 +467,7 @@ class MoQAE(KVCacheMethod):
             raise MethodSpecError(
                 f"{self.label}: no router checkpoint {path.name} for this model ({model_signature(info)}, "
                 f"lambda={self.config.lam:g}); train one with: python -m moqae train --model MODEL "
-                f"--lambda {self.config.lam:g} --out DIR, then use moqae:ckpt=DIR/router.pt "
+                f"--lambda {self.config.lam:g} --out DIR, then use moqae:ckpt=DIR/router.safetensors "
                 "(or moqae:ckpt=random for an untrained router)"
             )
         vg = self.config.value_group or info.head_dim
@@ -421,22 +488,47 @@ class MoQAE(KVCacheMethod):
             self.bank = self.new_bank(info)
             path = self.checkpoint_path(info)
             if path is not None:
-                self.load_checkpoint(path)
+                self.load_checkpoint(path, info)
         self.bank.to(info.device).eval().requires_grad_(False)
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def load_checkpoint(self, path: Path, info: ModelInfo | None = None) -> None:
+        """Load router weights (``read_router_checkpoint``: size-checked, nothing executed); any
+        unreadable or unfitting file is one ``MethodSpecError`` line naming it."""
+        path = Path(path)
+        try:
+            state = read_router_checkpoint(path, router_checkpoint_bound(self.bank))
+        except ValueError as e:
+            raise MethodSpecError(f"{self.label}: cannot use router checkpoint: {e}") from None
         saved = state.get("config", {})
-        mine = {"experts": self.expert_bits, "share": self.config.share, "router_width": self.config.router_width}
+        mine: dict[str, Any] = {
+            "experts": self.expert_bits, "share": self.config.share, "router_width": self.config.router_width
+        }  # fmt: skip
+        if info is not None:
+            mine.update(hidden_size=info.hidden_size, n_layers=info.n_layers)
         theirs = dict(saved)
         if "experts" in theirs:
-            theirs["experts"] = parse_experts(theirs["experts"])
+            try:
+                theirs["experts"] = parse_experts(theirs["experts"])
+            except MethodSpecError:
+                raise MethodSpecError(
+                    f"{self.label}: router checkpoint {path} has unreadable experts={saved['experts']!r}"
+                ) from None
         for key, value in mine.items():
             if key in theirs and theirs[key] != value:
                 raise MethodSpecError(
                     f"{self.label}: checkpoint {path.name} was trained with {key}={saved[key]}, not {value}"
                 )
-        self.bank.load_state_dict(state["routers"])
+        routers, want = state["routers"], self.bank.state_dict()
+        missing, extra = sorted(set(want) - set(routers)), sorted(set(routers) - set(want))
+        shapes = [k for k in want if k in routers and routers[k].shape != want[k].shape]
+        if missing or extra or shapes:
+            if missing or extra:
+                what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+            else:
+                k = shapes[0]
+                what = f"{k} is {tuple(routers[k].shape)}, not {tuple(want[k].shape)}"
+            raise MethodSpecError(f"{self.label}: router checkpoint {path} does not fit this model's routers ({what})")
+        self.bank.load_state_dict(routers)
 
     def route(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
         """Expert probabilities [B, T, E] of the router serving ``layer_idx``."""

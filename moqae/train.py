@@ -42,7 +42,16 @@ FP16 cache, so its meaning depends on the unit of the model term:
 
 Training reads the calibration split only (the mirror's wikitext-2/valid.txt or the hub's train
 split), uses a fixed seed, writes a resumable training state every ``save_every`` steps and a final
-router checkpoint (weights + config) that ``moqae:ckpt=PATH`` loads.
+router checkpoint ``router.safetensors`` (weights + config, ``moqae.method.save_router_checkpoint``)
+that ``moqae:ckpt=PATH`` loads.
+
+The training state ``train_state.pt`` holds only what ``torch.load(weights_only=True)`` rebuilds:
+``format``, ``routers`` (state dict), ``optimizer`` (Adam's state dict), ``step``, ``history`` (list of
+dicts of numbers), ``baseline``, ``generator`` (the RNG state as a uint8 tensor) and ``train_config``.
+It is read through ``harness.files.load_torch_safe`` with the bound ``train_state_bound``
+(4 x the routers' fp32 parameter bytes, for weights and Adam's two moments, + 1 MiB + 1 KiB per
+training step for the history); a larger, corrupt or foreign file is refused in one line
+(delete it or use another ``--out``), and nothing in it is executed.
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ from tqdm.auto import tqdm
 from harness.data import calibration_windows
 from harness.integration import AttachedMethod, forward
 from harness.interface import build_method
-from moqae.method import MoQAE, model_signature
+from moqae.method import MoQAE, model_signature, save_router_checkpoint
 
 
 @dataclass
@@ -81,6 +90,34 @@ class TrainConfig:
     method: str = "moqae"  # base spec: experts, chunk, share, freeze_first ...
 
 
+STATE_FORMAT = "moqae-train-state/2"
+STATE_KEYS = ("routers", "optimizer", "step", "history", "baseline", "generator", "train_config")
+
+
+def check_train_args(cfg: TrainConfig, out: str | Path | None = None) -> None:
+    """ValueError (one line) for a configuration that cannot train, or an ``out`` that is not a folder."""
+    if cfg.nll_scale not in ("chunk", "token"):
+        raise ValueError(f"nll_scale={cfg.nll_scale!r}; accepted: chunk, token")
+    if cfg.estimator not in ("gumbel", "reinforce", "paper"):
+        raise ValueError(f"estimator={cfg.estimator!r}; accepted: gumbel, reinforce, paper")
+    for name, least in (("steps", 1), ("seqlen", 2), ("windows", 1), ("save_every", 1), ("horizon", 1)):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}={value!r} must be an integer >= {least}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise ValueError(f"lr={cfg.lr!r} must be a positive number")
+    if not 0.0 <= cfg.lam <= 1.0:
+        raise ValueError(f"lambda={cfg.lam!r} must be in [0, 1]")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder; name a folder")
+
+
+def train_state_bound(param_bytes: int, steps: int) -> int:
+    """Largest ``train_state.pt`` read: 4 x the routers' fp32 parameter bytes (weights, Adam's two
+    moments, slack) + 1 MiB (RNG state, config, zip headers) + 1 KiB per step (history)."""
+    return 4 * param_bytes + (1 << 20) + 1024 * steps
+
+
 def _save_atomic(obj: dict, path: Path) -> None:
     from harness.files import torch_save_atomic
 
@@ -98,6 +135,7 @@ class RouterTrainer:
     """Trains the routers of a MoQAE method attached to a frozen model."""
 
     def __init__(self, model, tokenizer, cfg: TrainConfig, data_dir=None, out: str | Path = "router-out"):
+        check_train_args(cfg, out)
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -108,36 +146,62 @@ class RouterTrainer:
         self.bank = self.method.bank
         self.bank.train().requires_grad_(True)
         self.bits = torch.tensor(self.method.expert_bits, dtype=torch.float32)
-        if cfg.nll_scale not in ("chunk", "token"):
-            raise ValueError(f"nll_scale={cfg.nll_scale!r}; accepted: chunk, token")
-        if cfg.estimator not in ("gumbel", "reinforce", "paper"):
-            raise ValueError(f"estimator={cfg.estimator!r}; accepted: gumbel, reinforce, paper")
         # nats of LM loss per routing decision: a chunk's N tokens, or the mean token
         self.nll_factor = float(self.method.config.chunk) if cfg.nll_scale == "chunk" else 1.0
         self.opt = torch.optim.Adam(self.bank.parameters(), lr=cfg.lr)
-        self.windows = calibration_windows(tokenizer, data_dir, cfg.seqlen, cfg.windows, seed=cfg.seed)
         self.fp16 = build_method("fp16")
         self._fp16_nll: dict[int, torch.Tensor] = {}
         self.step, self.history = 0, []
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.baseline = 0.0
         self.state_path = self.out / "train_state.pt"
-        if self.state_path.exists():
-            self._resume()
+        try:
+            if self.state_path.exists() or self.state_path.is_symlink():
+                self._resume()  # before the data: a state that cannot be resumed fails fast
+            self.windows = calibration_windows(tokenizer, data_dir, cfg.seqlen, cfg.windows, seed=cfg.seed)
+        except BaseException:
+            self.attached.detach()  # leave the model as it was
+            raise
 
     # ---- state -------------------------------------------------------------------------------
     def _resume(self) -> None:
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        """Continue from ``train_state.pt`` (size-checked ``torch.load(weights_only=True)``); a file that
+        cannot be resumed is one ValueError line naming it and what to do."""
+        from harness.files import load_torch_safe
+
+        path, todo = self.state_path, "delete it or use another --out"
+        bound = train_state_bound(sum(p.numel() * 4 for p in self.bank.parameters()), self.cfg.steps)
+        try:
+            state = load_torch_safe(path, bound)
+        except ValueError as e:
+            raise ValueError(f"cannot resume training: {e}; {todo}") from None
+        if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
+            raise ValueError(f"cannot resume training: {path} is not a MoQAE training state (keys); {todo}")
         if state["train_config"] != dataclasses.asdict(self.cfg):
-            raise ValueError(f"{self.state_path} was written with another configuration; use another --out")
-        self.bank.load_state_dict(state["routers"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.step, self.history, self.baseline = state["step"], state["history"], state["baseline"]
-        self.gen.set_state(state["generator"])
+            raise ValueError(f"{path} was written with another configuration; use another --out")
+        step, history, baseline, gen = state["step"], state["history"], state["baseline"], state["generator"]
+        ok = (
+            isinstance(step, int) and 0 <= step <= self.cfg.steps
+            and isinstance(history, list) and all(isinstance(r, dict) for r in history)
+            and isinstance(baseline, int | float)
+            and isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8
+            and isinstance(state["routers"], dict) and isinstance(state["optimizer"], dict)
+        )  # fmt: skip
+        try:
+            if not ok:
+                raise ValueError("fields of the wrong type")
+            self.bank.load_state_dict(state["routers"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.gen.set_state(gen)
+        except Exception as e:  # a foreign state dict: refuse it in one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ValueError(f"cannot resume training: {path} does not fit these routers ({reason}); {todo}") from None
+        self.step, self.history, self.baseline = step, history, float(baseline)
 
     def _save_state(self) -> None:
         _save_atomic(
             {
+                "format": STATE_FORMAT,
                 "routers": self.bank.state_dict(),
                 "optimizer": self.opt.state_dict(),
                 "step": self.step,
@@ -150,10 +214,11 @@ class RouterTrainer:
         )
 
     def checkpoint(self) -> dict:
-        c = self.method.config
+        c, info = self.method.config, self.info
+        config = {"experts": c.experts, "share": c.share, "router_width": c.router_width, "chunk": c.chunk}
         return {
             "routers": {k: v.detach().clone() for k, v in self.bank.state_dict().items()},
-            "config": {"experts": c.experts, "share": c.share, "router_width": c.router_width, "chunk": c.chunk},
+            "config": {**config, "hidden_size": info.hidden_size, "n_layers": info.n_layers},
             "lambda": self.cfg.lam,
             "signature": model_signature(self.info),
             "train_config": dataclasses.asdict(self.cfg),
@@ -260,10 +325,10 @@ class RouterTrainer:
             if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
                 self._save_state()
         bar.close()
-        path = self.out / "router.pt"
+        path = self.out / "router.safetensors"
         ckpt = self.checkpoint()
         ckpt["train_seconds_this_run"] = time.perf_counter() - t0
-        _save_atomic(ckpt, path)
+        save_router_checkpoint(path, ckpt.pop("routers"), ckpt)
         (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
         self.attached.detach()
         return path

@@ -189,7 +189,10 @@ def test_training_is_deterministic_and_resumes(stories, data_dir, tmp_path):
     resumed = _trainer(stories, data_dir, tmp_path / "b", steps=4)  # picks up at step 2
     assert resumed.step == 2
     path_b = resumed.train(progress=False)
-    ra, rb = torch.load(path_a)["routers"], torch.load(path_b)["routers"]
+    from safetensors.torch import load_file
+
+    assert path_a.name == "router.safetensors"
+    ra, rb = load_file(path_a), load_file(path_b)
     assert all(torch.allclose(ra[k], rb[k]) for k in ra)
     # the checkpoint loads as a method and routes
     method = build_method(f"moqae:chunk=8,share=2,ckpt={path_a}")

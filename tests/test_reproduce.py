@@ -85,7 +85,7 @@ def test_tiny_profile_end_to_end_with_failures_and_training(tmp_path, stories_di
     out, rep = tmp_path / "results", tmp_path / "report"
     s = reproduce(prof, out=out, report=rep, data_dir=data_dir, progress=False, log=lambda *_: None)
     assert _cells(s, "done", "prepare") == ["router moqae λ=0.5"]
-    assert (out / "routers").is_dir() and list((out / "routers").rglob("router.pt"))
+    assert (out / "routers").is_dir() and list((out / "routers").rglob("router.safetensors"))
     done = _cells(s, "done", "wikitext2")
     assert "fp16" in done and any(c.startswith("moqae:lam=0.5,ckpt=") for c in done)
     (failed,) = [o for o in s.failed]
