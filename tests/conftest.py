@@ -20,20 +20,59 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("MOQAE_DATA_DIR", SHARED / "data"))
 
 
+def has_shared_model() -> bool:
+    return (shared_models_dir() / "stories260K" / "config.json").exists()
+
+
+def has_shared_data() -> bool:
+    return (shared_data_dir() / "wikitext-2-raw" / "wiki.test.raw").exists()
+
+
+#: where the stand-ins are built once per machine (``tests/standin.py``; the version names the recipe)
+STANDIN_DIR = Path(os.environ.get("MOQAE_HARNESS_CACHE", Path.home() / ".cache" / "moqae-harness")) / "standin-v1"
+
+
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
+    """stories260K from the shared mirror; on a machine without it, the stand-in of the same shape
+    trained by ``tests/standin.py`` (built once, cached)."""
     path = shared_models_dir() / "stories260K"
-    if not (path / "config.json").exists():
-        pytest.skip(f"stories260K not found at {path} (set MOQAE_MODELS_DIR to the shared models folder)")
-    return path
+    if has_shared_model():
+        return path
+    from standin import standin_model
+
+    folder = STANDIN_DIR / "model"
+    if not (folder / "config.json").exists():
+        tmp = folder.with_name(f"model.tmp{os.getpid()}")
+        standin_model(tmp)
+        if not folder.exists():  # another process may have built it meanwhile
+            tmp.replace(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
+def data_dir(tmp_path_factory) -> Path:
+    """The shared data mirror; on a machine without it, a stand-in in its layout (``tests/standin.py``)."""
     path = shared_data_dir()
-    if not (path / "wikitext-2-raw" / "wiki.test.raw").exists():
-        pytest.skip(f"WikiText-2 mirror not found under {path} (set MOQAE_DATA_DIR to the shared data folder)")
-    return path
+    if has_shared_data():
+        return path
+    from standin import standin_data
+
+    return standin_data(tmp_path_factory.mktemp("standin-data"))
+
+
+@pytest.fixture
+def real_stories():
+    """Skip a test whose expectations are properties of the real stories260K (its greedy text...)."""
+    if not has_shared_model():
+        pytest.skip("checks the real stories260K (set MOQAE_MODELS_DIR to the shared models folder)")
+
+
+@pytest.fixture
+def real_data():
+    """Skip a test whose expectations are properties of the real datasets (a row's text...)."""
+    if not has_shared_data():
+        pytest.skip("checks the real mirror's data (set MOQAE_DATA_DIR to the shared data folder)")
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ def _first_prompt(task) -> tuple[str, list[str], int]:
     return task.doc_to_text(doc), task.doc_to_choice(doc), task.doc_to_target(doc)
 
 
-def test_spec_and_mirror_prompts(data_dir):
+def test_spec_and_mirror_prompts(data_dir, real_data):
     """The shipped overrides map the mirror's rows onto lm-eval's own prompts (checked by hand)."""
     task = build_task("lmeval:piqa,copa,limit=3")
     assert task.config.names == ["piqa", "copa"] and task.config.limit == 3

@@ -138,7 +138,7 @@ def test_spec_and_overrides():
     assert (args.limit, args.max_length) == (2, 300)
 
 
-def test_prompts_from_mirror_samples(data_dir):
+def test_prompts_from_mirror_samples(data_dir, real_data):
     trec = longbench_rows("trec", data_dir)[0]
     expected = (
         "Please determine the type of the question below. Here are some examples of questions.\n\n"
@@ -173,7 +173,7 @@ def test_mirror_rows_and_missing_data(data_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_middle_truncation_keeps_both_halves(stories):
+def test_middle_truncation_keeps_both_halves(stories, real_stories):
     _, tok = stories
     text = " ".join(f"Tim saw {i} red balls and a big dog in the park." for i in range(40))
     ids = tok(text).input_ids
@@ -191,7 +191,7 @@ def test_middle_truncation_keeps_both_halves(stories):
     assert truncate_middle(tok, "Once upon a time", 100) == ("Once upon a time", False)
 
 
-def test_truncation_fits_when_retokenizing_grows(stories):
+def test_truncation_fits_when_retokenizing_grows(stories, real_stories):
     """Cutting a byte-level Chinese text mid-character decodes to U+FFFD, which re-tokenizes longer:
     the halves shrink until the budget holds."""
     _, tok = stories
