@@ -25,7 +25,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 @pytest.fixture
-def world(tmp_path) -> dict[str, Path]:
+def world(tmp_path, stories_dir) -> dict[str, Path]:
     """Files the cases point at: a plain file, a folder without config.json, a WikiText-shaped mirror."""
     (tmp_path / "afile.txt").write_text("not a folder")
     (tmp_path / "empty_model").mkdir()
@@ -37,7 +37,8 @@ def world(tmp_path) -> dict[str, Path]:
     (data / "wikitext-2-raw" / "wiki.test.raw").write_text("\n".join(lines))
     (data / "wikitext-2").mkdir()
     (data / "wikitext-2" / "valid.txt").write_text("\n".join(lines))
-    return {"tmp": tmp_path, "file": tmp_path / "afile.txt", "nomodel": tmp_path / "empty_model", "data": data}
+    return {"tmp": tmp_path, "file": tmp_path / "afile.txt", "nomodel": tmp_path / "empty_model", "data": data,
+            "model": stories_dir}  # fmt: skip
 
 
 # (id, argv with {tmp} {file} {nomodel} {data} placeholders, a fragment the one line must contain)
@@ -216,17 +217,10 @@ def test_argument_errors_are_fast_in_a_fresh_process(argv):
 # --------------------------------------------------------------------------------------------
 
 
-def _model_name() -> str:
-    from conftest import shared_models_dir
-
-    stories = shared_models_dir() / "stories260K"
-    return str(stories) if (stories / "config.json").exists() else "smollm2-135m"
-
-
 def _run(world, out: Path, *methods: str, seqlen: int = 64, **kw):
     from harness.runner import run
 
-    return run(list(methods), [f"wikitext2:seqlen={seqlen},max_windows=2"], _model_name(), out,
+    return run(list(methods), [f"wikitext2:seqlen={seqlen},max_windows=2"], str(world["model"]), out,
                data_dir=world["data"], progress=False, log=lambda *_: None, **kw)  # fmt: skip
 
 
@@ -235,7 +229,7 @@ def test_window_longer_than_context_is_refused(world):
     from harness.interface import MethodSpecError
     from harness.models import context_length, load_model
 
-    context = context_length(load_model(_model_name())[0])
+    context = context_length(load_model(str(world["model"]))[0])
     with pytest.raises(MethodSpecError, match=f"longer than the context .* \\({context}\\)"):
         _run(world, world["tmp"] / "o", "fp16", seqlen=context + 1)
     assert not list((world["tmp"] / "o").glob("*.json")) if (world["tmp"] / "o").exists() else True

@@ -219,14 +219,6 @@ LAMBADA_ROWS = [  # EleutherAI/lambada_openai's schema: one "text" field, the la
 ]
 
 
-def _model_name() -> str:
-    """stories260K where the shared mirror has it (fast), else the embedded SmolLM2-135M."""
-    from conftest import shared_models_dir
-
-    stories = shared_models_dir() / "stories260K"
-    return str(stories) if (stories / "config.json").exists() else "smollm2-135m"
-
-
 def _offline_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -239,13 +231,13 @@ def lambada_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_run_any_task_offline_from_local_files(lambada_dir, tmp_path):
+def test_run_any_task_offline_from_local_files(lambada_dir, tmp_path, stories_dir):
     """``python -m harness run --tasks lmeval:lambada_openai --data-dir D`` offline for fp16 and int2:
     lm-eval's own task (prompt: the text minus its last word; metrics perplexity and acc)."""
     out = tmp_path / "runs"
     done = subprocess.run(
         [sys.executable, "-m", "harness", "run", "--methods", "fp16,int2", "--tasks", "lmeval:lambada_openai",
-         "--model", _model_name(), "--data-dir", str(lambada_dir), "--out", str(out), "--no-progress"],
+         "--model", str(stories_dir), "--data-dir", str(lambada_dir), "--out", str(out), "--no-progress"],
         env=_offline_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -268,13 +260,13 @@ def test_run_any_task_offline_from_local_files(lambada_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_moqae_lm_eval_cli_on_cpu_with_local_data(lambada_dir, tmp_path):
+def test_moqae_lm_eval_cli_on_cpu_with_local_data(lambada_dir, tmp_path, stories_dir):
     """``moqae-lm-eval`` defaults to this machine's device (lm-eval's own default is cuda:0) and runs
     ``--tasks`` from ``--data_dir`` offline."""
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "tasks.lmeval", "--model", "moqae-harness", "--model_args",
-         f"model={_model_name()},method=int:bits=4;group=8", "--tasks", "lambada_openai", "--data_dir",
+         f"model={stories_dir},method=int:bits=4;group=8", "--tasks", "lambada_openai", "--data_dir",
          str(lambada_dir), "--limit", "2", "--output_path", str(out)],
         env=_offline_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -62,16 +62,8 @@ def _wikitext_dir(tmp: Path) -> Path:
     return tmp
 
 
-def _model() -> str:
-    """stories260K where the shared mirror has it (fast), else the embedded SmolLM2-135M."""
-    from conftest import shared_models_dir
-
-    stories = shared_models_dir() / "stories260K"
-    return str(stories) if (stories / "config.json").exists() else "smollm2-135m"
-
-
 @pytest.mark.slow
-def test_example_plugin_lists_runs_and_reports(example_installed, tmp_path):
+def test_example_plugin_lists_runs_and_reports(example_installed, tmp_path, stories_dir):
     listed = _harness("list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
@@ -82,7 +74,7 @@ def test_example_plugin_lists_runs_and_reports(example_installed, tmp_path):
 
     data, out, rep = _wikitext_dir(tmp_path / "data"), tmp_path / "results", tmp_path / "report"
     run = _harness("run", "--methods", "fp16,keep64-int3,keep64-int3:keep=8,bits=2", "--tasks", "wikitext2",
-                   "--seqlen", "64", "--max-windows", "2", "--model", _model(), "--data-dir", str(data),
+                   "--seqlen", "64", "--max-windows", "2", "--model", str(stories_dir), "--data-dir", str(data),
                    "--out", str(out), "--no-progress", cwd=tmp_path)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     records = {r["method"]: r for r in (json.loads(p.read_text()) for p in out.glob("*.json"))}
