@@ -104,12 +104,17 @@ FISHER_GRAD = "cut"
 
 
 def _fp16_outward(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round a range to fp16 outwards, so every value inside [lower, upper] stays inside."""
+    """Round a range to fp16 outwards, so every value inside [lower, upper] stays inside; a finite end
+    beyond fp16's range (fp32 inputs) is clamped to ±65504 instead of becoming inf (values beyond it
+    then saturate at the range's end, as any value outside a static key range)."""
     lo16, hi16 = lower.to(torch.float16), upper.to(torch.float16)
     down = torch.nextafter(lo16, torch.full_like(lo16, -torch.inf))
     up = torch.nextafter(hi16, torch.full_like(hi16, torch.inf))
     lo16 = torch.where(lo16.double() > lower.double(), down, lo16)
     hi16 = torch.where(hi16.double() < upper.double(), up, hi16)
+    fmax = torch.finfo(torch.float16).max
+    lo16 = torch.where(torch.isfinite(lower), lo16.clamp(-fmax, fmax), lo16)
+    hi16 = torch.where(torch.isfinite(upper), hi16.clamp(-fmax, fmax), hi16)
     return lo16, hi16
 
 

@@ -45,7 +45,10 @@ the group (b_c = 1 where either maximum is 0). Keys are stored as k · b (both t
 with the same b), and ``read`` returns the dequantized keys ÷ b: equivalent to attending with q ÷ b
 and the balanced keys, so q·k is unchanged before quantization while the outlier channels of the keys
 shrink before per-token quantization. b is held in fp16 (counted as scales); without prefill queries
-(or ``balance=false``) b = 1 and nothing is stored.
+(or ``balance=false``) b = 1 and nothing is stored. fp16 range: a finite balanced key k · b beyond
+±65504 is stored saturated there (not as inf), and ``read`` saturates finite unbalanced keys k̂ ÷ b at
+the read dtype's maximum (the per-token grid of the balanced keys, divided by a smaller b_c, can land
+beyond the input's range: 6.9e4 measured for keys of ±65504); no value within that range changes.
 
 Memory accounting: tiers by their codes/scales or fp16 tokens; b under ``scales``; the tier mask
 (1 byte per token per head) and the high tier's fp32 importance scores under ``router`` (the
@@ -118,6 +121,16 @@ def _take_q(q: QuantizedTensor, idx: torch.Tensor) -> QuantizedTensor:
     """Per-head token selection of a per-token (axis=-1) quantized tensor: codes and ranges move together."""
     zero = None if q.zero is None else _take(q.zero, idx)
     return QuantizedTensor(_take(q.codes, idx), _take(q.scale, idx), zero, q.bits, q.axis, q.group)
+
+
+def saturate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` with finite values beyond ``dtype``'s range clamped to ±its maximum (inf and NaN kept), so a
+    cast to ``dtype`` overflows only where ``x`` already was infinite; ``x`` itself where ``dtype``
+    holds every value of ``x``'s dtype."""
+    fmax = torch.finfo(dtype).max
+    if fmax >= torch.finfo(x.dtype).max:
+        return x
+    return torch.where(torch.isinf(x), x, x.clamp(-fmax, fmax))
 
 
 def group_heads(x: torch.Tensor, n_kv_heads: int, reduce: str) -> torch.Tensor:
@@ -273,7 +286,7 @@ class MiKVStore(LayerStore):
         prefill = self.length == 0
         if prefill and self.cfg.balance and obs.queries is not None:
             self.balancer = balance_factors(obs.queries, keys)
-        k = keys.float() * self.balancer.float() if self.balancer is not None else keys  # balanced keys
+        k = saturate(keys.float() * self.balancer.float(), torch.float16) if self.balancer is not None else keys
         if prefill and obs.queries is not None:
             # the prefill's attention, from the full-precision queries and keys, decides the tiers now
             probs = attention_probs(obs.queries, keys, None, self.scaling)  # [B, H, T, T]
@@ -357,7 +370,7 @@ class MiKVStore(LayerStore):
                 continue
             index = pos.unsqueeze(-1).expand(*pos.shape, d)
             if self.balancer is not None:
-                k = k / self.balancer.float()  # undo the balancing: q·(k̃ / b) = (q / b)·k̃
+                k = saturate(k / self.balancer.float(), dtype)  # undo the balancing: q·(k̃ / b) = (q / b)·k̃
             out_k.scatter_(TOKEN_DIM, index, k.to(dtype))
             out_v.scatter_(TOKEN_DIM, index, v.to(dtype))
         return out_k, out_v

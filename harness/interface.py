@@ -93,12 +93,14 @@ class MemoryReport:
     ``payload_bits`` is the sum over stored K/V elements of their payload bit-width (codes: their
     bits; elements kept in full precision: 16). nominal bits = payload_bits / elements (the papers'
     convention, e.g. MoQAE's 4.13); effective bits = 8 · all bytes / elements (codes, scales/zeros,
-    full-precision tokens, outliers with their indices, router state).
+    full-precision tokens, outliers with their indices, router state). ``nonfinite_kv``: NaN / ±inf
+    key and value elements appended (set by ``HarnessCache.memory``; 0 for a store's own report).
     """
 
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     payload_bits: float = 0.0
     elements: int = 0
+    nonfinite_kv: int = 0
 
     def add(self, category: str, nbytes: int) -> None:
         if category not in CATEGORIES:
@@ -110,6 +112,7 @@ class MemoryReport:
             self.bytes[k] = self.bytes.get(k, 0) + v
         self.payload_bits += other.payload_bits
         self.elements += other.elements
+        self.nonfinite_kv += other.nonfinite_kv
         return self
 
     @property
@@ -131,6 +134,7 @@ class MemoryReport:
             "elements": self.elements,
             "nominal_bits": self.nominal_bits,
             "effective_bits": self.effective_bits,
+            "nonfinite_kv": self.nonfinite_kv,
         }
 
 

@@ -23,6 +23,17 @@ Scale and zero-point are stored in fp16 (the papers' convention) and the codes a
 the *stored* fp16 values, so dequantization reproduces exactly what was accounted for.
 Rounding is ``torch.round`` (round half to even). A constant group has s = 0: every code is 0 and
 x̂ = min, exact up to the fp16 rounding of min (exact for fp16 inputs); no NaN is produced.
+
+fp16 range (``fit_asymmetric`` / ``fit_symmetric``): s and z are computed in fp32; a group with
+finite values whose fp16 s or z would overflow or flush to zero is clamped into fp16 instead (no
+fp32 metadata, so bytes, layouts and kernels stay as they are): values beyond ±65504 (fp32 inputs)
+saturate there; a 1-bit range wider than 65504 gets s = 65504 with the two levels centred in the
+range; a nonzero s below fp16's smallest step becomes 2^-24 (error ≤ the fp16 rounding of the
+values, as fp16 storage); where the rounded-up s would put the top level z + (2^b − 1)·s (±qmax·s
+symmetric) above 65504, so that an fp16 read overflows, s is one fp16 step smaller. Only such
+groups change: for fp16 inputs, a group within a rounding of ±65504, a 1-bit range wider than 65504,
+or a range below 2^-25·(2^b − 1) (a few subnormal steps); every other group keeps the values above
+bit for bit. Groups holding inf or NaN are not touched (``HarnessCache`` counts them).
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ SUPPORTED_BITS = (2, 4, 8)
 PACK_BITS = (1, 2, 4, 8)  # byte-aligned packing (pack_bits / unpack_to_float)
 QUANT_BITS = (1, 2, 3, 4, 8)  # what ``quantize`` stores (3-bit: 8 codes in 3 bytes)
 META_DTYPE = torch.float16
+META_MAX = float(torch.finfo(META_DTYPE).max)  # 65504
+META_STEP = 2.0**-24  # the smallest positive fp16 (subnormal)
 
 
 def _check_bits(bits: int, accepted: tuple[int, ...] = PACK_BITS) -> None:
@@ -208,6 +221,50 @@ def _grouped(x: torch.Tensor, axis: int, group: int) -> tuple[torch.Tensor, int]
     return x.reshape(x.shape[:ax] + (n // group, group) + x.shape[ax + 1 :]), ax
 
 
+def _step_down(scale: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """``scale`` (fp16, > 0 where it matters) one fp16 step smaller where the top level ``top`` (fp32) is
+    above fp16's maximum: the bit pattern minus one (``nextafter`` lacks fp16 on some torch builds)."""
+    smaller = (scale.view(torch.int16) - 1).view(META_DTYPE)
+    return torch.where(top > META_MAX, smaller, scale)
+
+
+def fit_asymmetric(lo: torch.Tensor, hi: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (zero, scale) of groups with fp32 range [lo, hi]: z = fp16(lo), s = fp16((hi − z) / qmax), except
+    groups of finite values where fp16 breaks (an infinite z or s, a nonzero s flushed to 0, a top level
+    z + qmax·s above 65504), which get the clamped grid of the module docstring."""
+    zero = lo.to(META_DTYPE)
+    exact = (hi - zero.float()) / qmax
+    scale = exact.to(META_DTYPE)
+    top = zero.float() + qmax * scale.float()
+    broken = ~torch.isfinite(zero) | ~torch.isfinite(top) | (top > META_MAX) | ((exact > 0) & (scale == 0))
+    broken &= torch.isfinite(lo) & torch.isfinite(hi)
+    # the clamped grid (computed for every group, kept only where fp16 breaks: no host sync)
+    lo_c, hi_c = lo.clamp(-META_MAX, META_MAX), hi.clamp(-META_MAX, META_MAX)
+    s_c = (hi_c - lo_c.to(META_DTYPE).float()) / qmax
+    wide = s_c > META_MAX  # 1-bit only: the range is wider than fp16 can step
+    s_c = s_c.clamp(max=META_MAX)
+    z_c = torch.where(wide, (lo_c + hi_c) / 2 - s_c * (qmax / 2), lo_c).to(META_DTYPE)  # wide: levels centred
+    s16 = s_c.to(META_DTYPE)
+    s16 = torch.where((s_c > 0) & (s16 == 0), torch.full_like(s16, META_STEP), s16)
+    s16 = _step_down(s16, z_c.float() + qmax * s16.float())
+    return torch.where(broken, z_c, zero), torch.where(broken, s16, scale)
+
+
+def fit_symmetric(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """fp16 scale of groups with fp32 max |x| ``amax``: s = fp16(amax / qmax), except groups of finite values
+    where fp16 breaks (an infinite s, a nonzero s flushed to 0, a top level qmax·s above 65504), which get
+    the clamped scale of the module docstring."""
+    exact = amax / qmax
+    scale = exact.to(META_DTYPE)
+    top = qmax * scale.float()
+    broken = (~torch.isfinite(top) | (top > META_MAX) | ((exact > 0) & (scale == 0))) & torch.isfinite(amax)
+    s_c = amax.clamp(max=META_MAX) / qmax
+    s16 = s_c.to(META_DTYPE)
+    s16 = torch.where((s_c > 0) & (s16 == 0), torch.full_like(s16, META_STEP), s16)
+    s16 = _step_down(s16, qmax * s16.float())
+    return torch.where(broken, s16, scale)
+
+
 def quantize(x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: bool = False) -> QuantizedTensor:
     """Quantize ``x`` in groups of ``group`` consecutive elements along ``axis``.
 
@@ -222,8 +279,7 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: 
     gax = ax + 1  # index of the within-group axis
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        amax = xg.abs().amax(dim=gax)
-        scale = (amax / qmax).to(META_DTYPE)
+        scale = fit_symmetric(xg.abs().amax(dim=gax), qmax)
         s = scale.float().unsqueeze(gax)
         safe = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.clamp(torch.round(xg / safe), -qmax, qmax) + 2 ** (bits - 1)
@@ -231,10 +287,7 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: int = -1, symmetric: 
         zero = None
     else:
         qmax = 2**bits - 1
-        lo = xg.amin(dim=gax)
-        hi = xg.amax(dim=gax)
-        zero = lo.to(META_DTYPE)
-        scale = ((hi - zero.float()) / qmax).to(META_DTYPE)
+        zero, scale = fit_asymmetric(xg.amin(dim=gax), xg.amax(dim=gax), qmax)
         s = scale.float().unsqueeze(gax)
         z = zero.float().unsqueeze(gax)
         safe = torch.where(s > 0, s, torch.ones_like(s))

@@ -80,8 +80,11 @@ def _harness_lm_class() -> type:
             self.attached = attached
             self.last_cache = None
             self.forwards = 0
+            self.nonfinite_kv = 0
 
         def _new_cache(self):
+            if self.last_cache is not None:  # non-finite K/V counted over every request's cache
+                self.nonfinite_kv += self.last_cache.nonfinite_kv
             self.last_cache = self.attached.new_cache()
             self.forwards += 1
             return self.last_cache
@@ -224,7 +227,9 @@ class LMEval(Task):
         samples = [sample_row(name, row) for name, rows in out.get("samples", {}).items() for row in rows]
         return {
             "metrics": metrics,
-            "kv": lm.last_cache.memory().as_dict() if lm.last_cache is not None else None,
+            "kv": None
+            if lm.last_cache is None
+            else {**lm.last_cache.memory().as_dict(), "nonfinite_kv": lm.nonfinite_kv + lm.last_cache.nonfinite_kv},
             "samples": samples,
             "documents": {n: len(out.get("samples", {}).get(n, [])) for n in self.config.names},
             "data_sources": {n: cfg.get("dataset_kwargs", {}).get("data_files") for n, cfg in written.items()},

@@ -91,7 +91,7 @@ class WikiText2(Task):
     def evaluate(self, ctx: TaskContext) -> dict:
         windows = token_windows(self.token_ids(ctx), self.config.seqlen, self.config.max_windows)
         device = next(ctx.model.parameters()).device
-        total_nll, total_tokens, memory, layer_stats = 0.0, 0, None, None
+        total_nll, total_tokens, memory, layer_stats, nonfinite = 0.0, 0, None, None, 0
         start = time.perf_counter()
         bar = tqdm(windows, desc=f"wikitext2 {ctx.attached.method.label}", disable=not ctx.progress, leave=False)
         for window in bar:
@@ -101,11 +101,13 @@ class WikiText2(Task):
             nll, n = window_nll(logits, ids)
             total_nll, total_tokens = total_nll + nll, total_tokens + n
             memory = cache.memory()
+            nonfinite += memory.nonfinite_kv
             layer_stats = add_stats(layer_stats, cache.layer_stats())
             bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
         return {
             "metrics": {"ppl": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens},
-            "kv": memory.as_dict(),  # one window's cache (all windows have seqlen tokens)
+            # one window's cache (all windows have seqlen tokens); non-finite K/V counted over all windows
+            "kv": {**memory.as_dict(), "nonfinite_kv": nonfinite},
             "windows": len(windows),
             "tokens": total_tokens,
             "eval_seconds": time.perf_counter() - start,

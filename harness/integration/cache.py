@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -22,6 +23,7 @@ from harness.interface import (
 
 SERVED_LAYER_TYPES = ("full_attention", "sliding_attention")
 HARNESS_ATTENTION = "moqae_harness"
+_log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,17 +122,57 @@ class _SignalBoard:
         return self.pending.pop(layer_idx, {})
 
 
+class _NonFinite:
+    """Non-finite (NaN / ±inf) K/V elements appended to one cache, per layer; one warning per cache.
+
+    A method stores whatever it is given (nothing raises), so a NaN spreads through its scales and
+    every later read; this count makes it visible (``HarnessCache.memory().nonfinite_kv``, the
+    records' ``kv``). Per append: one fp32 sum of the keys and one of the values, checked for
+    finiteness (a NaN or inf anywhere makes the sum non-finite; an fp32 overflow of the sum of finite
+    values only costs the exact count, which is computed only then), i.e. one host sync per append.
+    """
+
+    def __init__(self, n_layers: int, label: str):
+        self.per_layer = [0] * n_layers
+        self.label = label
+        self.warned = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_layer)
+
+    def check(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Count the non-finite elements of ``keys`` / ``values`` [B, H_kv, T, D] appended to ``layer_idx``."""
+        with torch.no_grad():
+            if bool(torch.isfinite(keys.sum(dtype=torch.float32) + values.sum(dtype=torch.float32))):
+                return
+            n = int((~torch.isfinite(keys)).sum()) + int((~torch.isfinite(values)).sum())
+        if n == 0:
+            return
+        self.per_layer[layer_idx] += n
+        if not self.warned:
+            self.warned = True
+            _log.warning(
+                f"{self.label}: {n} non-finite key/value element(s) (NaN or inf) appended to layer {layer_idx}; "
+                "the cache stores them as given (counted in kv.nonfinite_kv; this warning is shown once per cache)"
+            )
+
+
 class HarnessLayer(DynamicLayer):
     """A transformers cache layer whose storage is a method's ``LayerStore``.
 
-    ``keys`` / ``values`` stay None: the store is the only holder of the history.
+    ``keys`` / ``values`` stay None: the store is the only holder of the history. Every append is
+    checked for non-finite elements (``nonfinite``: the cache's counter, None = no check).
     """
 
-    def __init__(self, store: LayerStore, quantize_prefill: bool, board: _SignalBoard):
+    def __init__(
+        self, store: LayerStore, quantize_prefill: bool, board: _SignalBoard, nonfinite: _NonFinite | None = None
+    ):
         super().__init__()
         self.store = store
         self.quantize_prefill = quantize_prefill
         self.board = board
+        self.nonfinite = nonfinite
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -153,6 +195,8 @@ class HarnessLayer(DynamicLayer):
             is_prefill=start == 0,
         )
         dtype = key_states.dtype
+        if self.nonfinite is not None:
+            self.nonfinite.check(self.store.layer_idx, key_states, value_states)
         if self.board.from_codes and n_new == 1 and start > 0:
             # Decode step: the store attends from what it holds (``_harness_attention`` calls
             # ``store.attend``); the returned tensors are placeholders that attention never reads.
@@ -210,8 +254,10 @@ class HarnessCache(Cache):
     def __init__(self, method: KVCacheMethod, info: ModelInfo, board: _SignalBoard):
         self.method = method
         self.state = method.new_cache_state()
+        self._nonfinite = _NonFinite(info.n_layers, method.label)
         layers = [
-            HarnessLayer(method.new_layer_store(i, info), method.quantize_prefill, board) for i in range(info.n_layers)
+            HarnessLayer(method.new_layer_store(i, info), method.quantize_prefill, board, self._nonfinite)
+            for i in range(info.n_layers)
         ]
         for layer in layers:
             layer.store.cache_state = self.state
@@ -225,11 +271,17 @@ class HarnessCache(Cache):
     def layer_stats(self) -> list[dict[str, list[float]]]:
         return [store.stats() for store in self.stores]
 
+    @property
+    def nonfinite_kv(self) -> int:
+        """Non-finite (NaN / ±inf) key and value elements appended so far, all layers."""
+        return self._nonfinite.total
+
     def memory(self) -> MemoryReport:
-        """Bytes really held by every layer's store, summed."""
+        """Bytes really held by every layer's store, summed, with the non-finite K/V elements appended."""
         total = MemoryReport()
         for store in self.stores:
             total += store.memory()
+        total.nonfinite_kv = self.nonfinite_kv
         return total
 
     def read_bytes(self) -> int:
