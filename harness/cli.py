@@ -111,11 +111,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         limit=args.limit,
         max_length=args.max_length,
         calibration_windows=args.calibration_windows,
+        dry_run=args.dry_run,
     )
+    if args.dry_run:
+        print(f"dry run: {len(summary.planned)} cell(s) to compute, {len(summary.skipped)} already done")
+        return 0
     paths = summary.done + summary.skipped
     if paths:
         print(results_table(paths))
-    print(f"summary: {len(summary.done)} done, {len(summary.skipped)} skipped, {len(summary.failed)} failed")
+    claimed = f", {len(summary.claimed)} claimed by another process" if summary.claimed else ""
+    print(f"summary: {len(summary.done)} done, {len(summary.skipped)} skipped, {len(summary.failed)} failed{claimed}")
     for path, reason in summary.failed:
         print(f"  failed: {path.name}: {reason}")
     return 1 if summary.failed else 0
@@ -142,7 +147,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     summary = reproduce(
         args.profile, out=args.out, report=args.report, data_dir=args.data_dir,
         models=split_specs(args.models) or None, device=args.device, dtype=args.dtype,
-        calibration_windows=args.calibration_windows, progress=not args.no_progress,
+        calibration_windows=args.calibration_windows, progress=not args.no_progress, dry_run=args.dry_run,
     )  # fmt: skip
     print(summary.text())
     return 1 if summary.failed else 0
@@ -228,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-windows", type=positive_int, default=16, help="windows methods that calibrate use (16)"
     )
     r.add_argument("--force", action="store_true", help="recompute records that already exist")
+    r.add_argument("--dry-run", action="store_true", help="check everything, list the cells; compute nothing")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(fn=_cmd_run)
     rep = sub.add_parser("report", help="every table and plot of run records and profile files, README.md index")
@@ -248,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--dtype", default=None)
     rp.add_argument("--calibration-windows", type=positive_int, default=None, help="instead of the profile's value")
     rp.add_argument("--list-profiles", action="store_true", help="list the shipped profiles")
+    rp.add_argument("--dry-run", action="store_true", help="check everything, list the cells; compute nothing")
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(fn=_cmd_reproduce)
     prof = sub.add_parser("profile", help="prefill / decode latency, KV bytes, peak memory, ratios to a reference")

@@ -17,6 +17,8 @@
   and dicts and runs nothing from the file. ``save_safetensors_atomic`` / ``load_safetensors_safe``
   write and read a flat ``{name: tensor}`` file with string metadata (size-checked the same way).
   Every refusal is a ``ValueError`` with a one-line reason naming the file.
+* ``claim`` / ``release``: a ``<record>.claim`` file created exclusively, so that two processes on
+  one results folder never compute the same cell (a dead process's claim is taken over).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import io
 import json
 import os
 import pickle
+import socket
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -230,3 +234,55 @@ def load_calibration(path: Path) -> Any | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# Claims: two processes on one results folder never compute the same cell
+# --------------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(path: Path) -> bool:
+    """Claim the cell whose record is ``path``: ``<path>.claim`` created exclusively, holding this
+    process's host and pid. False when another live process on this host holds it; a claim left by
+    a process that died (or on another host, after a day) is taken over."""
+    lock = path.with_name(path.name + ".claim")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(lock.read_text())
+                same_host = held.get("host") == me["host"]
+                live = _alive(int(held["pid"])) if same_host else time.time() - float(held["time"]) < 86400
+            except (OSError, ValueError, KeyError, TypeError):
+                live = False  # unreadable: a torn claim, take it over
+            if live:
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def release(path: Path) -> None:
+    """Drop this process's claim on ``path`` (see :func:`claim`)."""
+    lock = path.with_name(path.name + ".claim")
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass

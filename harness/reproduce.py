@@ -203,7 +203,7 @@ class Outcome:
     stage: str
     model: str
     cell: str
-    status: str  # done | skipped | failed
+    status: str  # done | skipped | failed | planned (--dry-run)
     path: Path | None = None
     reason: str = ""
 
@@ -237,10 +237,11 @@ class ReproduceSummary:
         head = (
             f"summary (profile {self.profile}, {self.seconds / 60:.1f} min): {len(self.done)} done, "
             f"{len(self.skipped)} skipped, {len(self.failed)} failed"
+            + (f", {len(self.of('planned'))} to compute (dry run)" if self.of("planned") else "")
         )
         lines = [head]
         for stage in dict.fromkeys(o.stage for o in self.outcomes):
-            for status in ("done", "skipped", "failed"):
+            for status in ("done", "skipped", "planned", "failed"):
                 cells = [o for o in self.outcomes if o.stage == stage and o.status == status]
                 if cells:
                     lines.append(f"  {stage:<10} {status:<8} {len(cells):>3}: " + ", ".join(o.cell for o in cells))
@@ -344,6 +345,8 @@ def run_stage(
         summary.add(stage.name, model, cell(p), "skipped", p)
     for p, reason in s.failed:
         summary.add(stage.name, model, cell(p), "failed", p, reason)
+    for p in s.claimed:
+        summary.add(stage.name, model, cell(p), "skipped", p, "being computed by another process")
     return [*s.done, *s.skipped, *(p for p, _ in s.failed)]
 
 
@@ -427,6 +430,36 @@ def profile_stage(
     return path
 
 
+def dry_run_profile(
+    prof: Profile, models: list[str], out: Path, data_dir: Any, device: str | None, dtype: str | None,
+    cw: int | None, summary: ReproduceSummary, log: Any,
+) -> ReproduceSummary:  # fmt: skip
+    """``reproduce --dry-run``: every run cell (done or to do), the prepare steps, the profile stage."""
+    from harness.interface import build_method
+    from harness.runner import CALIBRATION_WINDOWS, run
+
+    log(f"profile {prof.name}: {prof.description or '(no description)'}")
+    for model in models:
+        for spec, _ in prof.prepare.items():
+            log(f"prepare  {spec} on {model} (skipped when a router ships for the model or one was trained)")
+        for stage in prof.runs:
+            log(f"== {stage.name}: {model}")
+            methods = [m for m in stage.methods if not build_method(m).needs_prepare()]
+            later = [m for m in stage.methods if m not in methods]
+            s = run(methods, stage.tasks, model, out, data_dir=data_dir, device=device, dtype=dtype, log=log,
+                    calibration_windows=cw or CALIBRATION_WINDOWS, dry_run=True, **stage.options)  # fmt: skip
+            for p in s.skipped:
+                summary.add(stage.name, model, p.stem, "skipped", p)
+            for p in s.planned:
+                summary.add(stage.name, model, p.stem, "planned", p)
+            for m in later:
+                log(f"todo  {m} / {', '.join(stage.tasks)} (after its prepare step)")
+                summary.add(stage.name, model, m, "planned")
+    if prof.profile:
+        log(f"profile stage: {', '.join(prof.profile.methods)} x contexts {prof.profile.contexts}")
+    return summary
+
+
 def preflight_profile(
     prof: Profile, models: list[str], prof_models: list[str], data_dir: Any, device: str | None, out: Path,
     report_dir: Path,
@@ -489,9 +522,11 @@ def reproduce(
     calibration_windows: int | None = None,
     progress: bool = True,
     log: Any = print,
+    dry_run: bool = False,
 ) -> ReproduceSummary:
     """Run a profile (see the module docstring); defaults: ``results/reproduce/<name>`` and
-    ``reports/reproduce/<name>``."""
+    ``reports/reproduce/<name>``. ``dry_run``: check everything, list the cells (done / todo) and the
+    profile's own cost estimate; load and compute nothing."""
     from harness.reports import write_report
     from harness.runner import invocation
 
@@ -506,6 +541,8 @@ def reproduce(
     files: list[Path] = []
     prof_models = (prof.profile.models or models) if prof.profile else []
     preflight_profile(prof, models, prof_models, data_dir, device, out, report_dir)
+    if dry_run:
+        return dry_run_profile(prof, models, out, data_dir, device, dtype, cw, summary, log)
     for model in dict.fromkeys([*models, *prof_models]):
         specs = [m for r in prof.runs for m in r.methods] if model in models else []
         if prof.profile and model in prof_models:

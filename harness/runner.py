@@ -27,17 +27,24 @@ from harness.data import MissingDataError, resolve_data_dir, wikitext2_calibrati
 from harness.data import calibration_windows as calibration_batches
 from harness.env import environment
 from harness.evaluation import Task, TaskContext, build_task
-from harness.files import write_json_atomic, write_text_atomic  # re-exported: cli, reports, reproduce import them here
+from harness.files import (  # re-exported: cli, reports, reproduce import them here
+    claim,
+    release,
+    write_json_atomic,
+    write_text_atomic,
+)
 from harness.integration import AttachedMethod, model_info
 from harness.interface import KVCacheMethod, MethodSpecError, UnsupportedModelError, build_method
 from harness.models import (
     ModelLoadError,
     check_model_source,
     context_length,
+    default_dtype,
     is_random_weights,
     load_model,
     model_id,
     parse_device,
+    parse_dtype,
 )
 
 #: calibration windows (of the task's seqlen, from the calibration split) for methods that calibrate
@@ -169,6 +176,8 @@ class RunSummary:
     done: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    claimed: list[Path] = field(default_factory=list)  # being computed by another process
+    planned: list[Path] = field(default_factory=list)  # --dry-run: cells a run would compute
 
 
 def build_all(methods: list[str], tasks: list[str], **task_overrides: Any) -> tuple[list[KVCacheMethod], list[Task]]:
@@ -206,9 +215,11 @@ def run(
     log: Any = print,
     calibration_windows: int = CALIBRATION_WINDOWS,
     skip_unsupported: bool = False,
+    dry_run: bool = False,
     **task_overrides: Any,
 ) -> RunSummary:
-    """``skip_unsupported``: a method the model cannot run (``check_model`` fails: a group that does
+    """``dry_run``: check everything, list the cells (done / todo), load and compute nothing.
+    ``skip_unsupported``: a method the model cannot run (``check_model`` fails: a group that does
     not divide head_dim, no MoQAE router for this model) gets failed records with the reason and the
     sweep goes on with the others; without it (the CLI) the whole run stops before any work."""
     if calibration_windows < 1:
@@ -219,11 +230,22 @@ def run(
     refused = [t.name for t in task_objs if t.refuses_random_weights]
     if is_random_weights(model) and refused:
         raise MethodSpecError(f"{model} has random weights: {', '.join(refused)} is never reported for it")
-    parse_device(device)
+    dev = parse_device(device)
     check_out_dir(out)
     problems = preflight(method_objs, task_objs, model, data)
     if problems:
         raise MissingDataError(" | ".join(problems))
+    if dry_run:  # the cells and what is already there; no model is loaded
+        dtype_name = str(parse_dtype(dtype) or default_dtype(dev)).removeprefix("torch.")
+        summary = RunSummary()
+        for method in method_objs:
+            for task in task_objs:
+                key = record_key(model_id(model), dtype_name, dev.type, method, task, calibration_windows)
+                path = record_path(out, key, method.label)
+                done = not force and is_complete(load_record(path), key)
+                (summary.skipped if done else summary.planned).append(path)
+                log(f"{'done' if done else 'todo'}  {method.label} / {task.label} -> {path}")
+        return summary
     t0 = time.perf_counter()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     load_seconds = time.perf_counter() - t0
@@ -263,6 +285,9 @@ def run(
             if is_complete(rec, key):
                 summary.skipped.append(path)
                 log(f"skip {path.name} (exists)")
+            elif not claim(path):  # another process on this results folder computes it right now
+                summary.claimed.append(path)
+                log(f"skip {path.name} (claimed by another process)")
             else:
                 if rec is not None and rec.get("status") == "done":
                     log(f"recompute {path.name}: not a complete record of this cell")
@@ -271,6 +296,8 @@ def run(
             continue
         calib_seconds = 0.0
         with ExitStack() as stack:
+            for _, _, path in todo:  # claims end with the method, however it ends
+                stack.callback(release, path)
             try:  # a method that cannot attach or calibrate (a bad router file...) fails its cells only
                 attached = stack.enter_context(AttachedMethod(lm, method))
                 if method.needs_calibration:

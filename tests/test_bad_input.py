@@ -281,3 +281,37 @@ def test_cli_module_keeps_heavy_imports_lazy():
     code = "import sys, harness.cli, harness.registry, harness.builtins; print(sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules))"  # noqa: E501
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert done.stdout.strip() == "[]", done.stderr
+
+
+@pytest.mark.slow
+def test_a_cell_claimed_by_a_live_process_is_left_to_it(world):
+    """Two processes on one --out: a cell another live process claimed is skipped, a dead process's
+    claim is taken over, and no claim file is left behind."""
+    import socket
+
+
+    out = world["tmp"] / "o"
+    first = _run(world, out, "fp16", "int4")
+    assert len(first.done) == 2
+    fp16, int4 = sorted(first.done, key=lambda p: "__int4__" in p.name)
+    for p in first.done:
+        p.unlink()
+    host = socket.gethostname()
+    (fp16.parent / (fp16.name + ".claim")).write_text(json.dumps({"host": host, "pid": 1, "time": time.time()}))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (int4.parent / (int4.name + ".claim")).write_text(json.dumps({"host": host, "pid": int(dead.stdout), "time": 0}))
+    s = _run(world, out, "fp16", "int4")
+    assert s.claimed == [fp16] and s.done == [int4]  # pid 1 lives: its cell is left to it
+    assert not fp16.exists() and int4.exists()
+    assert (fp16.parent / (fp16.name + ".claim")).exists()  # not ours: kept
+    assert not (int4.parent / (int4.name + ".claim")).exists()  # ours: released
+
+
+@pytest.mark.slow
+def test_dry_run_lists_the_cells_and_computes_nothing(world):
+    out = world["tmp"] / "o"
+    (done,) = _run(world, out, "fp16").done
+    before = sorted(out.iterdir())
+    s = _run(world, out, "fp16", "int4", dry_run=True)
+    assert s.skipped == [done] and len(s.planned) == 1 and "__int4__" in s.planned[0].name
+    assert not s.done and sorted(out.iterdir()) == before  # nothing loaded, nothing written
