@@ -292,7 +292,7 @@ def test_all_high_precision_equals_fp16():
     assert torch.equal(out, ref)
 
 
-def test_mikv_16_8_perplexity_close_to_fp16(stories, data_dir):
+def test_mikv_16_8_perplexity_close_to_fp16(real_stories, stories, data_dir):
     ppl = wikitext_ppl(stories, data_dir, ["fp16", "mikv:high=16,low=8", "mikv"])
     assert ppl["mikv:high=16,low=8"] == pytest.approx(ppl["fp16"], rel=5e-3)
     assert ppl["mikv"] > ppl["mikv:high=16,low=8"]

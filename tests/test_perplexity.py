@@ -23,7 +23,7 @@ def test_window_nll_by_hand():
     assert n == 2 and nll == pytest.approx(2 * torch.log(torch.tensor(4.0)).item())
 
 
-def test_ppl_order(ppl_results):
+def test_ppl_order(real_stories, ppl_results):
     """Fewer bits, higher perplexity. On this tiny TinyStories model, WikiText-2 is far out of
     distribution and INT8 lands within noise of FP16 (measured 93.64 vs 94.02 at 4 x 256 tokens):
     INT8 is checked to be within 1 % of FP16, the rest strictly ordered."""

@@ -227,7 +227,7 @@ def test_refusals():
         build_method("qoq:bits=3")
 
 
-def test_stories_perplexity_between_fp16_and_int2(stories, data_dir):
+def test_stories_perplexity_between_fp16_and_int2(real_stories, stories, data_dir):
     ppl = wikitext_ppl(stories, data_dir, ("fp16", "int4", "int2", "qoq"))
     print("stories260K wikitext2 ppl (4 x 256):", {k: round(v, 3) for k, v in ppl.items()})
     assert ppl["fp16"] < ppl["qoq"] < ppl["int2"]
