@@ -289,7 +289,6 @@ def test_a_cell_claimed_by_a_live_process_is_left_to_it(world):
     claim is taken over, and no claim file is left behind."""
     import socket
 
-
     out = world["tmp"] / "o"
     first = _run(world, out, "fp16", "int4")
     assert len(first.done) == 2
