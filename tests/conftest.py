@@ -41,9 +41,9 @@ def stories_dir() -> Path:
         return path
     from standin import standin_model
 
-    folder = STANDIN_DIR / "model"
+    folder = STANDIN_DIR / "stories260K"  # the same folder name: model ids in records and reports match
     if not (folder / "config.json").exists():
-        tmp = folder.with_name(f"model.tmp{os.getpid()}")
+        tmp = folder.with_name(f"stories260K.tmp{os.getpid()}")
         standin_model(tmp)
         if not folder.exists():  # another process may have built it meanwhile
             tmp.replace(folder)

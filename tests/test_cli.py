@@ -56,7 +56,7 @@ def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
     assert "Traceback" not in err
 
 
-def test_group_not_dividing_head_dim_exits_2(capsys, stories_dir, tmp_path):
+def test_group_not_dividing_head_dim_exits_2(capsys, stories_dir, data_dir, tmp_path):
     # stories260K has head_dim 8
     code, out, err = _run_cli(
         capsys,
@@ -67,6 +67,8 @@ def test_group_not_dividing_head_dim_exits_2(capsys, stories_dir, tmp_path):
         str(stories_dir),
         "--seqlen",
         "256",
+        "--data-dir",
+        str(data_dir),
         "--out",
         str(tmp_path),
     )
