@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.builtins import DEFAULT_TASK, REFERENCE_METHOD
-from harness.registry import MethodSpecError, Registry
+from harness.registry import METHODS, TASKS, MethodSpecError, Registry
 
 EXIT_USAGE = 2
 
@@ -283,6 +283,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run" and not args.tasks:
         args.tasks = [DEFAULT_TASK]
+    try:  # names first, before torch is imported: a typo costs a fraction of a second, not the imports
+        METHODS.check_names(getattr(args, "methods", None))
+        TASKS.check_names(getattr(args, "tasks", None), bare_items=True)
+        if args.command == "profile":
+            METHODS.check_names([args.reference])
+    except MethodSpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     from harness.data import MissingDataError
     from harness.models import ModelLoadError
 

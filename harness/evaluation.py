@@ -14,9 +14,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from harness import registry as _registry
 from harness.integration import AttachedMethod
 from harness.interface import MethodConfig
-from harness.registry import Registry, Variant
+from harness.registry import Variant
 
 
 @dataclass
@@ -70,13 +71,7 @@ class Task(ABC):
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]: ...
 
 
-def _registry() -> Registry:
-    from harness.builtins import BUILTIN_TASKS, TASK_GROUP
-
-    return Registry("task", TASK_GROUP, BUILTIN_TASKS)
-
-
-TASKS = _registry()
+TASKS = _registry.TASKS
 register_task = TASKS.register
 
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from harness import registry as _registry
 from harness.registry import MethodSpecError, Registry, Variant, parse_spec  # noqa: F401  (re-exported)
 
 
@@ -358,13 +359,7 @@ class KVCacheMethod(ABC):
         return {}
 
 
-def _load_registry():
-    from harness.builtins import BUILTIN_METHODS, METHOD_GROUP
-
-    return Registry("method", METHOD_GROUP, BUILTIN_METHODS)
-
-
-METHODS = _load_registry()
+METHODS = _registry.METHODS
 register_method = METHODS.register
 
 

@@ -242,6 +242,25 @@ class Registry:
         config.validate()
         return name, entry, config, opts
 
+    def check_names(self, values: list[str] | None, bare_items: bool = False) -> None:
+        """Refuse an unknown name in comma-separated specs without importing anything (so a typo in
+        ``--methods`` fails in a fraction of a second). ``bare_items``: entries may take bare items
+        (``longbench:trec,samsum``), so a bare part after a ``name:...`` spec that is not a registered
+        name is left to the full parse (``config``) rather than refused here."""
+        names = set(self.names())
+        for value in values or []:
+            open_spec = False  # the spec being read has a ':' (its options may continue)
+            for part in value.split(","):
+                part = part.strip()
+                if not part or ("=" in part and ":" not in part and open_spec):
+                    continue
+                name = part.partition(":")[0].strip()
+                if ":" not in part and open_spec and bare_items and name not in names:
+                    continue
+                if name not in names:
+                    raise MethodSpecError(f"unknown {self.kind} {name!r}; accepted: {', '.join(sorted(names))}")
+                open_spec = ":" in part
+
     def describe(self) -> list[Described]:
         """Every entry with its source, description and default options, or why it failed to load."""
         out = []
@@ -323,3 +342,15 @@ def parse_spec(spec: str, positional: str | None = None) -> tuple[str, dict[str,
     if bare:
         opts[positional] = ",".join([*bare, opts[positional]] if positional in opts else bare)
     return name.strip(), opts
+
+
+def _builtin_registries() -> tuple[Registry, Registry]:
+    from harness.builtins import BUILTIN_METHODS, BUILTIN_TASKS, METHOD_GROUP, TASK_GROUP
+
+    return Registry("method", METHOD_GROUP, BUILTIN_METHODS), Registry("task", TASK_GROUP, BUILTIN_TASKS)
+
+
+#: every method and task: the built-ins plus installed entry points (``harness.interface.METHODS`` and
+#: ``harness.evaluation.TASKS`` are these objects); defined here so that the CLI can check names
+#: before torch is imported
+METHODS, TASKS = _builtin_registries()

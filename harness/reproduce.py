@@ -70,6 +70,7 @@ class RunStage:
     tasks: list[str]
     methods: list[str]
     options: dict[str, Any] = field(default_factory=dict)
+    minutes: float | None = None  # measured wall time of the whole stage per model (the dry run's estimate)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ProfileStage:
     repeats: int = 3
     models: list[str] | None = None  # default: the profile's models
     reference: str = REFERENCE_METHOD
+    minutes: float | None = None
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Profile:
     dtype: str | None = None
     description: str = ""
     path: Path | None = None
+    estimate_machine: str = ""  # where the stages' ``minutes`` were measured
 
 
 def available_profiles() -> list[str]:
@@ -123,22 +126,31 @@ def _int_list(where: str, value: Any) -> list[int]:
     return value
 
 
+def _minutes(where: str, table: dict[str, Any]) -> float | None:
+    value = table.get("minutes")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{where}: minutes must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 def parse_profile(data: dict[str, Any], name: str = "profile", path: Path | None = None) -> Profile:
     where = str(path or name)
     _check_keys(where, data, ("name", "description", "models", "calibration_windows", "device", "dtype", "run",
-                              "profile", "prepare"))  # fmt: skip
+                              "profile", "prepare", "estimate_machine"))  # fmt: skip
     runs = []
     for i, r in enumerate(data.get("run") or []):
         w = f"{where} [[run]] #{i + 1}"
-        _check_keys(w, r, ("name", "tasks", "methods", *RUN_OPTIONS))
+        _check_keys(w, r, ("name", "tasks", "methods", "minutes", *RUN_OPTIONS))
         tasks = _str_list(f"{w} tasks", r.get("tasks"))
         runs.append(RunStage(str(r.get("name") or tasks[0]), tasks, _str_list(f"{w} methods", r.get("methods")),
-                             {k: r[k] for k in RUN_OPTIONS if k in r}))  # fmt: skip
+                             {k: r[k] for k in RUN_OPTIONS if k in r}, _minutes(w, r)))  # fmt: skip
     prof = None
     if "profile" in data:
         p = data["profile"]
         _check_keys(f"{where} [profile]", p, ("methods", "contexts", "batches", "new_tokens", "repeats", "models",
-                                              "reference"))  # fmt: skip
+                                              "reference", "minutes"))  # fmt: skip
         prof = ProfileStage(
             _str_list(f"{where} [profile] methods", p.get("methods")),
             _int_list(f"{where} [profile] contexts", p.get("contexts")),
@@ -147,6 +159,7 @@ def parse_profile(data: dict[str, Any], name: str = "profile", path: Path | None
             int(p.get("repeats", 3)),
             _str_list(f"{where} [profile] models", p["models"]) if "models" in p else None,
             str(p.get("reference", REFERENCE_METHOD)),
+            _minutes(f"{where} [profile]", p),
         )
     prepare = data.get("prepare") or {}
     if not isinstance(prepare, dict) or not all(isinstance(v, dict) for v in prepare.values()):
@@ -174,6 +187,7 @@ def parse_profile(data: dict[str, Any], name: str = "profile", path: Path | None
         dtype=data.get("dtype") or None,
         description=str(data.get("description", "")),
         path=path,
+        estimate_machine=str(data.get("estimate_machine", "")),
     )
 
 
@@ -350,6 +364,23 @@ def run_stage(
     return [*s.done, *s.skipped, *(p for p, _ in s.failed)]
 
 
+def profile_rows_done(stage: ProfileStage, specs: list[str], path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of ``path`` that this stage's settings still use, and the specs with every setting there."""
+    from harness.interface import build_method
+    from harness.runner import load_record
+
+    labels = {s: build_method(s).label for s in specs}
+    settings = {(c, b) for c in stage.contexts for b in stage.batches}
+    old = (load_record(path) or {}).get("rows") or []
+    rows = [
+        r for r in old
+        if isinstance(r, dict) and r.get("status") in ("done", "oom") and r.get("new_tokens") == stage.new_tokens
+        and r.get("repeats") == stage.repeats and (r.get("context"), r.get("batch")) in settings
+    ]  # fmt: skip
+    complete = [s for s in specs if settings <= {(r["context"], r["batch"]) for r in rows if r["method"] == labels[s]}]
+    return [r for r in rows if r["method"] in {labels[s] for s in complete}], complete
+
+
 def profile_stage(
     stage: ProfileStage, model: str, methods: list[str], path: Path, device: str | None, dtype: str | None,
     summary: ReproduceSummary, progress: bool, log: Any,
@@ -362,19 +393,11 @@ def profile_stage(
     from harness.interface import build_method
     from harness.models import load_model, model_id
     from harness.profiling import add_ratios, profile_method
-    from harness.runner import invocation, load_record, write_json_atomic
+    from harness.runner import invocation, write_json_atomic
 
     specs = list(dict.fromkeys([stage.reference, *methods]))
     labels = {s: build_method(s).label for s in specs}
-    settings = {(c, b) for c in stage.contexts for b in stage.batches}
-    old = (load_record(path) or {}).get("rows") or []
-    rows = [
-        r for r in old
-        if isinstance(r, dict) and r.get("status") in ("done", "oom") and r.get("new_tokens") == stage.new_tokens
-        and r.get("repeats") == stage.repeats and (r.get("context"), r.get("batch")) in settings
-    ]  # fmt: skip
-    complete = [s for s in specs if settings <= {(r["context"], r["batch"]) for r in rows if r["method"] == labels[s]}]
-    rows = [r for r in rows if r["method"] in {labels[s] for s in complete}]
+    rows, complete = profile_rows_done(stage, specs, path)
     for s in complete:
         summary.add("profile", model, labels[s], "skipped", path)
     todo = [s for s in specs if s not in complete]
@@ -439,6 +462,7 @@ def dry_run_profile(
     from harness.runner import CALIBRATION_WINDOWS, run
 
     log(f"profile {prof.name}: {prof.description or '(no description)'}")
+    estimate = Estimate()
     for model in models:
         for spec, _ in prof.prepare.items():
             log(f"prepare  {spec} on {model} (skipped when a router ships for the model or one was trained)")
@@ -455,9 +479,41 @@ def dry_run_profile(
             for m in later:
                 log(f"todo  {m} / {', '.join(stage.tasks)} (after its prepare step)")
                 summary.add(stage.name, model, m, "planned")
+            todo = len(s.planned) + len(later)
+            estimate.add(stage.name, stage.minutes, todo, todo + len(s.skipped))
     if prof.profile:
         log(f"profile stage: {', '.join(prof.profile.methods)} x contexts {prof.profile.contexts}")
+        for model in prof.profile.models or models:
+            specs = list(dict.fromkeys([prof.profile.reference, *prof.profile.methods]))
+            _, complete = profile_rows_done(prof.profile, specs, out / f"profile__{_slug(model)}.json")
+            estimate.add("profile", prof.profile.minutes, len(specs) - len(complete), len(specs))
+    log(estimate.text(prof.estimate_machine))
     return summary
+
+
+@dataclass
+class Estimate:
+    """The dry run's cost estimate: each stage's measured ``minutes`` (profile file) times the share of its
+    cells still to do. A stage without ``minutes`` is counted as unknown, not as free."""
+
+    left: float = 0.0
+    whole: float = 0.0
+    unknown: list[str] = field(default_factory=list)
+
+    def add(self, stage: str, minutes: float | None, todo: int, cells: int) -> None:
+        if minutes is None:
+            if todo and stage not in self.unknown:
+                self.unknown.append(stage)
+            return
+        self.whole += minutes
+        self.left += minutes * todo / cells if cells else 0.0
+
+    def text(self, machine: str) -> str:
+        where = f" measured on {machine}" if machine else ""
+        line = f"cost estimate: ~{self.left:.1f} min left of ~{self.whole:.1f} min for the whole profile{where}"
+        if self.unknown:
+            line += f"; no estimate for {', '.join(self.unknown)} (give the stage a minutes = ... key)"
+        return line
 
 
 def preflight_profile(

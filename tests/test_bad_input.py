@@ -199,9 +199,13 @@ def test_at_least_sixty_cases():
 
 
 @pytest.mark.parametrize("argv", [["run", "--methods", "fp16", "--limit", "abc"], ["frob"],
-                                  ["profile", "--methods", "fp16", "--repeats", "0"]])  # fmt: skip
+                                  ["profile", "--methods", "fp16", "--repeats", "0"],
+                                  ["run", "--methods", "fp16,kivi:bits=2,kvquant-4bit"],
+                                  ["run", "--methods", "fp16", "--tasks", "longbench:trec,samsum,wikitxt2:seqlen=64"],
+                                  ["profile", "--methods", "int4", "--reference", "fp61"]])  # fmt: skip
 def test_argument_errors_are_fast_in_a_fresh_process(argv):
-    """Argument errors come from argparse before torch or transformers are imported (< 3 s)."""
+    """Argument errors, and unknown method / task names, are refused before torch or transformers are
+    imported (< 3 s)."""
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "harness", *argv], capture_output=True, text=True, timeout=60)
     seconds = time.perf_counter() - t0

@@ -166,6 +166,16 @@ def test_mirror_rows_and_missing_data(data_dir, tmp_path):
     assert rows and set(rows[0]) >= {"_id", "input", "context", "answers", "all_classes", "length"}
     with pytest.raises(MissingDataError, match="longbench/trec.jsonl.*THUDM/LongBench"):
         longbench_rows("trec", tmp_path)
+    (tmp_path / "longbench").mkdir()
+    (tmp_path / "longbench" / "samsum.jsonl").write_text((data_dir / "longbench" / "samsum.jsonl").read_text())
+    from harness.evaluation import build_task
+
+    with pytest.raises(MissingDataError, match="longbench/trec.jsonl"):  # one missing: its own message
+        build_task("longbench:trec,samsum").check_data(tmp_path)
+    with pytest.raises(MissingDataError) as e:  # several: every one named, in one line
+        build_task("longbench:trec,samsum,qasper").check_data(tmp_path)
+    assert str(e.value).startswith("LongBench: 2 of 3 datasets missing (trec, qasper); each not found at ")
+    assert "longbench/<dataset>.jsonl" in str(e.value) and "\n" not in str(e.value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ def test_bad_profiles_say_what_is_wrong(tmp_path):
         parse_profile({"models": ["m"], "run": run, "prepare": {"fp16": {"steps": 2}}})
     with pytest.raises(ValueError, match=r"unknown method 'nosuch'"):
         parse_profile({"models": ["m"], "run": run, "prepare": {"nosuch": {}}})
+    with pytest.raises(ValueError, match=r"minutes must be a number >= 0, got 'soon'"):
+        parse_profile({"models": ["m"], "run": [{"tasks": ["wikitext2"], "methods": ["fp16"], "minutes": "soon"}]})
     bad = tmp_path / "bad.toml"
     bad.write_text("models = [")
     with pytest.raises(ValueError, match="not valid TOML"):
@@ -155,3 +157,30 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, stories_dir, data
     assert s.text().startswith("summary (profile tiny") and "skipped" in s.text()
     md = (rep / "README.md").read_text()
     assert all(f"| {m} |" in md for m in ("fp16", "int4", "int2"))
+
+
+def test_dry_run_estimates_the_cost_left_from_the_profiles_minutes(tmp_path, stories_dir, data_dir):
+    """``--dry-run``: each stage's measured ``minutes`` times its share of cells still to do."""
+    text = _profile(tmp_path, stories_dir, ["fp16", "int4"]).read_text()
+    text = text.replace("max_windows = 1\n", "max_windows = 1\nminutes = 4.0\n", 1).replace(
+        "repeats = 1", "repeats = 1\nminutes = 1.0"
+    )
+    prof = tmp_path / "timed.toml"
+    prof.write_text(text.replace('name = "tiny"', 'name = "tiny"\nestimate_machine = "here"'))
+    out, lines = tmp_path / "results", []
+    reproduce(prof, out=out, report=tmp_path / "rep", data_dir=data_dir, progress=False, log=lines.append, dry_run=True)
+    assert lines[-1] == "cost estimate: ~5.0 min left of ~5.0 min for the whole profile measured on here"
+    assert not out.exists() or not any(out.rglob("*.json"))  # nothing computed
+    from harness.runner import run
+
+    run(["fp16"], ["wikitext2:seqlen=128,max_windows=1"], str(stories_dir), out, data_dir=data_dir, progress=False,
+        log=lambda *_: None)  # fmt: skip
+    lines.clear()
+    s = reproduce(prof, out=out, report=tmp_path / "rep", data_dir=data_dir, progress=False, log=lines.append,
+                  dry_run=True)  # fmt: skip
+    assert ["__fp16__" in o.cell for o in s.outcomes if o.status == "skipped"] == [True]
+    assert lines[-1].startswith("cost estimate: ~3.0 min left of ~5.0 min")  # half of wikitext2 (2.0) + profile (1.0)
+    prof.write_text(text.replace("repeats = 1\nminutes = 1.0", "repeats = 1"))  # no minutes: said, not free
+    lines.clear()
+    reproduce(prof, out=out, report=tmp_path / "rep", data_dir=data_dir, progress=False, log=lines.append, dry_run=True)
+    assert "no estimate for profile" in lines[-1]

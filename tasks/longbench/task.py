@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from harness.data import longbench_rows
+from harness.data import MissingDataError, longbench_rows
 from harness.evaluation import Task, TaskContext
 from harness.integration import generate
 from harness.interface import MethodConfig, MethodSpecError
@@ -244,8 +244,22 @@ class LongBench(Task):
         return kw
 
     def check_data(self, data_dir: Path | None) -> None:
-        for ds in expand_datasets(self.config.tasks):
-            longbench_rows(ds, data_dir)
+        """Every dataset the spec names is readable, else one error naming all that are not."""
+        names = expand_datasets(self.config.tasks)
+        missing: dict[str, MissingDataError] = {}
+        for ds in names:
+            try:
+                longbench_rows(ds, data_dir)
+            except MissingDataError as e:
+                missing[ds] = e
+        if len(missing) == 1:
+            raise next(iter(missing.values()))
+        if missing:
+            first, error = next(iter(missing.items()))
+            how = str(error).split(": ", 1)[1].replace(first, "<dataset>")
+            raise MissingDataError(
+                f"LongBench: {len(missing)} of {len(names)} datasets missing ({', '.join(missing)}); each {how}"
+            )
 
     @torch.no_grad()
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
@@ -258,7 +272,7 @@ class LongBench(Task):
         data = {ds: longbench_rows(ds, ctx.data_dir)[: cfg.limit] for ds in expand_datasets(cfg.tasks)}
         metrics: dict[str, float] = {}
         samples: list[dict[str, Any]] = []
-        kv = None
+        kv, nonfinite = None, 0  # nonfinite: NaN/inf K/V entries over every sample's cache
         start = time.perf_counter()
         finished = read_checkpoint(ctx.checkpoint)  # samples a crashed run already finished
         bar = tqdm(
@@ -280,6 +294,7 @@ class LongBench(Task):
                     scores.append(done["score"])
                     samples.append({k: v for k, v in done.items() if k != "kv"})
                     kv = done.get("kv", kv)
+                    nonfinite += (done.get("kv") or {}).get("nonfinite_kv", 0)
                     bar.update(1)
                     continue
                 prompt, truncated = truncate_middle(tok, fill_template(dataset, row), budget)
@@ -292,6 +307,7 @@ class LongBench(Task):
                 output = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
                 seconds = time.perf_counter() - t0
                 kv = cache.memory().as_dict()
+                nonfinite += kv["nonfinite_kv"]
                 s = 100 * sample_score(dataset, output, row["answers"], row.get("all_classes"))
                 scores.append(s)
                 samples.append(
@@ -315,7 +331,7 @@ class LongBench(Task):
         metrics["average"] = sum(metrics.values()) / len(metrics)
         return {
             "metrics": metrics,
-            "kv": kv,  # the last sample's cache (prompt + generated tokens)
+            "kv": {**kv, "nonfinite_kv": nonfinite},  # the last sample's cache; non-finite K/V of all
             "samples": samples,
             "n_samples": {ds: len(rows) for ds, rows in data.items()},
             "eval_seconds": time.perf_counter() - start,
