@@ -32,6 +32,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "xquant": "baselines.xquant:XQuant",
     "alignedkv": "baselines.alignedkv:AlignedKV",
     "moqae": "moqae.method:MoQAE",
+    "moqae-oracle": "moqae.oracle:MoQAEOracle",
 }
 
 BUILTIN_TASKS: dict[str, str] = {

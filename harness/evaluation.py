@@ -44,6 +44,8 @@ class Task(ABC):
     report_sections: ClassVar[tuple[str, ...]] = ()
     #: a model with random weights (``*-shape`` aliases) is refused: its quality numbers mean nothing
     refuses_random_weights: ClassVar[bool] = False
+    #: its evaluation calls ``method.see_window`` for oracle methods (``KVCacheMethod.oracle``)
+    supports_oracles: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, name: str | None = None):
         self.config = config if config is not None else self.config_class()

@@ -281,6 +281,10 @@ class KVCacheMethod(ABC):
     report: ClassVar[ReportStyle] = ReportStyle()
     #: extra report sections, as ``"module:object"`` names of ``harness.reports.Section`` objects
     report_sections: ClassVar[tuple[str, ...]] = ()
+    #: an oracle sees each evaluation window before its cache is made (``see_window``): an upper bound,
+    #: never a method claim. Tasks that support it (``Task.supports_oracles``) call ``see_window``;
+    #: other tasks refuse it; records carry ``"oracle": true`` and every report row says "upper bound".
+    oracle: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, name: str | None = None):
         self.config = config if config is not None else self.config_class()
@@ -313,6 +317,10 @@ class KVCacheMethod(ABC):
     @abstractmethod
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
         """A fresh, empty store for one layer of a new cache."""
+
+    def see_window(self, attached: Any, ids: torch.Tensor) -> None:  # noqa: B027
+        """Oracles only: look at the evaluation window ``ids`` [1, T] (with ``attached``, the
+        ``AttachedMethod`` of this method on the model) before the task makes its cache for it."""
 
     def new_cache_state(self) -> dict[str, Any]:
         """State shared by the layers of one cache (e.g. MoQAE's routing decisions for sharing)."""

@@ -230,6 +230,12 @@ def run(
     refused = [t.name for t in task_objs if t.refuses_random_weights]
     if is_random_weights(model) and refused:
         raise MethodSpecError(f"{model} has random weights: {', '.join(refused)} is never reported for it")
+    oracles, blind = [m.label for m in method_objs if m.oracle], [t.name for t in task_objs if not t.supports_oracles]
+    if oracles and blind:
+        raise MethodSpecError(
+            f"{oracles[0]} is an oracle (it sees the evaluation window: an upper bound); "
+            f"{blind[0]} does not run oracles; run it on a task that does (wikitext2)"
+        )
     dev = parse_device(device)
     check_out_dir(out)
     problems = preflight(method_objs, task_objs, model, data)
@@ -332,6 +338,8 @@ def run(
                 }
                 if method.needs_calibration:
                     record["calibration_windows"] = calibration_windows
+                if method.oracle:
+                    record["oracle"] = True  # it saw the evaluation windows: an upper bound
                 w0 = time.perf_counter()
                 try:
                     checkpoint = path.with_suffix(".partial.jsonl")

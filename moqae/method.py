@@ -233,7 +233,8 @@ class MoQAEStore(LayerStore):
         state = self.cache_state
         forced = state.get("forced")  # training / analysis: {leader layer: [B, n_chunks]}
         if forced is not None and self.leader in forced:
-            return forced[self.leader][:, chunk_idx]
+            chosen = forced[self.leader][:, chunk_idx]  # [B] (or [1]: one decision for every row)
+            return chosen.expand(len(self.chunks)) if chosen.numel() == 1 else chosen
         key = ("decision", self.leader, chunk_idx)
         if self.cfg.freeze_first and chunk_idx == 0:
             state[key] = torch.full((len(self.chunks),), self.method.top_expert, dtype=torch.long)
@@ -267,6 +268,10 @@ class MoQAEStore(LayerStore):
                 if self.soft is not None:
                     self.soft = self.soft[:, self.cfg.chunk :]
                 w = hard
+            probe = train.get("probe")  # moqae.oracle: dNLL/dw_e for every chunk, group and expert
+            if probe is not None:
+                w = hard.clone().requires_grad_(True)
+                probe[(self.leader, chunk_idx)] = w
             self.cache_state[key] = w
         w = self.cache_state[key]
         vg = self.cfg.value_group or self.info.head_dim

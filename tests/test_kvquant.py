@@ -272,7 +272,7 @@ def test_refusals():
         am.new_cache()
 
 
-def test_stories_kvquant_4b_beats_int4(stories, data_dir):
+def test_stories_kvquant_4b_beats_int4(real_stories, stories, data_dir):
     specs = ("fp16", "int4", "kvquant-4b", "kvquant-4b-1%", "kvquant-3b-1%", "kvquant-2b-1%")
     ppl = wikitext_ppl(stories, data_dir, specs)
     print("stories260K wikitext2 ppl (4 x 256):", {k: round(v, 3) for k, v in ppl.items()})

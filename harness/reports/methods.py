@@ -68,6 +68,8 @@ def display_name(rec: dict[str, Any]) -> str:
             label = rec["method"]
     if rec["key"].get("calibration_windows"):
         label += f" (calib. {plural(rec['key']['calibration_windows'], 'window')})"
+    if rec.get("oracle"):
+        label += " [oracle: upper bound]"  # it saw the evaluation windows
     return label
 
 
