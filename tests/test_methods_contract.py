@@ -76,6 +76,7 @@ LOSSLESS: dict[str, tuple[str, float, str]] = {
     "full": ("", ROUNDING, "all"),
     "kivi": ("residual=256", EXACT, "all"),
     "moqae": ("chunk=128", EXACT, "all"),
+    "moqae-oracle": ("chunk=128", EXACT, "all"),
     "mikv": ("ratio=1", ROUNDING, "all"),
     "alignedkv": ("", EXACT, "prefill"),
 }
@@ -111,9 +112,13 @@ NOMINAL_MAX: dict[str, float] = {"full": 32.0}
 #:   layer, chunk)``: an int64 per batch row, 8 bytes per chunk per routed layer; 64 bytes here
 #:   against 74780 counted); followers of a routing-sharing group read it, it is never dropped, and
 #:   ``memory()`` counts the token votes under "router" but not these decisions.
+#: * moqae-oracle (an upper bound, not a method) keeps its allocation in the shared state
+#:   (``"forced"``: one int64 per chunk per layer group; without a window seen, the uniform base
+#:   allocation for 4096 chunks).
 UNCOUNTED: dict[str, tuple[str, ...]] = {
     "alignedkv": (r"^store\.(_query|last_widths|_last|_sum_elems)\b",),
     "moqae": (r"^cache_state\[\('decision',",),
+    "moqae-oracle": (r"^cache_state\['forced'\]",),
 }
 
 # --------------------------------------------------------------------------------------------
