@@ -28,7 +28,17 @@ def main(argv: list[str] | None = None) -> int:
         help="model term per routing decision (chunk: N x mean NLL, default) or the mean token NLL",
     )  # fmt: skip
     t.add_argument("--no-progress", action="store_true")
+    o = sub.add_parser("oracle-check", help="moqae-oracle's first-order ΔNLL estimate against measured moves")
+    o.add_argument("--model", default="smollm2-135m")
+    o.add_argument("--method", default="moqae-oracle", help="oracle spec (experts, chunk, share, base)")
+    o.add_argument("--data-dir", default=None, help="local data mirror (else $MOQAE_DATA_DIR, else the hub)")
+    o.add_argument("--seqlen", type=int, default=2048, help="WikiText-2 test window length")
+    o.add_argument("--window", type=int, default=0, help="which window of the test split")
+    o.add_argument("--slots", type=int, default=40, help="random (slot, expert) moves to measure")
+    o.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
+    if args.command == "oracle-check":
+        return _oracle_check(args, sys.argv[1:] if argv is None else argv)
     cfg = TrainConfig(
         lam=args.lam, steps=args.steps, seqlen=args.seqlen, windows=args.windows, lr=args.lr,
         estimator=args.estimator, seed=args.seed, method=args.method, nll_scale=args.nll_scale,
@@ -45,6 +55,42 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: re-run the same command to resume from the last saved step", file=sys.stderr)
         return 130
     print(f"router checkpoint: {path}  (last steps: {summarize(trainer.history)})")
+    return 0
+
+
+def _oracle_check(args: argparse.Namespace, argv: list[str]) -> int:
+    import json
+    import shlex
+    from pathlib import Path
+
+    from harness.data import token_windows, wikitext2_test_text
+    from harness.integration import AttachedMethod
+    from harness.interface import build_method
+    from moqae.oracle import check_estimate
+
+    if args.slots < 1 or args.seqlen < 2 or args.window < 0:
+        print("error: --slots and --seqlen must be >= 1 and 2, --window >= 0", file=sys.stderr)
+        return 2
+    try:
+        method = build_method(args.method)
+        model, tok = load_model(args.model, device="cpu", dtype="fp32")
+        windows = token_windows(tok(wikitext2_test_text(args.data_dir), return_tensors="pt").input_ids[0],
+                                args.seqlen, args.window + 1)  # fmt: skip
+        with AttachedMethod(model, method) as am:
+            result = check_estimate(am, windows[args.window].view(1, -1), args.slots)
+    except (MethodSpecError, MissingDataError, ModelLoadError, ValueError, IndexError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    result["command"] = "python -m moqae " + shlex.join(argv)
+    print(f"window {args.window}: NLL {result['window_nll']:.2f} (summed); {len(result['rows'])} moves measured")
+    print(f"sign agreement (first-order vs measured): {result['sign_agreement']:.2f}")
+    for bits, rho in result["spearman_by_target_bits"].items():
+        print(f"rank correlation, moves to {bits} bits: {rho:+.2f}")
+    if args.out:
+        from harness.files import write_json_atomic
+
+        write_json_atomic(Path(args.out), result)
+    print(json.dumps({"mean_measured": sum(r["measured"] for r in result["rows"]) / len(result["rows"])}))
     return 0
 
 

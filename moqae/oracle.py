@@ -143,7 +143,7 @@ class MoQAEOracle(MoQAE):
     name = "moqae-oracle"
     description = "upper bound: MoQAE's experts allocated per chunk from the window's own NLL gradients; budget"
     report = ReportStyle("MoQAE oracle (upper bound)", "*", "C9", rank=91)
-    report_sections = ()
+    report_sections = ("moqae.report:ANALYSIS",)
     oracle = True  # per instance: False with passes=0
     sweep_options = ("budget",)
     config_class = MoQAEOracleConfig
@@ -289,3 +289,28 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 __all__ = ["FP16_BITS", "MoQAEOracle", "MoQAEOracleConfig", "allocate", "lower_hull", "measured_deltas"]
+
+
+def check_estimate(attached: Any, ids: torch.Tensor, n_slots: int, seed: int = 0) -> dict[str, Any]:
+    """The first-order estimate against the measured ΔNLL for ``n_slots`` random moves (slot, expert)
+    away from the uniform base allocation of ``attached.method`` on the window ``ids`` [1, T]."""
+    method: MoQAEOracle = attached.method
+    n_chunks = ids.shape[1] // method.config.chunk
+    base = method._uniform(method.expert_bits.index(method.config.base), n_chunks)
+    nll, first = slot_deltas(attached, ids, base, "first")
+    g_n, n_experts = len(base), len(method.expert_bits)
+    start = 1 if method.config.freeze_first else 0
+    moves = [(g, c, e) for g in range(g_n) for c in range(start, n_chunks) for e in range(n_experts)
+             if e != method.expert_bits.index(method.config.base)]  # fmt: skip
+    order = torch.randperm(len(moves), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked = [moves[i] for i in order[:n_slots]]
+    measured = measured_deltas(attached, ids, base, picked, ref=nll)
+    rows = [{"group": g, "chunk": c, "to_bits": method.expert_bits[e], "first_order": float(first[g, c, e]),
+             "measured": m} for (g, c, e), m in zip(picked, measured, strict=True)]  # fmt: skip
+    by_bits: dict[str, float] = {}
+    for b in sorted({r["to_bits"] for r in rows}):
+        sel = [r for r in rows if r["to_bits"] == b]
+        if len(sel) > 2:
+            by_bits[str(b)] = spearman([r["first_order"] for r in sel], [r["measured"] for r in sel])
+    sign = sum((r["first_order"] > 0) == (r["measured"] > 0) for r in rows) / max(len(rows), 1)
+    return {"window_nll": nll, "rows": rows, "spearman_by_target_bits": by_bits, "sign_agreement": sign}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from collections import Counter
 from pathlib import Path
@@ -338,10 +339,103 @@ def moqae_tables(records: list[dict[str, Any]], out: Path) -> list[Table]:
         where = f"{col[0]}, {wikitext_protocol(cfg, recs)}"
         ref = refs.get((tuple(col), json.dumps(cfg, sort_keys=True)))
         tables.append(_layer_table(recs, labels, where, col[0], ref, out, sfx))
-        ablation = _ablation_table(recs, labels, where, ref, sfx)
+        routed = [r for r in recs if r["key"]["method"] != ORACLE]
+        ablation = _ablation_table(routed, labels, where, ref, sfx)
         if ablation:
             tables.append(ablation)
+        if any(r["key"]["method"] == ORACLE for r in recs):
+            tables.append(_oracle_table(recs, where, ref, sfx))
+    tables.append(_variation_table(moq))
     return tables
+
+
+# --------------------------------------------------------------------------------------------
+# Per-chunk mixing: how much the expert varies within a layer, and the oracle bound
+# --------------------------------------------------------------------------------------------
+
+ORACLE = "moqae-oracle"
+
+
+def layer_variation(record: dict[str, Any]) -> list[tuple[float, float]]:
+    """Per layer: (share of its routed chunks whose expert differs from the layer's majority expert,
+    entropy of its routed chunks' experts in bits). With routing freezing the first chunk of each
+    window is left out (it is FP16 by rule, not by choice)."""
+    cfg = record["key"].get("method_config") or {}
+    frozen = (record.get("windows") or 0) if cfg.get("freeze_first", True) else 0
+    top = max(range(len(expert_labels(record))), key=lambda i: _bits(expert_labels(record)[i]))
+    out = []
+    for layer in record.get("layer_stats") or []:
+        counts = list(layer.get("expert_chunks") or [])
+        if not counts:
+            continue
+        counts[top] = max(0, counts[top] - frozen)
+        total = sum(counts)
+        if not total:
+            continue
+        p = [c / total for c in counts if c]
+        out.append((1 - max(counts) / total, -sum(x * math.log2(x) for x in p)))
+    return out
+
+
+def _bits(label: str) -> int:
+    digits = "".join(ch for ch in label if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def _variation_table(records: list[dict[str, Any]]) -> Table:
+    head = ["model", "method", "nominal bits", "chunks off the layer's majority", "max over layers",
+            "entropy (bits)", "layers"]  # fmt: skip
+    rows, rows_csv = [], []
+    for r in records:
+        var = layer_variation(r)
+        if not var:
+            continue
+        off, ent = [v[0] for v in var], [v[1] for v in var]
+        mean_off = sum(off) / len(off)
+        rows.append([r["model"], display_name(r), fmt(r["kv"]["nominal_bits"]), fmt(mean_off, "{:.1f} %", 100),
+                     fmt(max(off), "{:.1f} %", 100), fmt(sum(ent) / len(ent), "{:.3f}"), str(len(var))])  # fmt: skip
+        rows_csv.append({"model": r["model"], "method": display_name(r), "spec": r["method"],
+                         "nominal_bits": r["kv"]["nominal_bits"], "mean_off_majority": sum(off) / len(off),
+                         "max_off_majority": max(off), "mean_entropy_bits": sum(ent) / len(ent),
+                         "record": r["_file"]})  # fmt: skip
+    t = Table("moqae-chunk-variation", "MoQAE: does the expert vary from chunk to chunk within a layer?", head, rows,
+              rows_csv, numeric_from=2)  # fmt: skip
+    t.intro = (
+        "Per layer, over all windows: the share of its routed chunks (the frozen first chunk left out) whose "
+        "expert is not the layer's majority expert, and the entropy of its chunks' experts; averaged over "
+        "layers (and the largest share over layers). 0 % means a per-layer constant: no per-chunk mixing."
+    )
+    return t
+
+
+def _oracle_table(recs: list[dict[str, Any]], where: str, ref: dict[str, Any] | None, sfx: str) -> Table:
+    """MoQAE's routers against the oracle allocation (upper bound) and the uniform base in MoQAE's layout."""
+    uniform = [r for r in recs if r["key"]["method"] == ORACLE and not r.get("oracle")]
+    base = uniform[0] if uniform else None
+    rows_in = sorted((r for r in recs if not ablation_options(r)), key=lambda r: (r["kv"]["nominal_bits"], r["method"]))
+    head = ["method", "kind", "nominal bits", "PPL", f"vs {REFERENCE}", "vs uniform in layout"]
+    rows, rows_csv = [], []
+    for r in rows_in:
+        kind = (
+            "oracle (upper bound)" if r.get("oracle") else ("uniform in MoQAE's layout" if r in uniform else "router")
+        )
+        ppl = r["metrics"]["ppl"]
+        d_ref = 100 * (ppl / ref["metrics"]["ppl"] - 1) if ref else None
+        d_base = 100 * (ppl / base["metrics"]["ppl"] - 1) if base else None
+        rows.append([display_name(r), kind, fmt(r["kv"]["nominal_bits"]), fmt(ppl, "{:.4f}"), fmt(d_ref, "{:+.1f} %"),
+                     fmt(d_base, "{:+.1f} %")])  # fmt: skip
+        rows_csv.append({"method": display_name(r), "spec": r["method"], "kind": kind,
+                         "nominal_bits": r["kv"]["nominal_bits"], "ppl": ppl, f"ppl_vs_{REFERENCE}_percent": d_ref,
+                         "ppl_vs_uniform_in_layout_percent": d_base, "record": r["_file"]})  # fmt: skip
+    t = Table(f"moqae-oracle{sfx}", f"MoQAE routers against the oracle allocation ({where})", head, rows, rows_csv,
+              numeric_from=2)  # fmt: skip
+    t.intro = (
+        "The oracle (`moqae-oracle:budget=B`) allocates MoQAE's experts per chunk and layer group from the "
+        "evaluation window's own NLL: an upper bound on any chunk router of this layout, never a method. "
+        "*Uniform in layout* (`passes=0`): every routed chunk at the base expert, the first chunk FP16 (RF). "
+        "Sorted by nominal bits."
+    )
+    return t
 
 
 def _layer_table(recs, labels, where, model, ref, out: Path, sfx: str) -> Table:
@@ -366,7 +460,7 @@ def _layer_table(recs, labels, where, model, ref, out: Path, sfx: str) -> Table:
     t.intro = f"Cells: % of the layer's chunks stored by {' / '.join(labels)} (experts in config order)."
     heat = plot_expert_heatmap(recs, out / f"expert_share_heatmap{sfx}.png", model)
     t.plots.append((heat, f"MoQAE expert share per layer ({model})"))
-    sweep = sorted((r for r in recs if not ablation_options(r)), key=method_sort_key)
+    sweep = sorted((r for r in recs if not ablation_options(r) and r["key"]["method"] != ORACLE), key=method_sort_key)
     if len(sweep) >= 2:
         p = plot_lambda_tradeoff(sweep, ref, out / f"moqae_lambda_tradeoff{sfx}.png", model)
         t.plots.append((p, f"MoQAE λ trade-off: perplexity and KV bits against λ ({model})"))

@@ -4,6 +4,7 @@ stands for), the budget (as MoQAE's nominal bits), and the upper-bound labels in
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -93,6 +94,20 @@ def test_oracle_records_meet_the_budget_and_say_upper_bound(tmp_path, stories_di
     md = (tmp_path / "rep" / "README.md").read_text()
     assert "| moqae-oracle:budget=6 [oracle: upper bound] |" in md
     assert "| moqae-oracle:passes=0 |" in md
+    assert "### MoQAE routers against the oracle allocation" in md and "| uniform in MoQAE's layout | 7.00 |" in md
+    assert "does the expert vary from chunk to chunk" in md
     with pytest.raises(MethodSpecError, match="is an oracle .* longbench does not run oracles"):
         run(["moqae-oracle"], ["longbench:trec"], str(stories_dir), tmp_path / "r2", data_dir=data_dir,
             progress=False, log=lambda *_: None)  # fmt: skip
+
+
+def test_layer_variation_counts_routed_chunks_only():
+    from moqae.report import layer_variation
+
+    stats = [{"expert_chunks": [2, 6, 0]}, {"expert_chunks": [4, 3, 1]}, {"expert_chunks": []}]
+    rec = {"key": {"method_config": {"experts": "16/4/2"}}, "windows": 2, "layer_stats": stats}
+    # layer 0: the 2 frozen FP16 chunks leave 6 routed, all INT4; layer 1: 2 FP16, 3 INT4, 1 INT2 routed
+    (off0, h0), (off1, h1) = layer_variation(rec)
+    assert (off0, h0) == (0.0, 0.0)
+    assert off1 == pytest.approx(0.5) and h1 == pytest.approx(-(2 / 6) * math.log2(2 / 6) - 0.5 * math.log2(0.5)
+                                                             - (1 / 6) * math.log2(1 / 6))  # fmt: skip
