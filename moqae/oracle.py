@@ -17,6 +17,10 @@ first chunk FP16 with RF); ``passes`` > 1 linearises again at the previous pass'
 keeps the allocation whose probed NLL is lowest. ``measured_deltas`` gives the exact ΔNLL of
 single slots for validating the estimate (``python -m moqae oracle-check``).
 
+``transfer=true`` applies each window's allocation to the *next* window instead (the first window
+runs the uniform base): what of the oracle's gain carries over to other text, and so could be
+learnt by a router, and what is a fit to the window's own quantization noise.
+
 Allocation: a multiple-choice knapsack over slots, solved greedily on each slot's lower convex hull
 of (bits, ΔNLL): start every slot at its cheapest hull point, then take upgrades in order of NLL
 saved per bit while the budget allows (optimal for the LP relaxation, within one upgrade of the
@@ -44,6 +48,7 @@ class MoQAEOracleConfig(MoQAEConfig):
     base: int = 4  # bits of the first linearisation point (every routed slot)
     passes: int = 1  # linearisations (each after the first from the previous allocation); 0 = base itself
     estimate: str = "first"  # first: first-order from one backward; measured: one forward per slot and expert
+    transfer: bool = False  # apply the previous window's allocation (the first window: uniform base)
     ckpt: str = "random"  # no router is used (a bank is still made for the layer groups)
 
     def validate(self) -> None:
@@ -153,6 +158,7 @@ class MoQAEOracle(MoQAE):
         self.oracle = self.config.passes > 0  # passes=0 (the uniform base allocation) sees no window
         self.n_layers = 0
         self._forced: dict[int, torch.Tensor] | None = None
+        self._previous: dict[int, torch.Tensor] | None = None  # transfer: the last window's allocation
         self.last_probe: dict[str, Any] = {}  # the last window's probed NLLs per pass (for tests, analysis)
 
     @classmethod
@@ -204,8 +210,12 @@ class MoQAEOracle(MoQAE):
             with torch.no_grad():
                 tried[-1][0] = window_nll(attached, ids, current)
             current = min(tried, key=lambda t: t[0])[1]
-        self._forced = current
         self.last_probe = {"nll": [t[0] for t in tried]}
+        if cfg.transfer:  # does the allocation carry to other text? (window-specific fit vs a learnable signal)
+            previous, self._previous = self._previous, current
+            same = previous is not None and all(previous[k].shape == v.shape for k, v in current.items())
+            current = previous if same else None  # None: the uniform base allocation
+        self._forced = current
 
     def new_cache_state(self) -> dict[str, Any]:
         if self._forced is None:  # no window seen (decode, profiling) or passes=0: uniform base allocation

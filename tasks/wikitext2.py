@@ -93,6 +93,7 @@ class WikiText2(Task):
         windows = token_windows(self.token_ids(ctx), self.config.seqlen, self.config.max_windows)
         device = next(ctx.model.parameters()).device
         total_nll, total_tokens, memory, layer_stats, nonfinite = 0.0, 0, None, None, 0
+        bits: list[tuple[float, float, int]] = []  # per window: nominal bits, effective bits, bytes
         start = time.perf_counter()
         bar = tqdm(windows, desc=f"wikitext2 {ctx.attached.method.label}", disable=not ctx.progress, leave=False)
         for window in bar:
@@ -106,12 +107,18 @@ class WikiText2(Task):
             total_nll, total_tokens = total_nll + nll, total_tokens + n
             memory = cache.memory()
             nonfinite += memory.nonfinite_kv
+            bits.append((memory.nominal_bits, memory.effective_bits, memory.total_bytes))
             layer_stats = add_stats(layer_stats, cache.layer_stats())
             bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
         return {
             "metrics": {"ppl": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens},
             # one window's cache (all windows have seqlen tokens); non-finite K/V counted over all windows
             "kv": {**memory.as_dict(), "nonfinite_kv": nonfinite},
+            # the mean over windows (methods whose allocation varies by window: routers, oracles)
+            "kv_windows_mean": {
+                k: sum(b[i] for b in bits) / len(bits)
+                for i, k in enumerate(("nominal_bits", "effective_bits", "total_bytes"))
+            },  # fmt: skip
             "windows": len(windows),
             "tokens": total_tokens,
             "eval_seconds": time.perf_counter() - start,

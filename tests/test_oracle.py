@@ -111,3 +111,18 @@ def test_layer_variation_counts_routed_chunks_only():
     assert (off0, h0) == (0.0, 0.0)
     assert off1 == pytest.approx(0.5) and h1 == pytest.approx(-(2 / 6) * math.log2(2 / 6) - 0.5 * math.log2(0.5)
                                                              - (1 / 6) * math.log2(1 / 6))  # fmt: skip
+
+
+def test_transfer_runs_the_previous_windows_allocation(tmp_path, stories_dir, data_dir):
+    from harness.runner import run
+
+    def cell(spec: str, windows: int) -> dict:
+        s = run([spec], [f"wikitext2:seqlen=128,max_windows={windows}"], str(stories_dir), tmp_path / f"r{windows}",
+                data_dir=data_dir, progress=False, log=lambda *_: None)  # fmt: skip
+        return json.loads(s.done[0].read_text())
+
+    own = cell("moqae-oracle:budget=6,estimate=measured", 1)  # window 0's own allocation
+    moved = cell("moqae-oracle:budget=6,estimate=measured,transfer=true", 2)
+    # window 0 runs the uniform base (7 bits), window 1 runs window 0's allocation
+    assert moved["kv_windows_mean"]["nominal_bits"] == pytest.approx((7.0 + own["kv"]["nominal_bits"]) / 2)
+    assert moved["kv"]["nominal_bits"] == pytest.approx(own["kv"]["nominal_bits"])
