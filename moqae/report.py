@@ -344,7 +344,14 @@ def moqae_tables(records: list[dict[str, Any]], out: Path) -> list[Table]:
         if ablation:
             tables.append(ablation)
         if any(r["key"]["method"] == ORACLE for r in recs):
-            tables.append(_oracle_table(recs, where, ref, sfx))
+            t = _oracle_table(recs, where, ref, sfx)
+            peers = [r for r in records if r["key"]["task"] == PPL_TASK and column(r) == col and task_config(r) == cfg
+                     and expert_shares(r) is None and "ppl" in r.get("metrics", {})]  # fmt: skip
+            png = plot_oracle_curve(recs, peers, out / f"moqae_oracle_curve{sfx}.png", col[0])
+            t.plots.append(
+                (png, f"PPL against nominal bits: MoQAE's routers, the oracle (upper bound), baselines ({col[0]})")
+            )
+            tables.append(t)
     tables.append(_variation_table(moq))
     return tables
 
@@ -377,13 +384,19 @@ def layer_variation(record: dict[str, Any]) -> list[tuple[float, float]]:
     return out
 
 
+def mean_bits(r: dict[str, Any]) -> float:
+    """Nominal KV bits, the mean over the record's windows where it has it (``kv_windows_mean``: routers and
+    oracles vary by window), else its last window's."""
+    return (r.get("kv_windows_mean") or r["kv"])["nominal_bits"]
+
+
 def _bits(label: str) -> int:
     digits = "".join(ch for ch in label if ch.isdigit())
     return int(digits) if digits else 0
 
 
 def _variation_table(records: list[dict[str, Any]]) -> Table:
-    head = ["model", "method", "nominal bits", "chunks off the layer's majority", "max over layers",
+    head = ["model", "method", "nominal bits (mean)", "chunks off the layer's majority", "max over layers",
             "entropy (bits)", "layers"]  # fmt: skip
     rows, rows_csv = [], []
     for r in records:
@@ -392,10 +405,10 @@ def _variation_table(records: list[dict[str, Any]]) -> Table:
             continue
         off, ent = [v[0] for v in var], [v[1] for v in var]
         mean_off = sum(off) / len(off)
-        rows.append([r["model"], display_name(r), fmt(r["kv"]["nominal_bits"]), fmt(mean_off, "{:.1f} %", 100),
+        rows.append([r["model"], display_name(r), fmt(mean_bits(r)), fmt(mean_off, "{:.1f} %", 100),
                      fmt(max(off), "{:.1f} %", 100), fmt(sum(ent) / len(ent), "{:.3f}"), str(len(var))])  # fmt: skip
         rows_csv.append({"model": r["model"], "method": display_name(r), "spec": r["method"],
-                         "nominal_bits": r["kv"]["nominal_bits"], "mean_off_majority": sum(off) / len(off),
+                         "nominal_bits": mean_bits(r), "mean_off_majority": sum(off) / len(off),
                          "max_off_majority": max(off), "mean_entropy_bits": sum(ent) / len(ent),
                          "record": r["_file"]})  # fmt: skip
     t = Table("moqae-chunk-variation", "MoQAE: does the expert vary from chunk to chunk within a layer?", head, rows,
@@ -413,10 +426,7 @@ def _oracle_table(recs: list[dict[str, Any]], where: str, ref: dict[str, Any] | 
     uniform = [r for r in recs if r["key"]["method"] == ORACLE and not r.get("oracle")]
     base = uniform[0] if uniform else None
 
-    def bits(r: dict[str, Any]) -> float:  # the mean over windows where the record has it
-        return (r.get("kv_windows_mean") or r["kv"])["nominal_bits"]
-
-    rows_in = sorted((r for r in recs if not ablation_options(r)), key=lambda r: (bits(r), r["method"]))
+    rows_in = sorted((r for r in recs if not ablation_options(r)), key=lambda r: (mean_bits(r), r["method"]))
     head = ["method", "kind", "nominal bits (mean over windows)", "PPL", f"vs {REFERENCE}", "vs uniform in layout"]
     rows, rows_csv = [], []
     for r in rows_in:
@@ -427,9 +437,9 @@ def _oracle_table(recs: list[dict[str, Any]], where: str, ref: dict[str, Any] | 
         ppl = r["metrics"]["ppl"]
         d_ref = 100 * (ppl / ref["metrics"]["ppl"] - 1) if ref else None
         d_base = 100 * (ppl / base["metrics"]["ppl"] - 1) if base else None
-        rows.append([display_name(r), kind, fmt(bits(r)), fmt(ppl, "{:.4f}"), fmt(d_ref, "{:+.1f} %"),
+        rows.append([display_name(r), kind, fmt(mean_bits(r)), fmt(ppl, "{:.4f}"), fmt(d_ref, "{:+.1f} %"),
                      fmt(d_base, "{:+.1f} %")])  # fmt: skip
-        rows_csv.append({"method": display_name(r), "spec": r["method"], "kind": kind, "nominal_bits": bits(r),
+        rows_csv.append({"method": display_name(r), "spec": r["method"], "kind": kind, "nominal_bits": mean_bits(r),
                          "ppl": ppl, f"ppl_vs_{REFERENCE}_percent": d_ref,
                          "ppl_vs_uniform_in_layout_percent": d_base, "record": r["_file"]})  # fmt: skip
     t = Table(f"moqae-oracle{sfx}", f"MoQAE routers against the oracle allocation ({where})", head, rows, rows_csv,
@@ -443,6 +453,44 @@ def _oracle_table(recs: list[dict[str, Any]], where: str, ref: dict[str, Any] | 
         "text. Nominal bits are the mean over the windows (the allocation varies by window). Sorted by bits."
     )
     return t
+
+
+def plot_oracle_curve(recs: list[dict[str, Any]], peers: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """PPL against mean nominal bits: the λ sweep of the routers, the oracle (own window; previous window's
+    allocation), the uniform base in MoQAE's layout, and the other methods of the protocol as grey points."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+
+    def series(sel: list[dict[str, Any]], label: str, **kw: Any) -> None:
+        sel = sorted(sel, key=mean_bits)
+        if sel:
+            ax.plot([mean_bits(r) for r in sel], [r["metrics"]["ppl"] for r in sel], label=label, **kw)
+
+    routers = [r for r in recs if r["key"]["method"] != ORACLE and not ablation_options(r)]
+    oracles = [r for r in recs if r.get("oracle")]
+    moved = [r for r in oracles if (r["key"].get("method_config") or {}).get("transfer")]
+    own = [r for r in oracles if r not in moved]
+    series(routers, "MoQAE routers (λ sweep)", marker="o", color="C3")
+    for est, ls in (("first", ":"), ("measured", "-")):
+        mine = [r for r in own if (r["key"].get("method_config") or {}).get("estimate", "first") == est]
+        series(mine, f"oracle, {est} estimate (upper bound)", marker="*", ls=ls, color="C9", markersize=9)
+    series(moved, "oracle's allocation on the next window", marker="x", ls="--", color="C2")
+    series([r for r in recs if r["key"]["method"] == ORACLE and not r.get("oracle")], "uniform in MoQAE's layout",
+           marker="D", ls="", color="k")  # fmt: skip
+    for r in peers:
+        b, ppl = r["kv"]["nominal_bits"], r["metrics"]["ppl"]
+        if b <= 16:
+            ax.plot([b], [ppl], marker=".", color="0.55", ls="")
+            ax.annotate(display_name(r), (b, ppl), fontsize=6, color="0.4", xytext=(3, 2), textcoords="offset points")
+    pts = [r["metrics"]["ppl"] for r in recs]
+    ax.set_ylim(min(pts) * 0.97, max(pts) * 1.05)
+    ax.set_xlabel("nominal KV bits (mean over windows)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"Does per-chunk mixing pay? ({title})", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def _layer_table(recs, labels, where, model, ref, out: Path, sfx: str) -> Table:
