@@ -21,7 +21,10 @@ Kernels (need ``triton``; ``HAVE_TRITON`` says whether it imported)
 
   Per group: z = fp16(min), s = fp16((max - z) / (2^b - 1)) (IEEE division, ``div_rn``),
   c = round_half_even(clamp((x - z) / s, 0, 2^b - 1)), c = 0 where s <= 0 (constant group: exact
-  up to fp16(min)), all in fp32 as ``quantize`` does, so the codes agree bit for bit.
+  up to fp16(min)), all in fp32 as ``quantize`` does, so the codes agree bit for bit. Groups where
+  fp16 metadata breaks (a nonzero range whose scale flushes to 0, which the kernel marks with s = -1;
+  an infinite zero or scale; a top level z + (2^b - 1)·s above 65504; NaN) get ``quantize``'s
+  clamped grid: when any is present the result of ``quantize`` itself is returned (one check per call).
 
 * ``triton_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, group,
   k_fp, v_fp, scale)`` — one decode step straight from the packed cache (KIVI / MoQAE layout):
@@ -80,7 +83,7 @@ import math
 
 import torch
 
-from harness.quant import SUPPORTED_BITS, QuantizedTensor, unpack_to_float
+from harness.quant import META_MAX, SUPPORTED_BITS, QuantizedTensor, quantize, unpack_to_float
 
 try:  # optional: CPU-only installs never need it
     import triton
@@ -145,8 +148,10 @@ if HAVE_TRITON:
         hi = tl.max(tl.where(mask, x, float("-inf")), axis=0)
         zero16 = lo.to(tl.float16)
         z = zero16.to(tl.float32)
-        scale16 = tl.math.div_rn(hi - z, tl.full(hi.shape, QMAX, tl.float32)).to(tl.float16)
+        exact = tl.math.div_rn(hi - z, tl.full(hi.shape, QMAX, tl.float32))
+        scale16 = exact.to(tl.float16)
         s = scale16.to(tl.float32)
+        flushed = (exact > 0) & (s == 0)  # a range whose fp16 scale underflows: marked -1 for the host
         safe = tl.where(s > 0, s, 1.0)
         v = tl.math.div_rn(x - z[None, :, :], tl.broadcast_to(safe[None, :, :], x.shape))
         v = tl.minimum(tl.maximum(v, 0.0), QMAX)
@@ -162,7 +167,7 @@ if HAVE_TRITON:
             mask=g_ok[:, None] & j_ok[None, :],
         )
         meta = row * (T // G) * D + grp * D + chan
-        tl.store(scale_ptr + meta, scale16, mask=j_ok[:, None])
+        tl.store(scale_ptr + meta, tl.where(flushed, -1.0, s).to(tl.float16), mask=j_ok[:, None])
         tl.store(zero_ptr + meta, zero16, mask=j_ok[:, None])
 
     @triton.jit
@@ -193,8 +198,10 @@ if HAVE_TRITON:
         hi = tl.max(tl.max(tl.where(mask, x, float("-inf")), axis=2), axis=1)
         zero16 = lo.to(tl.float16)
         z = zero16.to(tl.float32)
-        scale16 = tl.math.div_rn(hi - z, tl.full(hi.shape, QMAX, tl.float32)).to(tl.float16)
+        exact = tl.math.div_rn(hi - z, tl.full(hi.shape, QMAX, tl.float32))
+        scale16 = exact.to(tl.float16)
         s = scale16.to(tl.float32)
+        flushed = (exact > 0) & (s == 0)  # a range whose fp16 scale underflows: marked -1 for the host
         safe = tl.where(s > 0, s, 1.0)
         v = tl.math.div_rn(x - z[:, None, None], tl.broadcast_to(safe[:, None, None], x.shape))
         v = tl.minimum(tl.maximum(v, 0.0), QMAX)
@@ -205,7 +212,7 @@ if HAVE_TRITON:
         q = tl.where(s[:, None, None] > 0, q, 0)
         packed = tl.sum(q << (offs_p * BITS)[None, None, :], axis=2)  # [R, GB]
         tl.store(codes_ptr + rows[:, None] * gb + offs_j[None, :], packed.to(tl.uint8), mask=r_ok[:, None] & j_ok)
-        tl.store(scale_ptr + rows, scale16, mask=r_ok)
+        tl.store(scale_ptr + rows, tl.where(flushed, -1.0, s).to(tl.float16), mask=r_ok)
         tl.store(zero_ptr + rows, zero16, mask=r_ok)
 
     @triton.jit
@@ -451,6 +458,11 @@ def triton_quantize_pack(x: torch.Tensor, bits: int, group: int, axis: int = -1)
                     G=group, BITS=bits, P=per_byte, QMAX=qmax,
                     BLOCK_R=block_r, BLOCK_GB=_pow2(group // per_byte), num_warps=4,
                 )  # fmt: skip
+    # groups where fp16 metadata breaks (a scale that flushed to 0, marked -1 by the kernel; an infinite zero
+    # or scale; a top level above 65504): harness.quant clamps them, so its result is returned instead
+    top = zero.float() + qmax * scale.float()
+    if bool(((scale < 0) | ~torch.isfinite(top) | (top > META_MAX)).any()):
+        return quantize(x, bits, group, axis)
     return QuantizedTensor(codes=codes, scale=scale, zero=zero, bits=bits, axis=axis, group=group)
 
 

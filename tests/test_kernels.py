@@ -292,6 +292,24 @@ def test_triton_quantize_pack_matches_quantize(d, bits, axis, dtype):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("axis", [-2, -1], ids=["per_channel", "per_token"])
+def test_triton_quantize_pack_matches_quantize_where_fp16_metadata_breaks(axis):
+    """Groups near the fp16 maximum, tiny groups whose scale flushes to 0, NaN: harness.quant's clamped
+    grid, bit for bit, beside ordinary groups (the kernel marks flushed scales; the host falls back)."""
+    x = torch.randn(2, 64, 32) * 2
+    x[0, 0, :16], x[0, 1, :16] = -65504.0, 65504.0  # channel groups spanning ±65504: the top level rounds up
+    x[0, 2, 0], x[0, 2, 1] = -65504.0, 65504.0  # a token group spanning it
+    x[1, 16:32, :] = torch.randn(16, 32) * 1e-8  # scale flushes to 0 in fp16
+    for bits in (2, 4):
+        got, ref = triton_quantize_pack(x, bits, 16, axis), quantize(x, bits, 16, axis)
+        assert torch.equal(got.codes, ref.codes) and torch.equal(got.scale, ref.scale), bits
+        assert torch.equal(got.zero, ref.zero) and torch.isfinite(got.dequantize(torch.float32)).all()
+    plain = torch.randn(2, 64, 32)
+    got = triton_quantize_pack(plain, 4, 16, axis)  # ordinary groups: the kernel's own result
+    assert torch.equal(got.scale, quantize(plain, 4, 16, axis).scale) and (got.scale >= 0).all()
+
+
+@needs_interpreter
 def test_triton_quantize_pack_bf16_and_odd_shapes():
     x = torch.randn(3, 40, 48, dtype=torch.bfloat16)  # 3-d, head_dim 48 (not a power of two)
     for bits, group, axis in [(2, 8, -2), (4, 16, -1), (2, 12, -1), (4, 5, -2)]:
