@@ -46,7 +46,9 @@ def test_full_and_fp16_match_plain_forward(stories, data_dir, ppl_results):
             total, count = total + nll, count + n
     plain = torch.exp(torch.tensor(total / count)).item()
     assert ppl_results["full"]["metrics"]["ppl"] == pytest.approx(plain, rel=1e-6)
-    assert ppl_results["fp16"]["metrics"]["ppl"] == pytest.approx(plain, rel=1e-4)  # 4 significant digits
+    # fp16 K/V rounding (2^-11 per element) moves the PPL by 1.06e-4 relative on one machine (AVX-512 / AMX
+    # host), less on another; a wrong fp16 cache moves it by far more
+    assert ppl_results["fp16"]["metrics"]["ppl"] == pytest.approx(plain, rel=5e-4)
 
 
 def test_bytes_match_accounting(stories, ppl_results):
