@@ -17,6 +17,10 @@ first chunk FP16 with RF); ``passes`` > 1 linearises again at the previous pass'
 keeps the allocation whose probed NLL is lowest. ``measured_deltas`` gives the exact ΔNLL of
 single slots for validating the estimate (``python -m moqae oracle-check``).
 
+``verify=N`` then searches on the window itself: single-slot moves in order of their estimated gain,
+each kept only if the window's NLL drops within the budget (at most N forwards per window), starting
+from the better of the knapsack's allocation and the uniform base; never worse than either.
+
 ``transfer=true`` applies each window's allocation to the *next* window instead (the first window
 runs the uniform base): what of the oracle's gain carries over to other text, and so could be
 learnt by a router, and what is a fit to the window's own quantization noise.
@@ -49,6 +53,7 @@ class MoQAEOracleConfig(MoQAEConfig):
     passes: int = 1  # linearisations (each after the first from the previous allocation); 0 = base itself
     estimate: str = "first"  # first: first-order from one backward; measured: one forward per slot and expert
     transfer: bool = False  # apply the previous window's allocation (the first window: uniform base)
+    verify: int = 0  # >0: up to this many single-slot moves tried on the window itself, each kept if it helps
     ckpt: str = "random"  # no router is used (a bank is still made for the layer groups)
 
     def validate(self) -> None:
@@ -64,6 +69,8 @@ class MoQAEOracleConfig(MoQAEConfig):
             raise MethodSpecError(f"moqae-oracle: estimate={self.estimate!r}; accepted: first, measured")
         if self.passes < 0:
             raise MethodSpecError(f"moqae-oracle: passes={self.passes} must be >= 0")
+        if self.verify < 0:
+            raise MethodSpecError(f"moqae-oracle: verify={self.verify} must be >= 0")
 
 
 def groups(method: MoQAE, n_layers: int) -> dict[int, int]:
@@ -197,12 +204,14 @@ class MoQAEOracle(MoQAE):
             return  # passes=0: the uniform base allocation itself (no look at the window)
         weight = list(groups(self, self.n_layers).values())
         fixed = {(g, 0): self.top_expert for g in range(len(weight))} if cfg.freeze_first else {}
-        current = self._uniform(bits.index(cfg.base), n_chunks)
+        current = base = self._uniform(bits.index(cfg.base), n_chunks)
         tried: list[list[Any]] = []  # [probed NLL (None until probed), allocation] per pass
         for p in range(cfg.passes):
             nll, delta = cached_probe(attached, ids, current, cfg.estimate)  # delta: ΔNLL vs the current [G, C, E]
             if p:
                 tried[-1][0] = nll
+            else:
+                base_nll, base_delta = nll, delta
             choice = allocate(delta, bits, weight, cfg.budget, fixed)
             current = {k: choice[i : i + 1].clone() for i, k in enumerate(sorted(current))}
             tried.append([None, current])
@@ -211,6 +220,11 @@ class MoQAEOracle(MoQAE):
                 tried[-1][0] = window_nll(attached, ids, current)
             current = min(tried, key=lambda t: t[0])[1]
         self.last_probe = {"nll": [t[0] for t in tried]}
+        if cfg.verify:
+            starts = [(None, current), (base_nll, base)]
+            current, kept = verified_search(attached, ids, starts, base_delta, bits, weight, cfg.budget, fixed,
+                                            cfg.verify)  # fmt: skip
+            self.last_probe["verified_moves"] = kept
         if cfg.transfer:  # does the allocation carry to other text? (window-specific fit vs a learnable signal)
             previous, self._previous = self._previous, current
             same = previous is not None and all(previous[k].shape == v.shape for k, v in current.items())
@@ -259,6 +273,64 @@ def cached_probe(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tenso
             _PROBES.pop(next(iter(_PROBES)))
         _PROBES[key] = slot_deltas(attached, ids, forced, estimate)
     return _PROBES[key]
+
+
+def mean_bits(alloc: dict[int, torch.Tensor], bits: tuple[int, ...], weight: list[int]) -> float:
+    """Average expert bits of an allocation ({leader: [1, C]}, leaders ascending) over layers and chunks."""
+    rows = [alloc[k][0] for k in sorted(alloc)]
+    table = torch.tensor(bits, dtype=torch.float64)
+    total = sum(w * float(table[r].sum()) for w, r in zip(weight, rows, strict=True))
+    return total / (sum(weight) * rows[0].numel())
+
+
+def verified_search(attached: Any, ids: torch.Tensor, starts: list[tuple[float | None, dict[int, torch.Tensor]]],
+                    delta: torch.Tensor, bits: tuple[int, ...], weight: list[int], budget: float,
+                    fixed: dict[tuple[int, int], int], trials: int) -> tuple[dict[int, torch.Tensor], int]:  # fmt: skip
+    """Local search on the window itself: from the best start within the budget (the knapsack's
+    allocation, the uniform base: the last of ``starts``), try single-slot moves, each kept only if the
+    window's NLL drops and the budget holds (two sweeps, at most ``trials`` forwards): first moving the
+    start's slots back to the base, least sure first (by ``delta`` [G, C, E], the estimated ΔNLL from
+    the base), then the moves estimated to help most. Never worse than its best start; returns
+    (allocation, moves kept)."""
+    best, best_nll = None, math.inf
+    with torch.no_grad():
+        for nll, alloc in starts:
+            if mean_bits(alloc, bits, weight) <= budget + 1e-9:
+                nll = window_nll(attached, ids, alloc) if nll is None else nll
+                if nll < best_nll:
+                    best, best_nll = alloc, nll
+        if best is None:
+            raise MethodSpecError(f"moqae-oracle: no start allocation within budget={budget:g}")
+        leaders = sorted(best)
+        g_n, c_n, e_n = delta.shape
+        base = starts[-1][1]
+        # first undo the start's moves its estimate was least sure of (single-slot estimates do not add
+        # up), then try the moves estimated to help most
+        now = torch.stack([best[k][0] for k in leaders])  # [G, C] the start's experts
+        was = torch.stack([base[k][0] for k in leaders])  # [G, C] the base's
+        slots = [(g, c) for g in range(g_n) for c in range(c_n) if (g, c) not in fixed]
+        undo = sorted((abs(float(delta[g, c, int(now[g, c])])), g, c, int(was[g, c])) for g, c in slots
+                      if now[g, c] != was[g, c])  # fmt: skip
+        gain = sorted(
+            (float(delta[g, c, e]), g, c, e) for g, c in slots for e in range(e_n) if float(delta[g, c, e]) < 0
+        )
+        moves = undo + gain
+        done, kept = 0, 0
+        for _ in range(2):
+            for _, g, c, e in moves:
+                if done >= trials:
+                    break
+                if int(best[leaders[g]][0, c]) == e:
+                    continue
+                cand = {k: v.clone() for k, v in best.items()}
+                cand[leaders[g]][0, c] = e
+                if mean_bits(cand, bits, weight) > budget + 1e-9:
+                    continue
+                nll = window_nll(attached, ids, cand)
+                done += 1
+                if nll < best_nll:
+                    best, best_nll, kept = cand, nll, kept + 1
+    return best, kept
 
 
 def window_nll(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tensor] | None) -> float:

@@ -126,3 +126,18 @@ def test_transfer_runs_the_previous_windows_allocation(tmp_path, stories_dir, da
     # window 0 runs the uniform base (7 bits), window 1 runs window 0's allocation
     assert moved["kv_windows_mean"]["nominal_bits"] == pytest.approx((7.0 + own["kv"]["nominal_bits"]) / 2)
     assert moved["kv"]["nominal_bits"] == pytest.approx(own["kv"]["nominal_bits"])
+
+
+def test_verified_search_is_never_worse_than_its_starts(tmp_path, stories_dir, data_dir):
+    from harness.runner import run
+
+    specs = ["moqae-oracle:passes=0", "moqae-oracle:budget=7,estimate=measured",
+             "moqae-oracle:budget=7,estimate=measured,verify=12"]  # fmt: skip
+    s = run(specs, ["wikitext2:seqlen=128,max_windows=1"], str(stories_dir), tmp_path / "r", data_dir=data_dir,
+            progress=False, log=lambda *_: None)  # fmt: skip
+    ppl = {r["method"]: r for r in (json.loads(p.read_text()) for p in s.done)}
+    best_start = min(ppl[specs[0]]["metrics"]["nll"], ppl[specs[1]]["metrics"]["nll"])
+    assert ppl[specs[2]]["metrics"]["nll"] <= best_start + 1e-9
+    assert ppl[specs[2]]["kv"]["nominal_bits"] <= 7.0 + 1e-9
+    with pytest.raises(MethodSpecError, match="verify=-1 must be >= 0"):
+        build_method("moqae-oracle:verify=-1")
