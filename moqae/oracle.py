@@ -153,7 +153,10 @@ class MoQAEOracle(MoQAE):
     """Oracle allocation of MoQAE's experts per chunk and layer group (sees the window: upper bound)."""
 
     name = "moqae-oracle"
-    description = "upper bound: MoQAE's experts allocated per chunk from the window's own NLL gradients; budget"
+    description = (
+        "upper bound (sees the window): MoQAE's experts per chunk from the window's own NLL; budget, "
+        "estimate=first|measured, verify=N (a checked search; README: Does per-chunk mixing pay?)"
+    )
     report = ReportStyle("MoQAE oracle (upper bound)", "*", "C9", rank=91)
     report_sections = ("moqae.report:ANALYSIS",)
     oracle = True  # per instance: False with passes=0
