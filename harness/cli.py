@@ -51,7 +51,7 @@ def split_specs(values: Sequence[str] | None, registry: Registry | None = None) 
             if not part:
                 continue
             prev = specs[-1] if specs else ""
-            if "=" in part and ":" not in part and ":" in prev:
+            if "=" in part and ":" not in part.partition("=")[0] and ":" in prev:  # ckpt=C:/x.pt is an option
                 specs[-1] += "," + part
             elif (
                 registry is not None

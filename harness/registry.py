@@ -252,8 +252,8 @@ class Registry:
             open_spec = False  # the spec being read has a ':' (its options may continue)
             for part in value.split(","):
                 part = part.strip()
-                if not part or ("=" in part and ":" not in part and open_spec):
-                    continue
+                if not part or ("=" in part and ":" not in part.partition("=")[0] and open_spec):
+                    continue  # an option of the open spec (its value may hold a ':': ckpt=C:/r.pt)
                 name = part.partition(":")[0].strip()
                 if ":" not in part and open_spec and bare_items and name not in names:
                     continue

@@ -11,6 +11,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
+# The suite never needs the hub (mirrors, the embedded model, stand-ins): on a machine without network
+# a hub lookup would retry and log instead of failing at once, as CI's HF_HUB_OFFLINE=1 makes it do
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 
 def shared_models_dir() -> Path:
     return Path(os.environ.get("MOQAE_MODELS_DIR", SHARED / "models"))

@@ -14,6 +14,20 @@ from harness.interface import MethodSpecError, build_method
 
 def test_split_specs_keeps_options_together():
     assert split_specs(["fp16,int:bits=2,group=8,int4", "int8"]) == ["fp16", "int:bits=2,group=8", "int4", "int8"]
+    # an option value may hold a ':' (a Windows path): still an option of the spec before it
+    assert split_specs(["moqae:lam=0.5,ckpt=C:/r/router.safetensors,int4"]) == [
+        "moqae:lam=0.5,ckpt=C:/r/router.safetensors", "int4"]  # fmt: skip
+
+
+def test_names_are_checked_before_anything_is_imported():
+    from harness.registry import METHODS, TASKS
+
+    METHODS.check_names(["fp16,moqae:lam=0.5,ckpt=C:/r/router.safetensors,int:bits=2,group=8"])
+    TASKS.check_names(["wikitext2:seqlen=64,longbench:trec,samsum,lmeval:piqa,arc_easy,limit=5"], bare_items=True)
+    with pytest.raises(MethodSpecError, match="unknown method 'int5'; accepted: .*int4"):
+        METHODS.check_names(["kivi:bits=2,group=32,int5"])
+    with pytest.raises(MethodSpecError, match="unknown task 'wikitxt2'"):
+        TASKS.check_names(["longbench:trec,wikitxt2:seqlen=64"], bare_items=True)
 
 
 def test_build_method_options_and_variants():
