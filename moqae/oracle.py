@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from harness.integration import forward
 from harness.interface import MethodSpecError, ModelInfo, ReportStyle
-from moqae.method import FP16_BITS, MoQAE, MoQAEConfig
+from moqae.method import MoQAE, MoQAEConfig
 
 
 @dataclass
@@ -160,7 +160,6 @@ class MoQAEOracle(MoQAE):
     report = ReportStyle("MoQAE oracle (upper bound)", "*", "C9", rank=91)
     report_sections = ("moqae.report:ANALYSIS",)
     oracle = True  # per instance: False with passes=0
-    sweep_options = ("budget",)
     config_class = MoQAEOracleConfig
 
     def __init__(self, config: MoQAEOracleConfig | None = None, name: str | None = None):
@@ -172,18 +171,8 @@ class MoQAEOracle(MoQAE):
         self.last_probe: dict[str, Any] = {}  # the last window's probed NLLs per pass (for tests, analysis)
 
     @classmethod
-    def report_label(cls, label: str, config: dict[str, Any]) -> str:
-        return label
-
-    @classmethod
     def ablation_options(cls, config: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def needs_prepare(self) -> bool:
-        return False
-
-    def checkpoint_path(self, info: ModelInfo):
-        return None if self.config.ckpt == "random" else super().checkpoint_path(info)
+        return {}  # every option is part of the bound's setting (MoQAE's rule would count ckpt=random)
 
     def _uniform(self, expert: int, n_chunks: int) -> dict[int, torch.Tensor]:
         """Every routed slot at ``expert``, the first chunk at the top expert with RF."""
@@ -254,7 +243,8 @@ def slot_deltas(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tensor
         return nll, grad - grad.gather(2, cur[..., None])
     leaders, n_experts = sorted(forced), len(attached.method.expert_bits)
     n_chunks = forced[leaders[0]].shape[1]
-    slots = [(g, c, e) for g in range(len(leaders)) for c in range(n_chunks) for e in range(n_experts)
+    first = 1 if attached.method.config.freeze_first else 0  # the frozen first chunk is never moved
+    slots = [(g, c, e) for g in range(len(leaders)) for c in range(first, n_chunks) for e in range(n_experts)
              if int(forced[leaders[g]][0, c]) != e]  # fmt: skip
     with torch.no_grad():
         nll = window_nll(attached, ids, forced)
@@ -268,7 +258,8 @@ def cached_probe(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tenso
     """``slot_deltas``, remembered for the same model, method layout, window and allocation (a sweep
     over budgets probes each window once per linearisation point)."""
     cfg = attached.method.config
-    layout = (cfg.experts, cfg.chunk, cfg.value_group, cfg.freeze_first, cfg.share, estimate)
+    layout = (cfg.experts, cfg.chunk, cfg.value_group, cfg.freeze_first, cfg.share, estimate,
+              attached.info.n_layers, attached.info.hidden_size)  # fmt: skip
     alloc = tuple((k, tuple(v.flatten().tolist())) for k, v in sorted(forced.items()))
     key = (id(attached.model), layout, tuple(ids.flatten().tolist()), alloc)
     if key not in _PROBES:
@@ -278,7 +269,7 @@ def cached_probe(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tenso
     return _PROBES[key]
 
 
-def mean_bits(alloc: dict[int, torch.Tensor], bits: tuple[int, ...], weight: list[int]) -> float:
+def allocation_bits(alloc: dict[int, torch.Tensor], bits: tuple[int, ...], weight: list[int]) -> float:
     """Average expert bits of an allocation ({leader: [1, C]}, leaders ascending) over layers and chunks."""
     rows = [alloc[k][0] for k in sorted(alloc)]
     table = torch.tensor(bits, dtype=torch.float64)
@@ -298,7 +289,7 @@ def verified_search(attached: Any, ids: torch.Tensor, starts: list[tuple[float |
     best, best_nll = None, math.inf
     with torch.no_grad():
         for nll, alloc in starts:
-            if mean_bits(alloc, bits, weight) <= budget + 1e-9:
+            if allocation_bits(alloc, bits, weight) <= budget + 1e-9:
                 nll = window_nll(attached, ids, alloc) if nll is None else nll
                 if nll < best_nll:
                     best, best_nll = alloc, nll
@@ -327,7 +318,7 @@ def verified_search(attached: Any, ids: torch.Tensor, starts: list[tuple[float |
                     continue
                 cand = {k: v.clone() for k, v in best.items()}
                 cand[leaders[g]][0, c] = e
-                if mean_bits(cand, bits, weight) > budget + 1e-9:
+                if allocation_bits(cand, bits, weight) > budget + 1e-9:
                     continue
                 nll = window_nll(attached, ids, cand)
                 done += 1
@@ -371,31 +362,3 @@ def spearman(a: list[float], b: list[float]) -> float:
     ra, rb = ranks(a), ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / math.sqrt(float((ra * ra).sum() * (rb * rb).sum()) or 1.0))
-
-
-__all__ = ["FP16_BITS", "MoQAEOracle", "MoQAEOracleConfig", "allocate", "lower_hull", "measured_deltas"]
-
-
-def check_estimate(attached: Any, ids: torch.Tensor, n_slots: int, seed: int = 0) -> dict[str, Any]:
-    """The first-order estimate against the measured ΔNLL for ``n_slots`` random moves (slot, expert)
-    away from the uniform base allocation of ``attached.method`` on the window ``ids`` [1, T]."""
-    method: MoQAEOracle = attached.method
-    n_chunks = ids.shape[1] // method.config.chunk
-    base = method._uniform(method.expert_bits.index(method.config.base), n_chunks)
-    nll, first = slot_deltas(attached, ids, base, "first")
-    g_n, n_experts = len(base), len(method.expert_bits)
-    start = 1 if method.config.freeze_first else 0
-    moves = [(g, c, e) for g in range(g_n) for c in range(start, n_chunks) for e in range(n_experts)
-             if e != method.expert_bits.index(method.config.base)]  # fmt: skip
-    order = torch.randperm(len(moves), generator=torch.Generator().manual_seed(seed)).tolist()
-    picked = [moves[i] for i in order[:n_slots]]
-    measured = measured_deltas(attached, ids, base, picked, ref=nll)
-    rows = [{"group": g, "chunk": c, "to_bits": method.expert_bits[e], "first_order": float(first[g, c, e]),
-             "measured": m} for (g, c, e), m in zip(picked, measured, strict=True)]  # fmt: skip
-    by_bits: dict[str, float] = {}
-    for b in sorted({r["to_bits"] for r in rows}):
-        sel = [r for r in rows if r["to_bits"] == b]
-        if len(sel) > 2:
-            by_bits[str(b)] = spearman([r["first_order"] for r in sel], [r["measured"] for r in sel])
-    sign = sum((r["first_order"] > 0) == (r["measured"] > 0) for r in rows) / max(len(rows), 1)
-    return {"window_nll": nll, "rows": rows, "spearman_by_target_bits": by_bits, "sign_agreement": sign}
