@@ -25,8 +25,9 @@ def install(session: nox.Session, extras: str = "dev") -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The unit and end-to-end test suite (GPU-only tests skip without a GPU)."""
-    install(session)
+    """The unit and end-to-end test suite (GPU-only tests skip without a GPU; the Ray executor's tests
+    start a real local Ray cluster on 127.0.0.1)."""
+    install(session, "dev,ray")
     session.run("pytest", "-q", "-ra", *session.posargs)
 
 

@@ -7,9 +7,11 @@ missing dataset or model) prints one ``error:`` line and exits with code 2, neve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from harness.builtins import DEFAULT_TASK, REFERENCE_METHOD
 from harness.registry import METHODS, TASKS, MethodSpecError, Registry
@@ -92,27 +94,58 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_executor_args(p: argparse.ArgumentParser) -> None:
+    """``--executor`` and the Ray executor's resources (``run`` and ``reproduce``)."""
+    g = p.add_argument_group("executor (where the cells run)")
+    g.add_argument("--executor", default="local",
+                   help="local (default: one cell after another here), ray (a local Ray cluster on 127.0.0.1) "
+                        "or ray:ADDRESS (an existing cluster: auto, HOST:6379, ray://HOST:10001)")  # fmt: skip
+    g.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of a local Ray cluster (all)")
+    g.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs per cell = its torch threads (1)")
+    g.add_argument("--gpus-per-cell", type=float, default=0.0, help="GPUs per cell (0; 1 on a GPU cluster)")
+    g.add_argument("--memory-per-cell", type=float, default=None, help="GiB of memory Ray reserves per cell")
+    g.add_argument("--retries", type=int, default=1, help="Ray retries of a cell whose worker died (1)")
+    g.add_argument("--shard-samples", type=positive_int, default=1,
+                   help="split each cell of a shardable task (WikiText-2 windows) into N Ray tasks (1)")  # fmt: skip
+
+
+def executor(args: argparse.Namespace) -> Any:
+    """The executor the arguments ask for, as a context manager (``None`` inside for ``local``)."""
+    from harness.ray_executor import RayExecutor, parse_executor
+
+    address = parse_executor(args.executor)
+    if address is None or args.dry_run:  # a dry run computes nothing: no cluster
+        if args.shard_samples > 1:
+            raise ValueError("--shard-samples needs --executor ray (the local executor runs each cell in one piece)")
+        return contextlib.nullcontext(None)
+    return RayExecutor(address=address, num_cpus=args.num_cpus, cpus_per_cell=args.cpus_per_cell,
+                       gpus_per_cell=args.gpus_per_cell, memory_per_cell=args.memory_per_cell, retries=args.retries,
+                       shard_samples=args.shard_samples, progress=not args.no_progress)  # fmt: skip
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from harness.evaluation import TASKS
     from harness.runner import results_table, run
 
-    summary = run(
-        methods=split_specs(args.methods),
-        tasks=split_specs(args.tasks, TASKS),
-        model=args.model,
-        out_dir=args.out,
-        data_dir=args.data_dir,
-        device=args.device,
-        dtype=args.dtype,
-        force=args.force,
-        progress=not args.no_progress,
-        seqlen=args.seqlen,
-        max_windows=args.max_windows,
-        limit=args.limit,
-        max_length=args.max_length,
-        calibration_windows=args.calibration_windows,
-        dry_run=args.dry_run,
-    )
+    with executor(args) as ex:
+        summary = run(
+            methods=split_specs(args.methods),
+            tasks=split_specs(args.tasks, TASKS),
+            model=args.model,
+            out_dir=args.out,
+            data_dir=args.data_dir,
+            device=args.device,
+            dtype=args.dtype,
+            force=args.force,
+            progress=not args.no_progress,
+            seqlen=args.seqlen,
+            max_windows=args.max_windows,
+            limit=args.limit,
+            max_length=args.max_length,
+            calibration_windows=args.calibration_windows,
+            dry_run=args.dry_run,
+            executor=ex,
+        )
     if args.dry_run:
         print(f"dry run: {len(summary.planned)} cell(s) to compute, {len(summary.skipped)} already done")
         return 0
@@ -144,11 +177,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         for name in available_profiles():
             print(name)
         return 0
-    summary = reproduce(
-        args.profile, out=args.out, report=args.report, data_dir=args.data_dir,
-        models=split_specs(args.models) or None, device=args.device, dtype=args.dtype,
-        calibration_windows=args.calibration_windows, progress=not args.no_progress, dry_run=args.dry_run,
-    )  # fmt: skip
+    with executor(args) as ex:
+        summary = reproduce(
+            args.profile, out=args.out, report=args.report, data_dir=args.data_dir,
+            models=split_specs(args.models) or None, device=args.device, dtype=args.dtype,
+            calibration_windows=args.calibration_windows, progress=not args.no_progress, dry_run=args.dry_run,
+            executor=ex,
+        )  # fmt: skip
     print(summary.text())
     return 1 if summary.failed else 0
 
@@ -235,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="recompute records that already exist")
     r.add_argument("--dry-run", action="store_true", help="check everything, list the cells; compute nothing")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_executor_args(r)
     r.set_defaults(fn=_cmd_run)
     rep = sub.add_parser("report", help="every table and plot of run records and profile files, README.md index")
     rep.add_argument("results_dirs", nargs="*", metavar="RESULTS_DIR", help="folders (or files) of records")
@@ -256,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--list-profiles", action="store_true", help="list the shipped profiles")
     rp.add_argument("--dry-run", action="store_true", help="check everything, list the cells; compute nothing")
     rp.add_argument("--no-progress", action="store_true")
+    add_executor_args(rp)
     rp.set_defaults(fn=_cmd_reproduce)
     prof = sub.add_parser("profile", help="prefill / decode latency, KV bytes, peak memory, ratios to a reference")
     prof.add_argument("--methods", action="append", required=True, help="comma-separated method specs")
@@ -288,7 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         TASKS.check_names(getattr(args, "tasks", None), bare_items=True)
         if args.command == "profile":
             METHODS.check_names([args.reference])
-    except MethodSpecError as e:
+        if hasattr(args, "executor"):  # Ray missing, a bad --executor: before torch too
+            from harness.ray_executor import parse_executor
+
+            parse_executor(args.executor)
+    except (MethodSpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     from harness.data import MissingDataError

@@ -46,6 +46,9 @@ class Task(ABC):
     refuses_random_weights: ClassVar[bool] = False
     #: its evaluation calls ``method.see_window`` for oracle methods (``KVCacheMethod.oracle``)
     supports_oracles: ClassVar[bool] = False
+    #: its work splits into parts (``evaluate_shard``) that ``merge_shards`` joins into the record one
+    #: ``evaluate`` gives, metrics identical (the Ray executor's ``--shard-samples``)
+    shardable: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, name: str | None = None):
         self.config = config if config is not None else self.config_class()
@@ -71,6 +74,14 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]: ...
+
+    def evaluate_shard(self, ctx: TaskContext, index: int, count: int) -> dict[str, Any]:
+        """Part ``index`` of ``count`` of the evaluation (JSON-able; only where ``shardable``)."""
+        raise NotImplementedError(f"{self.name} does not split into shards")
+
+    def merge_shards(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """What ``evaluate`` returns, from every part of ``evaluate_shard`` in order."""
+        raise NotImplementedError(f"{self.name} does not split into shards")
 
 
 TASKS = _registry.TASKS

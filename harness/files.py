@@ -222,18 +222,52 @@ def calibration_cache_path(
     return cache_root() / "calibration" / f"{kind}-{_slug(model_name)}-{h.hexdigest()[:16]}.pt"
 
 
+#: while :func:`recording_calibration` is active: the artefacts saved or loaded, in order
+_calibration_files: list[list[Path]] = []
+
+
 def save_calibration(path: Path, obj: Any) -> None:
     """Store a calibration artefact (tensors in lists / dicts) atomically."""
     torch_save_atomic(path, obj)
+    for files in _calibration_files:
+        files.append(Path(path))
 
 
 def load_calibration(path: Path) -> Any | None:
     """A stored calibration artefact on the CPU, or None if the file is missing or unreadable
     (the caller then recalibrates; it also checks that the content has the expected structure)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
         return None
+    for files in _calibration_files:
+        files.append(Path(path))
+    return obj
+
+
+class recording_calibration:  # noqa: N801 - used as a context manager, like contextlib's
+    """``with recording_calibration() as files:`` -> the calibration artefacts saved or loaded inside
+    (``files``, a list of paths under ``<cache root>/calibration``), so that a calibration computed in
+    one process can be handed to another (the Ray executor's calibration step)."""
+
+    def __enter__(self) -> list[Path]:
+        self.files: list[Path] = []
+        _calibration_files.append(self.files)
+        return self.files
+
+    def __exit__(self, *exc: Any) -> None:
+        _calibration_files.remove(self.files)
+
+
+def install_calibration(files: dict[str, bytes]) -> None:
+    """Write calibration artefacts (file name -> bytes, as :func:`recording_calibration` found them)
+    into this machine's ``<cache root>/calibration`` where they are missing; ``load_calibration``
+    still checks what it reads."""
+    folder = cache_root() / "calibration"
+    for name, data in files.items():
+        target = folder / Path(name).name  # a bare file name: nothing is written outside the folder
+        if not target.exists():
+                replace_atomic(target, lambda f, data=data: f.write(data))
 
 
 # --------------------------------------------------------------------------------------------

@@ -331,22 +331,33 @@ def prepare_methods(
 def run_stage(
     stage: RunStage, model: str, methods: list[str], out: Path, data_dir: Any, device: str | None,
     dtype: str | None, calibration_windows: int | None, summary: ReproduceSummary, progress: bool, log: Any,
-) -> list[Path]:  # fmt: skip
-    """One ``[[run]]`` on one model through the runner; returns the record files it touched."""
-    from harness.runner import CALIBRATION_WINDOWS, load_record, run
+    executor: Any = None,
+) -> Any:  # fmt: skip
+    """One ``[[run]]`` on one model through the runner; returns its ``RunSummary`` (None: it could not
+    start, listed as failed). With a deferring executor the cells are only submitted: call
+    :func:`stage_outcomes` once it has drained."""
+    from harness.runner import CALIBRATION_WINDOWS, run
 
     log(f"== {stage.name}: {model}, {len(methods)} method(s) x {', '.join(stage.tasks)}")
     try:
-        s = run(
+        return run(
             methods, stage.tasks, model, out, data_dir=data_dir, device=device, dtype=dtype, progress=progress,
             log=log, calibration_windows=calibration_windows or CALIBRATION_WINDOWS, skip_unsupported=True,
-            **stage.options,
+            executor=executor, **stage.options,
         )  # fmt: skip
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - a stage that cannot start is listed, the others go on
         summary.add(stage.name, model, "(all cells)", "failed", reason=_reason(e))
         log(f"FAILED {stage.name} on {model}: {_reason(e)}")
+        return None
+
+
+def stage_outcomes(stage: RunStage, model: str, s: Any, summary: ReproduceSummary) -> list[Path]:
+    """A finished stage's cells into the summary; returns the record files it touched."""
+    from harness.runner import load_record
+
+    if s is None:
         return []
 
     def cell(path: Path) -> str:
@@ -451,6 +462,20 @@ def profile_stage(
     del lm
     gc.collect()
     return path
+
+
+def profile_models(
+    stage: ProfileStage | None, models: list[tuple[str, list[str]]], out: Path, device: str | None,
+    dtype: str | None, summary: ReproduceSummary, progress: bool, log: Any,
+) -> list[Path]:  # fmt: skip
+    """The profile stage on each (model, method specs); returns the profile files written."""
+    files = []
+    for model, methods in models:
+        path = out / f"profile__{_slug(model)}.json"
+        done = profile_stage(stage, model, methods, path, device, dtype, summary, progress, log)
+        if done is not None:
+            files.append(done)
+    return files
 
 
 def dry_run_profile(
@@ -579,10 +604,13 @@ def reproduce(
     progress: bool = True,
     log: Any = print,
     dry_run: bool = False,
+    executor: Any = None,
 ) -> ReproduceSummary:
     """Run a profile (see the module docstring); defaults: ``results/reproduce/<name>`` and
     ``reports/reproduce/<name>``. ``dry_run``: check everything, list the cells (done / todo) and the
-    profile's own cost estimate; load and compute nothing."""
+    profile's own cost estimate; load and compute nothing. ``executor`` (``harness.ray_executor``):
+    every run stage's cells are submitted to it before any is waited on; the profile stage, which
+    times the methods, runs here afterwards, alone."""
     from harness.reports import write_report
     from harness.runner import invocation
 
@@ -599,6 +627,9 @@ def reproduce(
     preflight_profile(prof, models, prof_models, data_dir, device, out, report_dir)
     if dry_run:
         return dry_run_profile(prof, models, out, data_dir, device, dtype, cw, summary, log)
+    if executor is not None:
+        executor.defer = True
+    submitted, profiles = [], []
     for model in dict.fromkeys([*models, *prof_models]):
         specs = [m for r in prof.runs for m in r.methods] if model in models else []
         if prof.profile and model in prof_models:
@@ -607,13 +638,21 @@ def reproduce(
         if model in models:
             for stage in prof.runs:
                 methods = [routers.get(m, m) for m in stage.methods]
-                files += run_stage(stage, model, methods, out, data_dir, device, dtype, cw, summary, progress, log)
+                s = run_stage(stage, model, methods, out, data_dir, device, dtype, cw, summary, progress, log,
+                              executor)  # fmt: skip
+                if executor is None:
+                    files += stage_outcomes(stage, model, s, summary)
+                else:
+                    submitted.append((stage, model, s))
         if prof.profile and model in prof_models:
-            path = out / f"profile__{_slug(model)}.json"
-            methods = [routers.get(m, m) for m in prof.profile.methods]
-            done = profile_stage(prof.profile, model, methods, path, device, dtype, summary, progress, log)
-            if done is not None:
-                files.append(done)
+            profiles.append((model, [routers.get(m, m) for m in prof.profile.methods]))
+            if executor is None:
+                files += profile_models(prof.profile, profiles[-1:], out, device, dtype, summary, progress, log)
+    if executor is not None:
+        executor.drain()
+        for stage, model, s in submitted:
+            files += stage_outcomes(stage, model, s, summary)
+        files += profile_models(prof.profile, profiles, out, device, dtype, summary, progress, log)
     summary.seconds = time.perf_counter() - t0
     if files:
         title = f"Reproduce: profile {prof.name}" + (f" — {prof.description}" if prof.description else "")

@@ -202,29 +202,24 @@ def _distinct(items: list[Any]) -> list[Any]:
     return list(seen.values())
 
 
-def run(
-    methods: list[str],
-    tasks: list[str],
-    model: str,
-    out_dir: str | Path,
-    data_dir: str | Path | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-    log: Any = print,
-    calibration_windows: int = CALIBRATION_WINDOWS,
-    skip_unsupported: bool = False,
-    dry_run: bool = False,
-    **task_overrides: Any,
-) -> RunSummary:
-    """``dry_run``: check everything, list the cells (done / todo), load and compute nothing.
-    ``skip_unsupported``: a method the model cannot run (``check_model`` fails: a group that does
-    not divide head_dim, no MoQAE router for this model) gets failed records with the reason and the
-    sweep goes on with the others; without it (the CLI) the whole run stops before any work."""
+@dataclass
+class Cell:
+    """One (method, task) cell of a run on one model: its record key and the file it is written to."""
+
+    method: KVCacheMethod
+    task: Task
+    key: dict[str, Any]
+    path: Path
+
+
+def check_run(
+    methods: list[str], tasks: list[str], model: str, out: Path, data_dir: str | Path | None, device: str | None,
+    calibration_windows: int, **task_overrides: Any,
+) -> tuple[list[KVCacheMethod], list[Task], Path | None, torch.device]:  # fmt: skip
+    """Everything ``run`` checks before a model is loaded (specs, random weights, oracles, the device,
+    ``--out``, data); returns the method and task objects, the data folder and the device."""
     if calibration_windows < 1:
         raise MethodSpecError(f"calibration_windows={calibration_windows} must be >= 1")
-    out = Path(out_dir)
     method_objs, task_objs = build_all(methods, tasks, **task_overrides)
     data = resolve_data_dir(data_dir)
     refused = [t.name for t in task_objs if t.refuses_random_weights]
@@ -241,16 +236,106 @@ def run(
     problems = preflight(method_objs, task_objs, model, data)
     if problems:
         raise MissingDataError(" | ".join(problems))
-    if dry_run:  # the cells and what is already there; no model is loaded
-        dtype_name = str(parse_dtype(dtype) or default_dtype(dev)).removeprefix("torch.")
+    return method_objs, task_objs, data, dev
+
+
+def plan_cells(
+    method_objs: list[KVCacheMethod], task_objs: list[Task], model: str, out: Path, dev: torch.device,
+    dtype: str | None, calibration_windows: int,
+) -> list[Cell]:  # fmt: skip
+    """The cells of a run, method by method, keyed as the runner keys them once the model is loaded
+    (the dtype is the one asked for, else the device's default)."""
+    dtype_name = str(parse_dtype(dtype) or default_dtype(dev)).removeprefix("torch.")
+    cells = []
+    for method in method_objs:
+        for task in task_objs:
+            key = record_key(model_id(model), dtype_name, dev.type, method, task, calibration_windows)
+            cells.append(Cell(method, task, key, record_path(out, key, method.label)))
+    return cells
+
+
+def base_record(key: dict[str, Any], method: KVCacheMethod, task: Task, env: dict[str, Any], **extra: Any) -> dict:
+    """The fields every record of a cell starts with (finished or failed)."""
+    return {"key": key, "model": key["model"], "method": method.label, "task": task.label,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"), "command": invocation(), "environment": env,
+            **extra}  # fmt: skip
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def evaluate_cell(task: Task, ctx: TaskContext, record: dict[str, Any]) -> tuple[dict[str, Any], list | None]:
+    """Run ``task`` in ``ctx``: the finished record and its per-sample detail, or the failed record
+    (with its reason) when the task raises. Both executors compute a cell through this."""
+    w0 = time.perf_counter()
+    try:
+        result = task.evaluate(ctx)
+    except (MissingDataError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # a failed cell is recorded and the sweep goes on
+        if isinstance(e, torch.OutOfMemoryError):
+            reason = "out of memory: " + str(e).splitlines()[0]
+        else:
+            reason = f"{type(e).__name__}: {e}"
+        return {**record, "status": "failed", "reason": reason, "traceback": traceback.format_exc()}, None
+    samples = result.pop("samples", None)
+    return {**record, "status": "done", "wall_seconds": time.perf_counter() - w0, **result}, samples
+
+
+def write_cell(path: Path, record: dict[str, Any], samples: list | None = None) -> None:
+    """Write a cell's record atomically; per-sample detail (inputs' lengths, outputs, scores) goes to a
+    side file first, named in the record, so that a record never points at a missing file."""
+    if samples is not None:
+        side = path.with_suffix(".samples.jsonl")
+        write_text_atomic(side, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        record = {**record, "samples_file": side.name}
+    write_json_atomic(path, record)
+
+
+def run(
+    methods: list[str],
+    tasks: list[str],
+    model: str,
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Any = print,
+    calibration_windows: int = CALIBRATION_WINDOWS,
+    skip_unsupported: bool = False,
+    dry_run: bool = False,
+    executor: Any = None,
+    **task_overrides: Any,
+) -> RunSummary:
+    """``dry_run``: check everything, list the cells (done / todo), load and compute nothing.
+    ``skip_unsupported``: a method the model cannot run (``check_model`` fails: a group that does
+    not divide head_dim, no MoQAE router for this model) gets failed records with the reason and the
+    sweep goes on with the others; without it (the CLI) the whole run stops before any work.
+    ``executor``: None computes the cells here, one after another; an executor object (e.g.
+    ``harness.ray_executor.RayExecutor``) gets the cells still to do and computes them elsewhere."""
+    out = Path(out_dir)
+    method_objs, task_objs, data, dev = check_run(
+        methods, tasks, model, out, data_dir, device, calibration_windows, **task_overrides
+    )
+    if dry_run or executor is not None:  # the cells and what is already there; no model is loaded here
         summary = RunSummary()
-        for method in method_objs:
-            for task in task_objs:
-                key = record_key(model_id(model), dtype_name, dev.type, method, task, calibration_windows)
-                path = record_path(out, key, method.label)
-                done = not force and is_complete(load_record(path), key)
-                (summary.skipped if done else summary.planned).append(path)
-                log(f"{'done' if done else 'todo'}  {method.label} / {task.label} -> {path}")
+        todo = []
+        for cell in plan_cells(method_objs, task_objs, model, out, dev, dtype, calibration_windows):
+            done = not force and is_complete(load_record(cell.path), cell.key)
+            (summary.skipped if done else summary.planned).append(cell.path)
+            if dry_run:
+                log(f"{'done' if done else 'todo'}  {cell.method.label} / {cell.task.label} -> {cell.path}")
+            elif done:
+                log(f"skip {cell.path.name} (exists)")
+            else:
+                todo.append(cell)
+        if executor is not None and not dry_run:
+            summary.planned = []
+            executor.run_cells(model, todo, data, device=device, dtype=dtype, calibration_windows=calibration_windows,
+                               summary=summary, log=log)  # fmt: skip
         return summary
     t0 = time.perf_counter()
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
@@ -278,10 +363,7 @@ def run(
                 if not force and is_complete(load_record(path), key):
                     summary.skipped.append(path)
                     continue
-                failed = {"key": key, "model": name, "method": method.label, "task": task.label,
-                          "created": datetime.now(UTC).isoformat(timespec="seconds"), "command": invocation(),
-                          "environment": env, "status": "failed", "reason": reason}  # fmt: skip
-                write_json_atomic(path, failed)
+                write_json_atomic(path, base_record(key, method, task, env, status="failed", reason=reason))
                 summary.failed.append((path, reason))
                 log(f"FAILED {method.label} / {task.label}: {reason}")
             continue
@@ -314,61 +396,32 @@ def run(
             except (MissingDataError, KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:
-                reason = " ".join(f"{type(e).__name__}: {e}".split())
+                reason = one_line(e)
                 for task, key, path in todo:
-                    failed = {"key": key, "model": name, "method": method.label, "task": task.label,
-                              "created": datetime.now(UTC).isoformat(timespec="seconds"), "command": invocation(),
-                              "environment": env, "status": "failed", "reason": reason,
-                              "traceback": traceback.format_exc()}  # fmt: skip
+                    failed = base_record(key, method, task, env, status="failed", reason=reason,
+                                         traceback=traceback.format_exc())  # fmt: skip
                     write_json_atomic(path, failed)
                     summary.failed.append((path, reason))
                     log(f"FAILED {method.label} / {task.label}: {reason}")
                 continue
             for task, key, path in todo:
-                record: dict[str, Any] = {
-                    "key": key,
-                    "model": name,
-                    "method": method.label,
-                    "task": task.label,
-                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "command": invocation(),
-                    "environment": env,
-                    "model_load_seconds": load_seconds,
-                    "calibration_seconds": calib_seconds,
-                }
+                record = base_record(key, method, task, env, model_load_seconds=load_seconds,
+                                     calibration_seconds=calib_seconds)  # fmt: skip
                 if method.needs_calibration:
                     record["calibration_windows"] = calibration_windows
                 if method.oracle:
                     record["oracle"] = True  # it saw the evaluation windows: an upper bound
-                w0 = time.perf_counter()
-                try:
-                    checkpoint = path.with_suffix(".partial.jsonl")
-                    ctx = TaskContext(lm, tokenizer, attached, data, progress=progress, checkpoint=checkpoint)
-                    result = task.evaluate(ctx)
-                except MissingDataError:
-                    raise
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as e:  # a failed cell is recorded and the sweep goes on
-                    if isinstance(e, torch.OutOfMemoryError):
-                        reason = "out of memory: " + str(e).splitlines()[0]
-                    else:
-                        reason = f"{type(e).__name__}: {e}"
-                    record.update(status="failed", reason=reason, traceback=traceback.format_exc())
-                    write_json_atomic(path, record)
-                    summary.failed.append((path, reason))
-                    log(f"FAILED {method.label} / {task.label}: {reason}")
+                checkpoint = path.with_suffix(".partial.jsonl")
+                ctx = TaskContext(lm, tokenizer, attached, data, progress=progress, checkpoint=checkpoint)
+                record, samples = evaluate_cell(task, ctx, record)
+                write_cell(path, record, samples)
+                if record["status"] != "done":
+                    summary.failed.append((path, record["reason"]))
+                    log(f"FAILED {method.label} / {task.label}: {record['reason']}")
                     continue
-                samples = result.pop("samples", None)
-                if samples is not None:  # per-sample detail (inputs' lengths, outputs, scores) in a side file
-                    side = path.with_suffix(".samples.jsonl")
-                    write_text_atomic(side, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-                    record["samples_file"] = side.name
-                record.update(status="done", wall_seconds=time.perf_counter() - w0, **result)
-                write_json_atomic(path, record)
                 checkpoint.unlink(missing_ok=True)  # the record now holds every sample
                 summary.done.append(path)
-                log(f"done {method.label} / {task.label}: {_fmt_metrics(result['metrics'])} -> {path.name}")
+                log(f"done {method.label} / {task.label}: {_fmt_metrics(record['metrics'])} -> {path.name}")
     return summary
 
 

@@ -74,6 +74,7 @@ class WikiText2(Task):
     description = "WikiText-2 (raw) test perplexity, non-overlapping windows of seqlen tokens"
     refuses_random_weights = True
     supports_oracles = True
+    shardable = True
     report_sections = ("tasks.wikitext2_report:PERPLEXITY",)
     config_class = WikiText2Config
     _ids_cache: dict[tuple[int, str], torch.Tensor] = {}
@@ -88,12 +89,16 @@ class WikiText2(Task):
             self._ids_cache[key] = ctx.tokenizer(text, return_tensors="pt").input_ids[0]
         return self._ids_cache[key]
 
-    @torch.no_grad()
     def evaluate(self, ctx: TaskContext) -> dict:
+        return self.merge_shards([self.evaluate_shard(ctx, 0, 1)])
+
+    @torch.no_grad()
+    def evaluate_shard(self, ctx: TaskContext, index: int, count: int) -> dict:
+        """Windows ``[index * W // count, (index + 1) * W // count)`` of the W windows, one entry each."""
         windows = token_windows(self.token_ids(ctx), self.config.seqlen, self.config.max_windows)
+        windows = windows[index * len(windows) // count : (index + 1) * len(windows) // count]
         device = next(ctx.model.parameters()).device
-        total_nll, total_tokens, memory, layer_stats, nonfinite = 0.0, 0, None, None, 0
-        bits: list[tuple[float, float, int]] = []  # per window: nominal bits, effective bits, bytes
+        per_window, total_nll, total_tokens = [], 0.0, 0
         start = time.perf_counter()
         bar = tqdm(windows, desc=f"wikitext2 {ctx.attached.method.label}", disable=not ctx.progress, leave=False)
         for window in bar:
@@ -104,16 +109,25 @@ class WikiText2(Task):
             cache = ctx.attached.new_cache()
             logits = window_logits(ctx.model, ids, cache, self.config.prefill_chunk)
             nll, n = window_nll(logits, ids)
-            total_nll, total_tokens = total_nll + nll, total_tokens + n
             memory = cache.memory()
-            nonfinite += memory.nonfinite_kv
-            bits.append((memory.nominal_bits, memory.effective_bits, memory.total_bytes))
-            layer_stats = add_stats(layer_stats, cache.layer_stats())
+            per_window.append({"nll": nll, "tokens": n, "kv": memory.as_dict(), "layer_stats": cache.layer_stats()})
+            total_nll, total_tokens = total_nll + nll, total_tokens + n
             bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+        return {"windows": per_window, "eval_seconds": time.perf_counter() - start}
+
+    def merge_shards(self, parts: list[dict]) -> dict:
+        """The record of the whole split from its shards, in order: sums window by window, as one pass does."""
+        windows = [w for part in parts for w in part["windows"]]
+        total_nll, total_tokens, nonfinite, layer_stats = 0.0, 0, 0, None
+        for w in windows:
+            total_nll, total_tokens = total_nll + w["nll"], total_tokens + w["tokens"]
+            nonfinite += w["kv"]["nonfinite_kv"]
+            layer_stats = add_stats(layer_stats, w["layer_stats"])
+        bits = [(w["kv"]["nominal_bits"], w["kv"]["effective_bits"], w["kv"]["total_bytes"]) for w in windows]
         return {
             "metrics": {"ppl": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens},
             # one window's cache (all windows have seqlen tokens); non-finite K/V counted over all windows
-            "kv": {**memory.as_dict(), "nonfinite_kv": nonfinite},
+            "kv": {**windows[-1]["kv"], "nonfinite_kv": nonfinite},
             # the mean over windows (methods whose allocation varies by window: routers, oracles)
             "kv_windows_mean": {
                 k: sum(b[i] for b in bits) / len(bits)
@@ -121,6 +135,6 @@ class WikiText2(Task):
             },  # fmt: skip
             "windows": len(windows),
             "tokens": total_tokens,
-            "eval_seconds": time.perf_counter() - start,
+            "eval_seconds": sum(part["eval_seconds"] for part in parts),
             "layer_stats": layer_stats if any(layer_stats) else None,
         }

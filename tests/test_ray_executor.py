@@ -1,0 +1,186 @@
+"""``--executor ray`` on a real local Ray cluster (127.0.0.1 only, 2 CPUs): records identical in metrics
+to the serial executor, shards merged to the same record, a worker killed with ``kill -9`` mid-cell
+leaves a failed or a retried cell (never a torn record) and a re-run computes only what is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.ray_executor import RAY_MISSING, RayExecutor
+from harness.runner import is_complete, load_record, run
+
+ray = pytest.importorskip("ray", reason="the Ray executor's tests need the [ray] extra (nox -s tests installs it)")
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = "wikitext2:seqlen=128,max_windows=4"
+QUIET = {"progress": False, "log": lambda *_: None}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real local cluster: 2 worker CPUs, bound to 127.0.0.1, stopped at the end of the module."""
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def metrics(out: Path) -> dict[str, dict]:
+    recs = [load_record(p) for p in sorted(out.glob("*.json"))]
+    return {r["method"]: r["metrics"] for r in recs if is_complete(r)}
+
+
+def assert_no_torn_files(out: Path) -> None:
+    for p in out.iterdir():
+        assert not p.name.endswith((".tmp", ".claim")), p.name  # no temporary, no claim left behind
+        if p.suffix == ".json":
+            assert isinstance(json.loads(p.read_text()), dict)  # every record parses
+
+
+def test_records_identical_to_serial_and_shards_merge_to_the_same_record(cluster, tmp_path, stories_dir, data_dir):
+    import torch
+
+    # KVQuant calibrates: with 2 shards its calibration is a Ray task of its own the shards depend on
+    methods = ["fp16", "int4", "kivi:bits=2,group=4,residual=8", "kvquant-4b"]
+    serial, whole, sharded = tmp_path / "serial", tmp_path / "ray", tmp_path / "sharded"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count (--cpus-per-cell 1)
+    try:
+        run(methods, [TASK], str(stories_dir), serial, data_dir=data_dir, calibration_windows=2, **QUIET)
+    finally:
+        torch.set_num_threads(threads)
+    with RayExecutor(progress=False) as ex:
+        s = run(methods, [TASK], str(stories_dir), whole, data_dir=data_dir, calibration_windows=2, executor=ex,
+                **QUIET)  # fmt: skip
+    assert len(s.done) == 4 and not s.failed
+    with RayExecutor(shard_samples=2, progress=False) as ex:
+        run(methods, [TASK], str(stories_dir), sharded, data_dir=data_dir, calibration_windows=2, executor=ex, **QUIET)
+    want = metrics(serial)
+    assert len(want) == 4
+    assert metrics(whole) == want  # to the last digit
+    assert metrics(sharded) == want
+    for p in sorted(sharded.glob("*.json")):
+        rec, ref = load_record(p), load_record(serial / p.name)  # the same file names: the same keys
+        assert rec["shards"] == 2 and rec["windows"] == ref["windows"] == 4
+        assert rec["kv"] == ref["kv"] and rec["kv_windows_mean"] == ref["kv_windows_mean"]
+        assert rec["layer_stats"] == ref["layer_stats"]
+        assert {w["shard"][0] for w in rec["worker"]} == {0, 1}
+    assert_no_torn_files(sharded)
+    # a re-run submits nothing
+    with RayExecutor(progress=False) as ex:
+        again = run(methods, [TASK], str(stories_dir), whole, data_dir=data_dir, calibration_windows=2, executor=ex,
+                    **QUIET)  # fmt: skip
+    assert not again.done and len(again.skipped) == 4
+
+
+class SlowFP16:
+    """fp16 (same name, options and record key) whose first try writes its worker's pid where the test
+    waits for it and sleeps, so that the test kills the worker mid-cell; a retry (the marker is there)
+    runs as plain fp16."""
+
+    marker: str = ""
+
+    def attach(self, model, info):
+        marker = Path(self.marker)
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            time.sleep(60)
+        return super().attach(model, info)
+
+
+def kill_when_started(marker: Path, timeout: float = 120) -> int:
+    t0 = time.monotonic()
+    while not (marker.exists() and marker.read_text()):
+        assert time.monotonic() - t0 < timeout, "the slow cell never started"
+        time.sleep(0.05)
+    pid = int(marker.read_text())
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_worker_killed_mid_cell_leaves_a_failed_or_retried_cell_and_a_rerun_completes_it(
+    cluster, tmp_path, stories_dir, data_dir, retries
+):
+    import threading
+
+    import ray.cloudpickle
+    import torch
+
+    from baselines.uniform import FP16
+    from harness.evaluation import build_task
+    from harness.interface import build_method
+    from harness.runner import RunSummary, plan_cells
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
+    out, marker = tmp_path / "out", tmp_path / "started"
+    slow = type("SlowFP16", (SlowFP16, FP16), {"marker": str(marker)})()
+    cells = plan_cells([slow, build_method("int4")], [build_task(TASK)], str(stories_dir), out, torch.device("cpu"),
+                       None, 16)  # fmt: skip
+    fp16_path, int4_path = (c.path for c in cells)
+    assert fp16_path.name == run(["fp16"], [TASK], str(stories_dir), out, data_dir=data_dir, dry_run=True,
+                                 **QUIET).planned[0].name  # the slow method keys its cell as fp16  # fmt: skip
+    killed: list[int] = []
+    killer = threading.Thread(target=lambda: killed.append(kill_when_started(marker)), daemon=True)
+    killer.start()
+    summary = RunSummary()
+    with RayExecutor(retries=retries, progress=False) as ex:
+        ex.run_cells(str(stories_dir), cells, data_dir, None, None, 16, summary, QUIET["log"])
+    killer.join(timeout=5)
+    assert killed, "the worker was not killed"
+    assert_no_torn_files(out)
+    assert summary.done[-1:] == [int4_path] or int4_path in summary.done
+    rec = load_record(fp16_path)
+    if retries:  # Ray retried the cell on another worker: finished, same key
+        assert is_complete(rec, cells[0].key) and rec["worker"]["pid"] != killed[0]
+        return
+    assert rec["status"] == "failed" and "died" in rec["reason"].lower(), rec["reason"]
+    assert [p for p, _ in summary.failed] == [fp16_path]
+    with RayExecutor(progress=False) as ex:  # the re-run computes only the missing cell
+        again = run(["fp16", "int4"], [TASK], str(stories_dir), out, data_dir=data_dir, executor=ex, **QUIET)
+    assert again.done == [fp16_path] and again.skipped == [int4_path]
+    assert is_complete(load_record(fp16_path), cells[0].key)
+    assert_no_torn_files(out)
+
+
+def test_cli_run_on_a_local_cluster(tmp_path, stories_dir, data_dir):
+    """``python -m harness run --executor ray`` starts its own local cluster, writes the records, stops."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "harness", "run", "--methods", "fp16,int2", "--tasks", TASK, "--model",
+           str(stories_dir), "--data-dir", str(data_dir), "--out", str(out), "--executor", "ray", "--num-cpus", "2",
+           "--no-progress"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "summary: 2 done, 0 skipped, 0 failed" in p.stdout
+    assert set(metrics(out)) == {"fp16", "int2"}
+
+
+def test_without_ray_one_line_exit_2_before_torch(tmp_path):
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from harness.cli import main\n"
+        "rc = main(['run', '--methods', 'fp16', '--executor', 'ray', '--out', sys.argv[1]])\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
+                       timeout=60)  # fmt: skip
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"error: {RAY_MISSING}"]
+    assert p.stdout.strip() == "no torch"
+
+
+def test_bad_executor_and_shards_without_ray_are_one_line_errors(tmp_path):
+    from harness.cli import main
+
+    assert main(["run", "--methods", "fp16", "--executor", "dask", "--out", str(tmp_path)]) == 2
+    assert main(["run", "--methods", "fp16", "--shard-samples", "2", "--out", str(tmp_path), "--model",
+                 "no/such"]) == 2  # fmt: skip
