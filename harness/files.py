@@ -267,7 +267,7 @@ def install_calibration(files: dict[str, bytes]) -> None:
     for name, data in files.items():
         target = folder / Path(name).name  # a bare file name: nothing is written outside the folder
         if not target.exists():
-                replace_atomic(target, lambda f, data=data: f.write(data))
+            replace_atomic(target, lambda f, data=data: f.write(data))
 
 
 # --------------------------------------------------------------------------------------------

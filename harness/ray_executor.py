@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RAY_MISSING = "--executor ray needs Ray, an optional extra: pip install 'moqae-harness[ray]' (or pip install 'ray>=2.40')"
+RAY_MISSING = "--executor ray needs Ray, an optional extra: pip install 'moqae-harness[ray]' (or 'ray>=2.40')"
 
 
 def parse_executor(text: str) -> str | None:
@@ -240,8 +240,8 @@ class RayExecutor:
         import ray
 
         from harness.env import environment
-        from harness.runner import invocation
         from harness.files import claim
+        from harness.runner import invocation
 
         cell_remote, calib_remote = ray.remote(cell_worker), ray.remote(calibration_worker)
         threads = max(1, int(self.cpus_per_cell))
@@ -273,8 +273,9 @@ class RayExecutor:
                 calibration[mid] = self._options(calib_remote, f"calibrate {cell.method.label}").remote(job)
             calib = calibration.get(mid)
             n = shards[id(cell)]
+            name = f"{cell.method.label} / {cell.task.label}"
             refs = [
-                self._options(cell_remote, f"{cell.method.label} / {cell.task.label}" + (f" [{i + 1}/{n}]" if n > 1 else ""))
+                self._options(cell_remote, name + (f" [{i + 1}/{n}]" if n > 1 else ""))
                 .remote({**job, "shard": (i, n) if n > 1 else None}, calib)
                 for i in range(n)
             ]  # fmt: skip
