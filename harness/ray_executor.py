@@ -145,13 +145,15 @@ def cell_worker(job: dict[str, Any], calibration: dict[str, Any] | None = None) 
             install_calibration((calibration or {}).get("files", {}))
             attached.calibrate(_calibration_batches(job, tokenizer))
             record["calibration_seconds"] = (calibration or {}).get("seconds", time.perf_counter() - c0)
-        checkpoint = Path(tempfile.gettempdir()) / "moqae-harness-cells" / (job["path_name"] + ".partial.jsonl")
+        part = f".shard{job['shard'][0]}of{job['shard'][1]}" if job["shard"] else ""
+        checkpoint = Path(tempfile.gettempdir()) / "moqae-harness-cells" / f"{job['path_name']}{part}.partial.jsonl"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)  # this worker's own: a retry here resumes from it
         ctx = TaskContext(lm, tokenizer, attached, job["data_dir"], progress=False, checkpoint=checkpoint)
         if job["shard"]:
             w0 = time.perf_counter()
-            part = task.evaluate_shard(ctx, *job["shard"])
-            return {"record": {**record, "wall_seconds": time.perf_counter() - w0}, "part": part, "samples": None}
+            result = task.evaluate_shard(ctx, *job["shard"])
+            checkpoint.unlink(missing_ok=True)
+            return {"record": {**record, "wall_seconds": time.perf_counter() - w0}, "part": result, "samples": None}
         record, samples = evaluate_cell(task, ctx, record)
         checkpoint.unlink(missing_ok=True)
         return {"record": record, "samples": samples}
@@ -344,7 +346,7 @@ class RayExecutor:
             record, samples = parts[0]["record"], parts[0]["samples"]
         else:  # shards: one record, as one pass writes it
             merged = cell.task.merge_shards([q["part"] for q in parts])
-            merged.pop("samples", None)
+            samples = merged.pop("samples", None)
             head = parts[0]["record"]
             record = {**head, "status": "done", "wall_seconds": sum(q["record"]["wall_seconds"] for q in parts),
                       **merged, "shards": len(parts), "worker": [q["record"]["worker"] for q in parts]}  # fmt: skip

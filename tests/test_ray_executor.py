@@ -62,6 +62,10 @@ def test_records_identical_to_serial_and_shards_merge_to_the_same_record(cluster
         s = run(methods, [TASK], str(stories_dir), whole, data_dir=data_dir, calibration_windows=2, executor=ex,
                 **QUIET)  # fmt: skip
     assert len(s.done) == 4 and not s.failed
+    workers = [load_record(p)["worker"] for p in s.done]
+    pids = {w["pid"] for w in workers}
+    assert len(pids) <= 2 and all(w["threads"] == 1 for w in workers)
+    assert sum(w["model_loaded_by_this_cell"] for w in workers) <= len(pids)  # once per worker process at most
     with RayExecutor(shard_samples=2, progress=False) as ex:
         run(methods, [TASK], str(stories_dir), sharded, data_dir=data_dir, calibration_windows=2, executor=ex, **QUIET)
     want = metrics(serial)
@@ -80,6 +84,35 @@ def test_records_identical_to_serial_and_shards_merge_to_the_same_record(cluster
         again = run(methods, [TASK], str(stories_dir), whole, data_dir=data_dir, calibration_windows=2, executor=ex,
                     **QUIET)  # fmt: skip
     assert not again.done and len(again.skipped) == 4
+
+
+def test_longbench_shards_merge_to_the_serial_record(cluster, tmp_path, stories_dir, data_dir):
+    """3 shards over 4 samples of 2 datasets (one shard straddles the datasets): metrics, the per-sample
+    file (but for the seconds each took) and the KV accounting equal the serial run's."""
+    import torch
+
+    task = "longbench:trec,samsum"
+    opts = {"limit": 2, "max_length": 300, **QUIET}
+    serial, sharded = tmp_path / "serial", tmp_path / "sharded"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(["int4"], [task], str(stories_dir), serial, data_dir=data_dir, **opts)
+    finally:
+        torch.set_num_threads(threads)
+    with RayExecutor(shard_samples=3, progress=False) as ex:
+        run(["int4"], [task], str(stories_dir), sharded, data_dir=data_dir, executor=ex, **opts)
+    (path,) = serial.glob("*.json")
+    ref, rec = load_record(path), load_record(sharded / path.name)
+    assert rec["shards"] == 3 and rec["metrics"] == ref["metrics"] and rec["kv"] == ref["kv"]
+    assert rec["n_samples"] == ref["n_samples"] == {"trec": 2, "samsum": 2}
+
+    def samples(folder: Path) -> list[dict]:
+        lines = (folder / ref["samples_file"]).read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    assert samples(sharded) == samples(serial) and len(samples(serial)) == 4
+    assert_no_torn_files(sharded)
 
 
 class SlowFP16:

@@ -220,6 +220,7 @@ class LongBench(Task):
     name = "longbench"
     description = "LongBench v1 (21 datasets; groups all, e, kivi8): official prompts, truncation, metrics"
     report_sections = ("tasks.longbench.report:LONGBENCH",)
+    shardable = True
     config_class = LongBenchConfig
 
     def prompt_budget(self, ctx: TaskContext, dataset: str, chat: bool) -> int:
@@ -261,78 +262,86 @@ class LongBench(Task):
                 f"LongBench: {len(missing)} of {len(names)} datasets missing ({', '.join(missing)}); each {how}"
             )
 
-    @torch.no_grad()
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         """Generate and score every sample; each finished sample is appended to
         ``ctx.checkpoint`` so that a re-run after a crash resumes at the first unfinished one."""
+        return self.merge_shards([self.evaluate_shard(ctx, 0, 1)])
+
+    @torch.no_grad()
+    def evaluate_shard(self, ctx: TaskContext, index: int, count: int) -> dict[str, Any]:
+        """Samples ``[index * N // count, (index + 1) * N // count)`` of the N samples (every dataset's
+        rows in order, datasets one after another), each with its score and its cache's memory."""
         cfg, tok = self.config, ctx.tokenizer
         if tok is None:
             raise ValueError("longbench needs a tokenizer (random-weight shape models have none)")
         device = next(ctx.model.parameters()).device
         data = {ds: longbench_rows(ds, ctx.data_dir)[: cfg.limit] for ds in expand_datasets(cfg.tasks)}
-        metrics: dict[str, float] = {}
-        samples: list[dict[str, Any]] = []
-        kv, nonfinite = None, 0  # nonfinite: NaN/inf K/V entries over every sample's cache
-        start = time.perf_counter()
-        finished = read_checkpoint(ctx.checkpoint)  # samples a crashed run already finished
-        bar = tqdm(
-            total=sum(map(len, data.values())),
-            desc=f"longbench {ctx.attached.method.label}",
-            disable=not ctx.progress,
-            leave=False,
-        )
         for dataset, rows in data.items():
-            chat = uses_chat_template(tok, dataset, cfg.chat_template)
-            budget = self.prompt_budget(ctx, dataset, chat)
-            gen_kw = self.generation_kwargs(ctx, dataset)
             if not rows:
                 raise ValueError(f"longbench {dataset}: no samples")
-            scores = []
-            for index, row in enumerate(rows):
-                done = finished.get((dataset, index))
-                if done is not None and done.get("_id") == row.get("_id"):
-                    scores.append(done["score"])
-                    samples.append({k: v for k, v in done.items() if k != "kv"})
-                    kv = done.get("kv", kv)
-                    nonfinite += (done.get("kv") or {}).get("nonfinite_kv", 0)
-                    bar.update(1)
-                    continue
-                prompt, truncated = truncate_middle(tok, fill_template(dataset, row), budget)
-                if chat:
-                    prompt = apply_chat(tok, prompt)
-                ids = torch.tensor([encode_prompt(tok, prompt, chat)], device=device)
-                t0 = time.perf_counter()
-                cache = ctx.attached.new_cache()
-                out = generate(ctx.model, ids, cache, attention_mask=torch.ones_like(ids), **gen_kw)
-                output = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-                seconds = time.perf_counter() - t0
-                kv = cache.memory().as_dict()
-                nonfinite += kv["nonfinite_kv"]
-                s = 100 * sample_score(dataset, output, row["answers"], row.get("all_classes"))
-                scores.append(s)
-                samples.append(
-                    {
-                        "dataset": dataset,
-                        "index": index,
-                        "_id": row.get("_id"),
-                        "input_tokens": ids.shape[1],
-                        "truncated": truncated,
-                        "output": output,
-                        "answers": list(row["answers"]),
-                        "score": s,
-                        "seconds": seconds,
-                    }
-                )
-                append_checkpoint(ctx.checkpoint, {**samples[-1], "kv": kv})
+        todo = [(ds, i, row) for ds, rows in data.items() for i, row in enumerate(rows)]
+        todo = todo[index * len(todo) // count : (index + 1) * len(todo) // count]
+        samples: list[dict[str, Any]] = []
+        start = time.perf_counter()
+        finished = read_checkpoint(ctx.checkpoint)  # samples a crashed run already finished
+        bar = tqdm(total=len(todo), desc=f"longbench {ctx.attached.method.label}", disable=not ctx.progress,
+                   leave=False)  # fmt: skip
+        settings: dict[str, tuple[bool, int, dict[str, Any]]] = {}
+        for dataset, i, row in todo:
+            done = finished.get((dataset, i))
+            if done is not None and done.get("_id") == row.get("_id"):
+                samples.append(done)
                 bar.update(1)
-            metrics[dataset] = sum(scores) / len(scores)
-            bar.set_postfix({dataset: f"{metrics[dataset]:.2f}"})
+                continue
+            if dataset not in settings:
+                chat = uses_chat_template(tok, dataset, cfg.chat_template)
+                settings[dataset] = (chat, self.prompt_budget(ctx, dataset, chat), self.generation_kwargs(ctx, dataset))
+            chat, budget, gen_kw = settings[dataset]
+            prompt, truncated = truncate_middle(tok, fill_template(dataset, row), budget)
+            if chat:
+                prompt = apply_chat(tok, prompt)
+            ids = torch.tensor([encode_prompt(tok, prompt, chat)], device=device)
+            t0 = time.perf_counter()
+            cache = ctx.attached.new_cache()
+            out = generate(ctx.model, ids, cache, attention_mask=torch.ones_like(ids), **gen_kw)
+            output = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            seconds = time.perf_counter() - t0
+            kv = cache.memory().as_dict()
+            s = 100 * sample_score(dataset, output, row["answers"], row.get("all_classes"))
+            samples.append(
+                {
+                    "dataset": dataset,
+                    "index": i,
+                    "_id": row.get("_id"),
+                    "input_tokens": ids.shape[1],
+                    "truncated": truncated,
+                    "output": output,
+                    "answers": list(row["answers"]),
+                    "score": s,
+                    "seconds": seconds,
+                    "kv": kv,
+                }
+            )
+            append_checkpoint(ctx.checkpoint, samples[-1])
+            bar.update(1)
         bar.close()
+        n_samples = {ds: len(rows) for ds, rows in data.items()}
+        return {"samples": samples, "n_samples": n_samples, "eval_seconds": time.perf_counter() - start}
+
+    def merge_shards(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The record of every sample from the shards, in order: per-dataset means as one pass takes them."""
+        samples = [s for part in parts for s in part["samples"]]
+        scores: dict[str, list[float]] = {}
+        for s in samples:
+            scores.setdefault(s["dataset"], []).append(s["score"])
+        metrics = {ds: sum(v) / len(v) for ds, v in scores.items()}
         metrics["average"] = sum(metrics.values()) / len(metrics)
+        kv = next((s["kv"] for s in reversed(samples) if s.get("kv")), {})  # a checkpoint of old may lack it
+        nonfinite = sum((s.get("kv") or {}).get("nonfinite_kv", 0) for s in samples)
         return {
             "metrics": metrics,
             "kv": {**kv, "nonfinite_kv": nonfinite},  # the last sample's cache; non-finite K/V of all
-            "samples": samples,
-            "n_samples": {ds: len(rows) for ds, rows in data.items()},
-            "eval_seconds": time.perf_counter() - start,
+            "samples": [{k: v for k, v in s.items() if k != "kv"} for s in samples],
+            "n_samples": parts[0]["n_samples"],
+            "eval_seconds": sum(part["eval_seconds"] for part in parts),
         }
