@@ -106,7 +106,8 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-per-cell", type=float, default=None, help="GiB of memory Ray reserves per cell")
     g.add_argument("--retries", type=int, default=1, help="Ray retries of a cell whose worker died (1)")
     g.add_argument("--shard-samples", type=positive_int, default=1,
-                   help="split each cell of a shardable task (WikiText-2 windows) into N Ray tasks (1)")  # fmt: skip
+                   help="split each cell of a shardable task (WikiText-2 windows, LongBench samples) into up "
+                        "to N Ray tasks (1)")  # fmt: skip
 
 
 def executor(args: argparse.Namespace) -> Any:

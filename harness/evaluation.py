@@ -83,6 +83,11 @@ class Task(ABC):
         """What ``evaluate`` returns, from every part of ``evaluate_shard`` in order."""
         raise NotImplementedError(f"{self.name} does not split into shards")
 
+    def shard_units(self) -> int | None:
+        """At most how many units (windows, samples) ``evaluate_shard`` splits, when the options bound
+        it: the executor never makes more shards than units. None: unknown before the data are read."""
+        return None
+
 
 TASKS = _registry.TASKS
 register_task = TASKS.register

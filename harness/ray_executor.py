@@ -21,8 +21,9 @@ allocation, on Kubernetes (KubeRay) and on cloud clusters; the harness only subm
   with its reason once its retries (``retries``, Ray's ``max_retries``) are spent; the sweep goes on;
   a re-run computes only the cells without a finished record. Ctrl-C cancels the outstanding tasks;
   the finished records stay.
-* **Shards** (``shard_samples`` = N > 1): a cell whose task is ``shardable`` (WikiText-2's windows) runs
-  as N tasks whose parts ``Task.merge_shards`` joins, in order, into the record one pass writes.
+* **Shards** (``shard_samples`` = N > 1): a cell whose task is ``shardable`` (WikiText-2's windows,
+  LongBench's samples) runs as N tasks (fewer where its options bound the units: one window, one
+  task) whose parts ``Task.merge_shards`` joins, in order, into the record one pass writes.
   Oracle methods, which may carry state from one window to the next, are never sharded.
 """
 
@@ -286,7 +287,11 @@ class RayExecutor:
             self.drain()
 
     def _shards(self, cell: Any) -> int:
-        return self.shard_samples if cell.task.shardable and not cell.method.oracle else 1
+        """How many tasks compute the cell: ``shard_samples``, at most one per unit the task's options
+        bound (1 window: 1 shard), 1 for tasks that do not split and for oracles."""
+        if not cell.task.shardable or cell.method.oracle:
+            return 1
+        return max(1, min(self.shard_samples, cell.task.shard_units() or self.shard_samples))
 
     def drain(self) -> None:
         """Wait for every submitted cell, writing each record as its last task returns; Ctrl-C cancels

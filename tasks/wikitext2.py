@@ -115,6 +115,9 @@ class WikiText2(Task):
             bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
         return {"windows": per_window, "eval_seconds": time.perf_counter() - start}
 
+    def shard_units(self) -> int | None:
+        return self.config.max_windows
+
     def merge_shards(self, parts: list[dict]) -> dict:
         """The record of the whole split from its shards, in order: sums window by window, as one pass does."""
         windows = [w for part in parts for w in part["windows"]]

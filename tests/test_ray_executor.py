@@ -211,6 +211,22 @@ def test_without_ray_one_line_exit_2_before_torch(tmp_path):
     assert p.stdout.strip() == "no torch"
 
 
+@pytest.mark.parametrize(
+    ("task", "method", "want"),
+    [("wikitext2:max_windows=1", "int4", 1), ("wikitext2:max_windows=2", "int4", 2), ("wikitext2", "int4", 3),
+     ("longbench:trec,samsum,limit=1", "int4", 2), ("longbench:kivi8,limit=1", "int4", 3),
+     ("lmeval:piqa", "int4", 1), ("wikitext2", "moqae-oracle", 1)],
+)  # fmt: skip
+def test_shards_per_cell_never_more_than_the_units(task, method, want):
+    """No empty shard is submitted (1 window: 1 task); tasks that do not split and oracles: 1."""
+    from harness.evaluation import build_task
+    from harness.interface import build_method
+    from harness.runner import Cell
+
+    cell = Cell(build_method(method), build_task(task), {}, Path("x.json"))
+    assert RayExecutor(shard_samples=3)._shards(cell) == want
+
+
 def test_bad_executor_and_shards_without_ray_are_one_line_errors(tmp_path):
     from harness.cli import main
 

@@ -328,6 +328,9 @@ class LongBench(Task):
         n_samples = {ds: len(rows) for ds, rows in data.items()}
         return {"samples": samples, "n_samples": n_samples, "eval_seconds": time.perf_counter() - start}
 
+    def shard_units(self) -> int | None:
+        return None if self.config.limit is None else self.config.limit * len(expand_datasets(self.config.tasks))
+
     def merge_shards(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
         """The record of every sample from the shards, in order: per-dataset means as one pass takes them."""
         samples = [s for part in parts for s in part["samples"]]
