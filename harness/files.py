@@ -270,6 +270,16 @@ def install_calibration(files: dict[str, bytes]) -> None:
             replace_atomic(target, lambda f, data=data: f.write(data))
 
 
+def install_artefacts(files: dict[str, bytes]) -> None:
+    """Write a sweep's prepared artefacts (path as the driver names it -> bytes, e.g. a router that a
+    ``prepare`` step trained on another machine) where they are missing, so that a worker without the
+    driver's file system finds each at the path its method spec names; an existing file is kept."""
+    for name, data in files.items():
+        target = Path(name)
+        if not target.exists():
+            replace_atomic(target, lambda f, data=data: f.write(data))
+
+
 # --------------------------------------------------------------------------------------------
 # Claims: two processes on one results folder never compute the same cell
 # --------------------------------------------------------------------------------------------

@@ -64,6 +64,16 @@ def parse_executor(text: str) -> str | None:
 _LOADED: dict[tuple[str, str | None, str | None], tuple[Any, Any, float]] = {}
 
 
+def _arrive(job: dict[str, Any]) -> None:
+    """Make the worker see files as the driver does: its working directory where that folder exists
+    here (a local cluster, a shared file system), and the artefacts of prepare steps where missing."""
+    from harness.files import install_artefacts
+
+    if Path(job["cwd"]).is_dir():
+        os.chdir(job["cwd"])
+    install_artefacts(job["artefacts"])  # routers trained by a prepare step on another machine
+
+
 def _model(job: dict[str, Any]) -> tuple[Any, Any, float, bool]:
     """The job's model, loaded once per worker process; True when this call loaded it."""
     import torch
@@ -94,12 +104,30 @@ def calibration_worker(job: dict[str, Any]) -> dict[str, Any]:
     from harness.files import recording_calibration
     from harness.integration import AttachedMethod
 
+    _arrive(job)
     lm, tokenizer, _, _ = _model(job)
     t0 = time.perf_counter()
     with AttachedMethod(lm, job["method"]) as attached, recording_calibration() as files:
         attached.calibrate(_calibration_batches(job, tokenizer))
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "files": {p.name: p.read_bytes() for p in dict.fromkeys(files) if p.is_file()}}
+
+
+def prepare_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """One method's ``prepare`` step (MoQAE: train a router where none ships) on a worker:
+    ``{"prepared": None}`` when nothing was needed, else the ``Prepared`` fields and the artefact's bytes
+    (the driver writes them into its results folder and hands them to the cells that run the spec)."""
+    from harness.interface import PrepareContext, build_method
+
+    _arrive(job)
+    method = build_method(job["spec"])
+    ctx = PrepareContext(job["model"], Path(job["out"]), job["data_dir"], job["options"],
+                         lambda: _model(job)[:2], progress=False, log=lambda *_: None)  # fmt: skip
+    done = method.prepare(job["spec"], ctx)
+    if done is None:
+        return {"prepared": None}
+    fields = {"spec": done.spec, "cell": done.cell, "path": str(done.path), "reused": done.reused}
+    return {"prepared": fields, "bytes": done.path.read_bytes()}
 
 
 def cell_worker(job: dict[str, Any], calibration: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -114,6 +142,7 @@ def cell_worker(job: dict[str, Any], calibration: dict[str, Any] | None = None) 
     from harness.integration import AttachedMethod, model_info
     from harness.runner import base_record, evaluate_cell, one_line, record_key
 
+    _arrive(job)
     lm, tokenizer, load_seconds, loaded_now = _model(job)
     info = model_info(lm)
     method, task = job["method"], job["task"]
@@ -169,6 +198,17 @@ def cell_worker(job: dict[str, Any], calibration: dict[str, Any] | None = None) 
 # --------------------------------------------------------------------------------------------
 
 
+def _absolute(path: Path | None) -> Path | None:
+    """A path as workers must read it: absolute (a worker's working directory is not the driver's)."""
+    return None if path is None else Path(path).expanduser().resolve()
+
+
+def _absolute_model(model: str) -> str:
+    """A local model folder or file as an absolute path; aliases and hub ids as they are."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
 @dataclass
 class _Pending:
     """A submitted cell: its Ray object refs (one per shard) and where its record goes."""
@@ -202,6 +242,9 @@ class RayExecutor:
     defer: bool = False
     _pending: list[_Pending] = field(default_factory=list)
     _started: bool = False
+    #: what the prepare steps made (absolute path -> bytes): shipped with every cell
+    _artefacts: dict[str, bytes] = field(default_factory=dict)
+    _remotes: dict[Callable[..., Any], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.cpus_per_cell <= 0 or self.gpus_per_cell < 0 or self.retries < 0 or self.shard_samples < 1:
@@ -228,6 +271,18 @@ class RayExecutor:
             ray.shutdown()
             self._started = False
 
+    def _remote(self, fn: Callable[..., Any]) -> Any:
+        """``ray.remote(fn)``, made once per executor, so that every cell of a sweep (all of
+        ``reproduce``'s stages) has one Ray scheduling class (resources and function) and the cells
+        queue in the order they were submitted. Made anew per stage (as before), the quick profile's
+        stages ran as separate queues: one worker ran all 4 shards of a LongBench cell in a row
+        while the other sat idle for 90 s at the end (measured; see README, Running on a cluster)."""
+        if fn not in self._remotes:
+            import ray
+
+            self._remotes[fn] = ray.remote(fn)
+        return self._remotes[fn]
+
     def _options(self, remote: Any, name: str) -> Any:
         opts: dict[str, Any] = {"num_cpus": self.cpus_per_cell, "num_gpus": self.gpus_per_cell,
                                 "max_retries": self.retries, "name": name}  # fmt: skip
@@ -235,21 +290,67 @@ class RayExecutor:
             opts["memory"] = int(self.memory_per_cell * 2**30)
         return remote.options(**opts)
 
+    def prepare(
+        self, model: str, steps: list[tuple[str, dict[str, Any]]], out: Path, data_dir: Path | None,
+        device: str | None, dtype: str | None,
+    ) -> list[Any]:  # fmt: skip
+        """Run ``prepare`` steps ((spec, the profile's ``[prepare.<name>]`` options) each) as Ray tasks
+        at once and wait for them; per step its ``Prepared`` (its artefact written into ``out`` here,
+        and shipped with every later cell), None (nothing needed) or the exception that failed it."""
+        import ray
+
+        from harness.files import replace_atomic
+        from harness.interface import Prepared
+
+        remote = self._remote(prepare_worker)
+        base = {"model": _absolute_model(model), "device": device, "dtype": dtype, "out": str(Path(out).resolve()),
+                "data_dir": _absolute(data_dir), "threads": max(1, int(self.cpus_per_cell)), "cwd": os.getcwd(),
+                "artefacts": self._artefacts}  # fmt: skip
+        refs = [self._options(remote, f"prepare {spec}").remote({**base, "spec": spec, "options": options})
+                for spec, options in steps]  # fmt: skip
+        results: list[Any] = []
+        try:
+            for ref in refs:
+                try:
+                    got = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # the step raised: its own exception
+                    results.append(e.cause if isinstance(e.cause, Exception) else e)
+                    continue
+                except ray.exceptions.RayError as e:  # the worker died
+                    results.append(e)
+                    continue
+                if got["prepared"] is None:
+                    results.append(None)
+                    continue
+                done = Prepared(**{**got["prepared"], "path": Path(got["prepared"]["path"])})
+                if done.path.is_relative_to(base["out"]):  # name it as the serial runner does: same record keys
+                    path = Path(out) / done.path.relative_to(base["out"])
+                    done = Prepared(done.spec.replace(str(done.path), str(path)), done.cell, path, done.reused)
+                if not done.path.exists():  # trained on a worker without this file system
+                    replace_atomic(done.path, lambda f, data=got["bytes"]: f.write(data))
+                self._artefacts[str(done.path)] = got["bytes"]
+                results.append(done)
+        except KeyboardInterrupt:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise
+        return results
+
     def run_cells(
         self, model: str, cells: list[Any], data_dir: Path | None, device: str | None, dtype: str | None,
         calibration_windows: int, summary: Any, log: Callable[[str], None] = print,
     ) -> None:  # fmt: skip
         """Submit ``cells`` (``harness.runner.Cell``, none finished) and, unless ``defer``, wait for them."""
-        import ray
 
         from harness.env import environment
         from harness.files import claim
         from harness.runner import invocation
 
-        cell_remote, calib_remote = ray.remote(cell_worker), ray.remote(calibration_worker)
+        cell_remote, calib_remote = self._remote(cell_worker), self._remote(calibration_worker)
         threads = max(1, int(self.cpus_per_cell))
-        base = {"model": model, "device": device, "dtype": dtype, "data_dir": data_dir, "threads": threads,
-                "calibration_windows": calibration_windows, "command": invocation()}  # fmt: skip
+        base = {"model": _absolute_model(model), "device": device, "dtype": dtype, "data_dir": _absolute(data_dir),
+                "threads": threads, "calibration_windows": calibration_windows, "command": invocation(),
+                "artefacts": self._artefacts, "cwd": os.getcwd()}  # fmt: skip
         claimed = []
         for cell in cells:
             if claim(cell.path):

@@ -281,11 +281,12 @@ def _slug(text: str) -> str:
 
 def prepare_methods(
     prof: Profile, model: str, specs: list[str], out: Path, data_dir: Any, device: str | None, dtype: str | None,
-    summary: ReproduceSummary, progress: bool, log: Any,
+    summary: ReproduceSummary, progress: bool, log: Any, executor: Any = None,
 ) -> dict[str, str]:  # fmt: skip
     """Each method's ``prepare`` step (``KVCacheMethod.prepare``: MoQAE trains a router where none
     ships) for the specs whose method has a ``[prepare.<name>]`` table in the profile; returns
-    spec -> the spec to run instead. The model is loaded once, only if some step needs it."""
+    spec -> the spec to run instead. The model is loaded once, only if some step needs it. With an
+    executor the steps run as its tasks, all at once (``RayExecutor.prepare``), before any cell."""
     from harness.data import resolve_data_dir
     from harness.interface import PrepareContext, build_method
     from harness.models import load_model
@@ -307,17 +308,26 @@ def prepare_methods(
                 raise
         return loaded[0], loaded[1]
 
-    mapping: dict[str, str] = {}
-    for spec, method in cand:
+    def step(spec: str, method: Any) -> Any:  # its Prepared, None, or the exception that failed it
         ctx = PrepareContext(model, out, resolve_data_dir(data_dir), dict(prof.prepare[method.name]), load,
                              progress=progress, log=log)  # fmt: skip
         try:
-            done = method.prepare(spec, ctx)
+            return method.prepare(spec, ctx)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - a failed step is a failed cell; the runs report it per cell
-            summary.add("prepare", model, f"{method.label} (prepare)", "failed", reason=_reason(e))
-            log(f"FAILED prepare {method.label}: {_reason(e)}")
+            return e
+
+    if executor is not None:
+        steps = [(spec, dict(prof.prepare[method.name])) for spec, method in cand]
+        outcomes = executor.prepare(model, steps, out, resolve_data_dir(data_dir), device, dtype)
+    else:
+        outcomes = (step(spec, method) for spec, method in cand)
+    mapping: dict[str, str] = {}
+    for (spec, method), done in zip(cand, outcomes, strict=True):
+        if isinstance(done, BaseException):
+            summary.add("prepare", model, f"{method.label} (prepare)", "failed", reason=_reason(done))
+            log(f"FAILED prepare {method.label}: {_reason(done)}")
             continue
         if done is None:
             continue  # nothing was needed (a shipped artefact)
@@ -634,7 +644,7 @@ def reproduce(
         specs = [m for r in prof.runs for m in r.methods] if model in models else []
         if prof.profile and model in prof_models:
             specs += prof.profile.methods
-        routers = prepare_methods(prof, model, specs, out, data_dir, device, dtype, summary, progress, log)
+        routers = prepare_methods(prof, model, specs, out, data_dir, device, dtype, summary, progress, log, executor)
         if model in models:
             for stage in prof.runs:
                 methods = [routers.get(m, m) for m in stage.methods]
@@ -650,6 +660,7 @@ def reproduce(
                 files += profile_models(prof.profile, profiles[-1:], out, device, dtype, summary, progress, log)
     if executor is not None:
         executor.drain()
+        executor.defer = False  # run_cells waits for its cells again (the caller may reuse the executor)
         for stage, model, s in submitted:
             files += stage_outcomes(stage, model, s, summary)
         files += profile_models(prof.profile, profiles, out, device, dtype, summary, progress, log)

@@ -115,6 +115,59 @@ def test_longbench_shards_merge_to_the_serial_record(cluster, tmp_path, stories_
     assert_no_torn_files(sharded)
 
 
+def test_reproduce_trains_the_router_as_a_ray_task_and_ships_it_to_the_cells(cluster, tmp_path, stories_dir,
+                                                                             data_dir):  # fmt: skip
+    """``reproduce`` with the executor: ``[prepare.moqae]`` trains stories260K's router in a Ray task, the
+    driver writes it into the results folder and the MoQAE cell runs with it; a worker that lacks the
+    driver's file system gets the router shipped with its job (simulated: the file is removed)."""
+    from harness.reproduce import reproduce
+
+    prof = tmp_path / "tiny.toml"
+    prof.write_text(f"""
+name = "tiny"
+models = [{json.dumps(str(stories_dir))}]
+[[run]]
+name = "wikitext2"
+tasks = ["wikitext2"]
+seqlen = 128
+max_windows = 1
+methods = ["fp16", "moqae:lam=0.5"]
+[prepare.moqae]
+steps = 2
+seqlen = 64
+windows = 2
+""")  # fmt: skip
+    out, rep = tmp_path / "results", tmp_path / "report"
+    with RayExecutor(progress=False) as ex:
+        s = reproduce(prof, out=out, report=rep, data_dir=data_dir, progress=False, log=lambda *_: None, executor=ex)
+        (router,) = (out / "routers").rglob("router.safetensors")
+        assert [o.cell for o in s.outcomes if o.stage == "prepare" and o.status == "done"] == ["router moqae λ=0.5"]
+        assert len(s.done) == 3 and not s.failed  # the router, fp16, moqae
+        (cell,) = [p for p in out.glob("*moqae*.json")]
+        assert load_record(cell)["key"]["method_config"]["ckpt"] == str(router)
+        assert str(router) in ex._artefacts and ex._artefacts[str(router)] == router.read_bytes()
+        # a worker without the driver's files: the cell's job carries the router and installs it
+        data = router.read_bytes()
+        router.unlink()
+        cell.unlink()
+        again = run([f"moqae:lam=0.5,ckpt={router}"], ["wikitext2:seqlen=128,max_windows=1"], str(stories_dir), out,
+                    data_dir=data_dir, executor=ex, **QUIET)  # fmt: skip
+    assert again.done == [cell] and router.read_bytes() == data, (again.failed, again.skipped)
+    assert_no_torn_files(out)
+
+
+def test_install_artefacts_writes_only_missing_files(tmp_path, monkeypatch):
+    from harness.files import install_artefacts
+
+    monkeypatch.chdir(tmp_path)  # a relative name is relative to the worker's working directory
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(b"mine")
+    new = tmp_path / "deep" / "router.safetensors"
+    install_artefacts({str(kept): b"theirs", str(new): b"router", "results/r.bin": b"x"})
+    assert kept.read_bytes() == b"mine" and new.read_bytes() == b"router"
+    assert (tmp_path / "results" / "r.bin").read_bytes() == b"x"
+
+
 class SlowFP16:
     """fp16 (same name, options and record key) whose first try writes its worker's pid where the test
     waits for it and sleeps, so that the test kills the worker mid-cell; a retry (the marker is there)
