@@ -253,6 +253,14 @@ class RayExecutor:
             raise ValueError(f"--memory-per-cell {self.memory_per_cell}: give GiB > 0")
 
     def __enter__(self) -> RayExecutor:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.idle()
+
+    def _start(self) -> None:
+        """Join the cluster, or start a local one (then this executor stops it again)."""
         import ray
 
         if not ray.is_initialized():
@@ -262,14 +270,17 @@ class RayExecutor:
                 ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False,
                          _node_ip_address="127.0.0.1", log_to_driver=False)  # fmt: skip
             self._started = True
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def idle(self) -> None:
+        """Nothing is to run for now: stop the local cluster this executor started, with its workers
+        and the models they hold (``reproduce`` calls it before its profile stage, so that no Ray
+        process shares the machine with the timings). The next submission starts it again."""
         import ray
 
         if self._started:
             ray.shutdown()
             self._started = False
+            self._remotes.clear()
 
     def _remote(self, fn: Callable[..., Any]) -> Any:
         """``ray.remote(fn)``, made once per executor, so that every cell of a sweep (all of
@@ -302,6 +313,7 @@ class RayExecutor:
         from harness.files import replace_atomic
         from harness.interface import Prepared
 
+        self._start()
         remote = self._remote(prepare_worker)
         base = {"model": _absolute_model(model), "device": device, "dtype": dtype, "out": str(Path(out).resolve()),
                 "data_dir": _absolute(data_dir), "threads": max(1, int(self.cpus_per_cell)), "cwd": os.getcwd(),
@@ -346,6 +358,7 @@ class RayExecutor:
         from harness.files import claim
         from harness.runner import invocation
 
+        self._start()
         cell_remote, calib_remote = self._remote(cell_worker), self._remote(calibration_worker)
         threads = max(1, int(self.cpus_per_cell))
         base = {"model": _absolute_model(model), "device": device, "dtype": dtype, "data_dir": _absolute(data_dir),

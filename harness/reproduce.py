@@ -661,6 +661,7 @@ def reproduce(
     if executor is not None:
         executor.drain()
         executor.defer = False  # run_cells waits for its cells again (the caller may reuse the executor)
+        executor.idle()  # a local cluster stops before the profile stage times anything
         for stage, model, s in submitted:
             files += stage_outcomes(stage, model, s, summary)
         files += profile_models(prof.profile, profiles, out, device, dtype, summary, progress, log)
