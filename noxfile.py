@@ -26,8 +26,8 @@ def install(session: nox.Session, extras: str = "dev") -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The unit and end-to-end test suite (GPU-only tests skip without a GPU; the Ray executor's tests
-    start a real local Ray cluster on 127.0.0.1)."""
-    install(session, "dev,ray")
+    start a real local Ray cluster on 127.0.0.1; the peer rows hf-quanto / hf-hqq need the [peers] extra)."""
+    install(session, "dev,ray,peers")
     session.run("pytest", "-q", "-ra", *session.posargs)
 
 

@@ -31,6 +31,9 @@ BUILTIN_METHODS: dict[str, str] = {
     "kvmix": "baselines.kvmix:KVmix",
     "xquant": "baselines.xquant:XQuant",
     "alignedkv": "baselines.alignedkv:AlignedKV",
+    "dynamic": "baselines.hf_caches:Dynamic",
+    "hf-quanto": "baselines.hf_caches:HFQuanto",
+    "hf-hqq": "baselines.hf_caches:HFHQQ",
     "moqae": "moqae.method:MoQAE",
     "moqae-oracle": "moqae.oracle:MoQAEOracle",
 }

@@ -318,6 +318,13 @@ class KVCacheMethod(ABC):
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
         """A fresh, empty store for one layer of a new cache."""
 
+    def own_cache(self, model: torch.nn.Module) -> Any | None:
+        """A method that brings its own transformers ``Cache`` (the peer rows: transformers'
+        ``DynamicCache`` / ``QuantizedCache``, ``harness.integration.peers``) returns a fresh one here;
+        it must offer ``memory()`` and ``layer_stats()``. None (the default): the harness's cache of
+        this method's layer stores."""
+        return None
+
     def see_window(self, attached: Any, ids: torch.Tensor) -> None:  # noqa: B027
         """Oracles only: look at the evaluation window ``ids`` [1, T] (with ``attached``, the
         ``AttachedMethod`` of this method on the model) before the task makes its cache for it."""

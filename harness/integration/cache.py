@@ -457,6 +457,10 @@ class AttachedMethod:
 
     # ---- public ------------------------------------------------------------------------------
     def new_cache(self) -> HarnessCache:
+        own = self.method.own_cache(self.model)
+        if own is not None:  # a transformers cache of its own (a peer row): no store, no hook of ours
+            self.board.cache = None
+            return own
         cache = HarnessCache(self.method, self.info, self.board)
         self.board.cache = cache
         self.board.pending.clear()
