@@ -227,12 +227,17 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         if out is not None:
             write_json_atomic(out, {"command": invocation(), "rows": rows_so_far})
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # every row states the count it ran with (torch_threads)
+    reference, *also = split_specs([args.reference])
     rows = profile(
         split_specs(args.methods), args.model, contexts, batches, args.new_tokens, args.repeats,
-        device=args.device, dtype=args.dtype, reference=args.reference, progress=not args.no_progress, on_row=save,
-        compare_reads=args.compare_reads,
+        device=args.device, dtype=args.dtype, reference=reference, progress=not args.no_progress, on_row=save,
+        compare_reads=args.compare_reads, also=also,
     )  # fmt: skip
-    table = profile_table(rows, reference=args.reference)
+    table = profile_table(rows, reference=reference, also=also)
     print(table)
     if out is not None:
         write_json_atomic(out, {"command": invocation(), "rows": rows})
@@ -307,8 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     prof.add_argument("--repeats", type=positive_int, default=3, help="timed rounds after one warm-up")
     prof.add_argument(
-        "--reference", default=REFERENCE_METHOD, help=f"method the ratios are taken against ({REFERENCE_METHOD})"
-    )
+        "--reference", default=f"{REFERENCE_METHOD},dynamic",
+        help=f"methods the ratios are taken against, all profiled in this process: the first for every "
+             f"figure, the others for the times ({REFERENCE_METHOD},dynamic: transformers' DynamicCache)",
+    )  # fmt: skip
+    prof.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own)")
     prof.add_argument("--device", default=None)
     prof.add_argument("--dtype", default=None)
     prof.add_argument("--out", default=None, help="folder for profile.json (+ .md, .png/.svg), or a .json path")

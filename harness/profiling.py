@@ -283,25 +283,38 @@ COLUMNS = (
 )
 
 
-def add_ratios(rows: list[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
-    """Add ``<key>_ratio`` = row / reference row of the same (context, batch) for each column."""
+def add_ratios(rows: list[dict[str, Any]], reference: str = REFERENCE, suffix: str = "_ratio") -> list[dict[str, Any]]:
+    """Add ``<key><suffix>`` = row / reference row of the same (context, batch) for each column."""
     refs = {(r["context"], r["batch"]): r for r in rows if r["method"] == reference and r.get("status") == "done"}
     for r in rows:
         ref = refs.get((r.get("context"), r.get("batch")))
         for key, *_ in COLUMNS:
             a, b = r.get(key), (ref or {}).get(key)
-            r[f"{key}_ratio"] = a / b if a is not None and b else None
+            r[f"{key}{suffix}"] = a / b if a is not None and b else None
     return rows
 
 
-def profile_table(rows: list[dict[str, Any]], reference: str = REFERENCE) -> str:
-    """Markdown table, one line per row, every figure followed by its ratio to ``reference``."""
+#: the columns that also get a ratio to each extra reference (``--reference fp16,dynamic``): times
+TIME_COLUMNS = ("prefill_s", "decode_step_s", "decode_tokens_per_s")
+
+
+def add_all_ratios(rows: list[dict[str, Any]], reference: str, also: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Ratios to ``reference`` (``<key>_ratio``) and to each method of ``also`` (``<key>_vs_<name>``)."""
+    add_ratios(rows, reference)
+    for other in also:
+        add_ratios(rows, other, suffix=f"_vs_{other}")
+    return rows
+
+
+def profile_table(rows: list[dict[str, Any]], reference: str = REFERENCE, also: Sequence[str] = ()) -> str:
+    """Markdown table, one line per row, every figure followed by its ratio to ``reference``, and
+    each time also by its ratio to every method of ``also`` (e.g. transformers' ``dynamic``)."""
     from harness.reports.table import markdown_table
 
-    add_ratios(rows, reference)
+    add_all_ratios(rows, reference, also)
     head = ["method", "context", "batch"]
-    for _, title, *_ in COLUMNS:
-        head += [title, f"× {reference}"]
+    for key, title, *_ in COLUMNS:
+        head += [title, f"× {reference}"] + ([f"× {o}" for o in also] if key in TIME_COLUMNS else [])
     head += ["own ms (prefill / step)", "added params"]
     lines = []
     for r in rows:
@@ -312,6 +325,9 @@ def profile_table(rows: list[dict[str, Any]], reference: str = REFERENCE) -> str
         for key, _, unit, fmt in COLUMNS:
             v, q = r.get(key), r.get(f"{key}_ratio")
             cells += ["—" if v is None else fmt.format(v * unit), "—" if q is None else f"{q:.3f}"]
+            for o in also if key in TIME_COLUMNS else ():
+                q = r.get(f"{key}_vs_{o}")
+                cells.append("—" if q is None else f"{q:.3f}")
         own = r.get("own_prefill_s")
         cells.append("—" if own is None else f"{1e3 * own:.1f} / {1e3 * r['own_decode_step_s']:.2f}")
         params = r["method_parameters"]
@@ -347,12 +363,14 @@ def profile(
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     compare_reads: bool = False,
+    also: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Profile each method spec on one loaded model (alias, folder, hub id or a random ``*-shape``).
 
-    The ``reference`` method (fp16) is profiled first, added if missing, so that every ratio is
-    taken against a figure measured in the same process. ``compare_reads`` also profiles each
-    method that attends from its codes with dequantize-then-attend decode steps (``[dequantize]``).
+    The ``reference`` method (fp16) is profiled first, then each method of ``also`` (more
+    references, e.g. transformers' ``dynamic``), added if missing, so that every ratio is taken
+    against figures measured in the same process. ``compare_reads`` also profiles each method that
+    attends from its codes with dequantize-then-attend decode steps (``[dequantize]``).
     """
     from tqdm.auto import tqdm
 
@@ -361,7 +379,8 @@ def profile(
     from harness.models import load_model, model_id
 
     _check(contexts, batches, new_tokens, repeats)
-    specs = [reference] + [m for m in methods if m != reference]
+    refs = list(dict.fromkeys([reference, *also]))
+    specs = refs + [m for m in methods if m not in refs]
     objs = [build_method(m) for m in specs]
     lm, _ = load_model(model, device=device, dtype=dtype)
     info = model_info(lm)
@@ -387,4 +406,4 @@ def profile(
         jobs += [(build_method(m.label), False) for m in objs if m.decode_from_codes]
     for m, from_codes in tqdm(jobs, desc="profile", disable=not progress):
         profile_method(lm, m, contexts, batches, new_tokens, repeats, on_row=tag, from_codes=from_codes)
-    return add_ratios(rows, reference)
+    return add_all_ratios(rows, reference, refs[1:])

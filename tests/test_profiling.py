@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from harness.cli import main
 from harness.interface import build_method
@@ -92,9 +93,28 @@ def test_profile_cli_writes_rows(tmp_path, capsys):
     argv = ["profile", "--methods", "int4", "--model", "tiny-llama", "--context", "32,64", "--new-tokens", "2"]
     assert main([*argv, "--repeats", "1", "--out", str(out), "--no-progress"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["method"], r["context"]) for r in rows] == [("fp16", 32), ("fp16", 64), ("int4", 32), ("int4", 64)]
-    assert rows[2]["kv_bytes"] < rows[0]["kv_bytes"] and 0 < rows[2]["kv_bytes_ratio"] < 0.5
+    # fp16 and transformers' DynamicCache first (the default references), measured in this process
+    assert [(r["method"], r["context"]) for r in rows] == [
+        ("fp16", 32), ("fp16", 64), ("dynamic", 32), ("dynamic", 64), ("int4", 32), ("int4", 64)
+    ]  # fmt: skip
+    int4, dynamic = rows[4], rows[2]
+    assert int4["kv_bytes"] < rows[0]["kv_bytes"] and 0 < int4["kv_bytes_ratio"] < 0.5
+    assert dynamic["kv_bytes_ratio"] == 2.0  # fp32 against fp16, counted from the tensors held
+    assert int4["decode_step_s_vs_dynamic"] == int4["decode_step_s"] / dynamic["decode_step_s"]
+    assert dynamic["decode_step_s_vs_dynamic"] == 1.0 and "kv_bytes_vs_dynamic" in int4
+    head = out.with_suffix(".md").read_text().splitlines()[2]
+    assert "| decode ms/step | × fp16 | × dynamic |" in head and "| KV MiB | × fp16 | read MiB/step |" in head
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists() and out.with_suffix(".svg").exists()
+    argv = ["profile", "--methods", "int2", "--model", "tiny-llama", "--context", "16", "--new-tokens", "1"]
+    threads = torch.get_num_threads()
+    try:
+        rc = main([*argv, "--repeats", "1", "--out", str(tmp_path / "t"), "--reference", "fp16", "--threads", "1",
+                   "--no-progress"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    rows = json.loads((tmp_path / "t" / "profile.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp16", "int2"] and {r["torch_threads"] for r in rows} == {1}
     assert main(["profile", "--methods", "fp16", "--model", "tiny-llama", "--context", "0"]) == 2
     assert capsys.readouterr().err.startswith("error:")
     assert main(["profile", "--methods", "fp16", "--model", "tiny-llama", "--batch", "x"]) == 2
