@@ -25,6 +25,11 @@ for KIVI's 128-token residual, AlignedKV's 64-token blocks and MoQAE's 32-token 
 6. greedy ``harness.integration.generate`` runs with a fresh cache and returns the right length;
 7. the run's record (written as ``harness.runner`` writes one, metric from the run's own logits)
    gives the method a row, by its display name, in ``harness.reports.write_report``'s README.
+
+A peer row (``own_cache``: transformers' own DynamicCache / QuantizedCache) has no layer stores: its
+cache's layers are checked instead (lengths per layer, every tensor they hold against ``memory()``,
+wrapper tensor subclasses opened); the store-level reads and reconstruction bounds do not apply.
+A peer whose backend package (an optional extra) is missing is skipped, with the extra named.
 """
 
 from __future__ import annotations
