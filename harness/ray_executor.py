@@ -242,7 +242,7 @@ class RayExecutor:
     defer: bool = False
     _pending: list[_Pending] = field(default_factory=list)
     _started: bool = False
-    #: what the prepare steps made (absolute path -> bytes): shipped with every cell
+    #: what the prepare steps made (path as the driver names it -> bytes): shipped with every cell
     _artefacts: dict[str, bytes] = field(default_factory=dict)
     _remotes: dict[Callable[..., Any], Any] = field(default_factory=dict)
 
@@ -285,7 +285,7 @@ class RayExecutor:
     def _remote(self, fn: Callable[..., Any]) -> Any:
         """``ray.remote(fn)``, made once per executor, so that every cell of a sweep (all of
         ``reproduce``'s stages) has one Ray scheduling class (resources and function) and the cells
-        queue in the order they were submitted. Made anew per stage (as before), the quick profile's
+        queue in the order they were submitted. Made anew per stage (until this was changed), the quick profile's
         stages ran as separate queues: one worker ran all 4 shards of a LongBench cell in a row
         while the other sat idle for 90 s at the end (measured; see README, Running on a cluster)."""
         if fn not in self._remotes:
