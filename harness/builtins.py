@@ -49,4 +49,6 @@ TASK_GROUP = "moqae_harness.tasks"
 
 #: the method every ratio is taken against (profiling, reports), and the task ``run`` defaults to
 REFERENCE_METHOD = "fp16"
+#: ``python -m harness profile``'s default references: fp16, then transformers' own DynamicCache
+PROFILE_REFERENCES = (REFERENCE_METHOD, "dynamic")
 DEFAULT_TASK = "wikitext2"

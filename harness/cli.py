@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.builtins import DEFAULT_TASK, REFERENCE_METHOD
+from harness.builtins import DEFAULT_TASK, PROFILE_REFERENCES
 from harness.registry import METHODS, TASKS, MethodSpecError, Registry
 
 EXIT_USAGE = 2
@@ -312,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     prof.add_argument("--repeats", type=positive_int, default=3, help="timed rounds after one warm-up")
     prof.add_argument(
-        "--reference", default=f"{REFERENCE_METHOD},dynamic",
+        "--reference", default=",".join(PROFILE_REFERENCES),
         help=f"methods the ratios are taken against, all profiled in this process: the first for every "
-             f"figure, the others for the times ({REFERENCE_METHOD},dynamic: transformers' DynamicCache)",
+             f"figure, the others for the times ({','.join(PROFILE_REFERENCES)})",
     )  # fmt: skip
     prof.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own)")
     prof.add_argument("--device", default=None)

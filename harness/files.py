@@ -263,11 +263,8 @@ def install_calibration(files: dict[str, bytes]) -> None:
     """Write calibration artefacts (file name -> bytes, as :func:`recording_calibration` found them)
     into this machine's ``<cache root>/calibration`` where they are missing; ``load_calibration``
     still checks what it reads."""
-    folder = cache_root() / "calibration"
-    for name, data in files.items():
-        target = folder / Path(name).name  # a bare file name: nothing is written outside the folder
-        if not target.exists():
-            replace_atomic(target, lambda f, data=data: f.write(data))
+    folder = cache_root() / "calibration"  # bare file names: nothing is written outside the folder
+    install_artefacts({str(folder / Path(name).name): data for name, data in files.items()})
 
 
 def install_artefacts(files: dict[str, bytes]) -> None:

@@ -456,7 +456,8 @@ class AttachedMethod:
         self.model.config._attn_implementation = name
 
     # ---- public ------------------------------------------------------------------------------
-    def new_cache(self) -> HarnessCache:
+    def new_cache(self) -> Cache:
+        """A fresh cache: the method's own transformers cache (a peer row), else a ``HarnessCache``."""
         own = self.method.own_cache(self.model)
         if own is not None:  # a transformers cache of its own (a peer row): no store, no hook of ours
             self.board.cache = None
