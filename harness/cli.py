@@ -235,14 +235,15 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     rows = profile(
         split_specs(args.methods), args.model, contexts, batches, args.new_tokens, args.repeats,
         device=args.device, dtype=args.dtype, reference=reference, progress=not args.no_progress, on_row=save,
-        compare_reads=args.compare_reads, also=also,
+        compare_reads=args.compare_reads, also=also, interleave=not args.sequential,
     )  # fmt: skip
     table = profile_table(rows, reference=reference, also=also)
     print(table)
     if out is not None:
         write_json_atomic(out, {"command": invocation(), "rows": rows})
         where = f"{rows[0]['model']}, {rows[0]['device']}, {rows[0]['dtype']}, attention {rows[0]['attention']}"
-        head = f"# Profile ({where}; {args.new_tokens} decode steps, {args.repeats} timed rounds)"
+        order = "one method after the other" if args.sequential else "the methods' rounds in turn"
+        head = f"# Profile ({where}; {args.new_tokens} decode steps, {args.repeats} timed rounds, {order})"
         md = out.with_suffix(".md")
         write_text_atomic(md, f"{head}\n\n{table}\n\nCommand:\n\n    {invocation()}\n")
         plots = plot_profile(rows, out.with_suffix(".png")) if len(contexts) > 1 else []
@@ -315,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", default=",".join(PROFILE_REFERENCES),
         help=f"methods the ratios are taken against, all profiled in this process: the first for every "
              f"figure, the others for the times ({','.join(PROFILE_REFERENCES)})",
+    )  # fmt: skip
+    prof.add_argument(
+        "--sequential", action="store_true",
+        help="profile one method after the other (each method's rounds back to back) instead of taking "
+             "the methods' rounds in turn",
     )  # fmt: skip
     prof.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own)")
     prof.add_argument("--device", default=None)

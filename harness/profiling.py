@@ -139,6 +139,65 @@ class PeakMemory:
 
 
 @torch.no_grad()
+def _one_round(model: torch.nn.Module, attached: AttachedMethod, ids: torch.Tensor, new_tokens: int) -> dict[str, Any]:
+    """Prefill ``ids`` into a fresh cache, then ``new_tokens`` greedy decode steps, each timed."""
+    method, device = attached.method, ids.device
+    cache = attached.new_cache()
+    own0 = _own_seconds(method)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = forward(model, ids, cache, logits_to_keep=1).logits  # as generate: last position only
+    _sync(device)
+    t_prefill = time.perf_counter() - t0
+    own1 = _own_seconds(method)
+    step_times = []
+    token = logits[:, -1:].argmax(-1)
+    del logits
+    for _ in range(new_tokens):
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = forward(model, token, cache).logits
+        _sync(device)
+        step_times.append(time.perf_counter() - t0)
+        token = logits[:, -1:].argmax(-1)
+    own2 = _own_seconds(method)
+    out = {"prefill": t_prefill, "steps": step_times, "memory": cache.memory()}
+    out["read"] = cache.read_bytes() if hasattr(cache, "read_bytes") else None
+    if own0 is not None:
+        out["own_prefill"], out["own_step"] = own1 - own0, (own2 - own1) / max(new_tokens, 1)
+    return out
+
+
+def _summary(
+    rounds: list[dict[str, Any]], last: dict[str, Any], peak: int | None, kind: str, batch: int, new_tokens: int
+) -> dict[str, Any]:
+    """A profile row's figures from its timed ``rounds`` (medians) and the ``last`` round's cache."""
+    steps = [t for r in rounds for t in r["steps"]]
+    step = statistics.median(steps) if steps else None
+    memory, read = last["memory"], last["read"]
+    out: dict[str, Any] = {
+        "status": "done",
+        "prefill_s": statistics.median(r["prefill"] for r in rounds),
+        "decode_step_s": step,
+        "decode_tokens_per_s": batch / step if step else None,
+        "kv_bytes": memory.total_bytes,
+        "kv_read_bytes_per_step": read if read is not None and new_tokens else memory.total_bytes,
+        "nominal_bits": memory.nominal_bits,
+        "effective_bits": memory.effective_bits,
+        "peak_bytes": peak,
+        "peak_kind": kind,
+    }
+    if "own_prefill" in last:
+        out["own_prefill_s"] = statistics.median(r["own_prefill"] for r in rounds)
+        out["own_decode_step_s"] = statistics.median(r["own_step"] for r in rounds)
+    return out
+
+
+def _prompt(model: torch.nn.Module, context: int, batch: int, seed: int) -> torch.Tensor:
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(seed))
+    return ids.to(next(model.parameters()).device)
+
+
 def profile_setting(
     model: torch.nn.Module,
     attached: AttachedMethod,
@@ -148,60 +207,59 @@ def profile_setting(
     repeats: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Time prefill and decode of one (context, batch) setting for an attached method."""
-    method = attached.method
+    """Time prefill and decode of one (context, batch) setting for an attached method: ``repeats``
+    timed rounds after one warm-up round, back to back."""
+    ids = _prompt(model, context, batch, seed)
+    with PeakMemory(ids.device) as peak:
+        rounds = [_one_round(model, attached, ids, new_tokens) for _ in range(repeats + 1)]
+    return _summary(rounds[1:], rounds[-1], peak.peak_bytes, peak.kind, batch, new_tokens)
+
+
+def _row_base(
+    model: torch.nn.Module, method: KVCacheMethod, from_codes: bool | None, new_tokens: int, repeats: int
+) -> dict[str, Any]:
+    """What identifies a method's rows: device, dtype, attention kernel, threads, protocol."""
     device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(seed))
-    ids = ids.to(device)
-    prefill, steps, own_prefill, own_steps = [], [], [], []
-    with PeakMemory(device) as peak:
-        for rep in range(repeats + 1):  # the first round warms up and is not timed
-            cache = attached.new_cache()
-            own0 = _own_seconds(method)
-            _sync(device)
-            t0 = time.perf_counter()
-            logits = forward(model, ids, cache, logits_to_keep=1).logits  # as generate: last position only
-            _sync(device)
-            t_prefill = time.perf_counter() - t0
-            own1 = _own_seconds(method)
-            step_times = []
-            token = logits[:, -1:].argmax(-1)
-            del logits
-            for _ in range(new_tokens):
-                _sync(device)
-                t0 = time.perf_counter()
-                logits = forward(model, token, cache).logits
-                _sync(device)
-                step_times.append(time.perf_counter() - t0)
-                token = logits[:, -1:].argmax(-1)
-            own2 = _own_seconds(method)
-            if rep == 0:
-                continue
-            prefill.append(t_prefill)
-            steps += step_times
-            if own0 is not None:
-                own_prefill.append(own1 - own0)
-                own_steps.append((own2 - own1) / max(new_tokens, 1))
-        memory = cache.memory()
-        read = cache.read_bytes() if hasattr(cache, "read_bytes") else None
-        del cache
-    step = statistics.median(steps) if steps else None
-    out: dict[str, Any] = {
-        "status": "done",
-        "prefill_s": statistics.median(prefill),
-        "decode_step_s": step,
-        "decode_tokens_per_s": batch / step if step else None,
-        "kv_bytes": memory.total_bytes,
-        "kv_read_bytes_per_step": read if read is not None and new_tokens else memory.total_bytes,
-        "nominal_bits": memory.nominal_bits,
-        "effective_bits": memory.effective_bits,
-        "peak_bytes": peak.peak_bytes,
-        "peak_kind": peak.kind,
+    return {
+        "method": method.label + (" [dequantize]" if from_codes is False and method.decode_from_codes else ""),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attention": getattr(model.config, "_attn_implementation", None),
+        "torch_threads": torch.get_num_threads(),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "calibration_s": 0.0,
     }
-    if own_prefill:
-        out["own_prefill_s"] = statistics.median(own_prefill)
-        out["own_decode_step_s"] = statistics.median(own_steps)
-    return out
+
+
+def _attach(
+    model: torch.nn.Module, method: KVCacheMethod, from_codes: bool | None, contexts: Sequence[int], seed: int
+) -> tuple[AttachedMethod, float]:
+    """Attach ``method``; a method that calibrates does so on random tokens (speed does not
+    depend on their values), outside any timed region. Returns (attached, calibration seconds)."""
+    am = AttachedMethod(model, method, from_codes=from_codes)
+    if not method.needs_calibration:
+        return am, 0.0
+    try:
+        g = torch.Generator().manual_seed(seed + 1)
+        window = torch.randint(0, model.config.vocab_size, (1, min(max(contexts), 512)), generator=g)
+        t0 = time.perf_counter()
+        am.calibrate([window.to(next(model.parameters()).device)])
+        return am, time.perf_counter() - t0
+    except BaseException:
+        am.detach()
+        raise
+
+
+def _out_of_memory_row(err: BaseException, device: torch.device) -> dict[str, Any]:
+    """The record of a setting that ran out of memory (the sweep goes on); other errors raise."""
+    if not is_out_of_memory(err):
+        raise err
+    _release_freed_memory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"status": "oom", "reason": " ".join(str(err).split())[:300]}
 
 
 def profile_method(
@@ -221,45 +279,89 @@ def profile_method(
     (the row's method is then labelled ``<method> [dequantize]``)."""
     _check(contexts, batches, new_tokens, repeats)
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    base = {
-        "method": method.label + (" [dequantize]" if from_codes is False and method.decode_from_codes else ""),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."),
-        "attention": getattr(model.config, "_attn_implementation", None),
-        "torch_threads": torch.get_num_threads(),
-        "new_tokens": new_tokens,
-        "repeats": repeats,
-        "model_parameters": sum(p.numel() for p in model.parameters()),
-        "calibration_s": 0.0,
-    }
+    base = _row_base(model, method, from_codes, new_tokens, repeats)
     _enable_own_timing(method)
     rows = []
-    with AttachedMethod(model, method, from_codes=from_codes) as am:
+    am, base["calibration_s"] = _attach(model, method, from_codes, contexts, seed)
+    with am:
         base["decode_from_codes"] = am.board.from_codes
         base["method_parameters"] = method_parameters(method)  # MoQAE's routers exist once attached
-        if method.needs_calibration:
-            g = torch.Generator().manual_seed(seed + 1)
-            t0 = time.perf_counter()
-            window = torch.randint(0, model.config.vocab_size, (1, min(max(contexts), 512)), generator=g)
-            am.calibrate([window.to(device)])
-            base["calibration_s"] = time.perf_counter() - t0
         for context in contexts:
             for batch in batches:
                 row = {**base, "context": context, "batch": batch}
                 try:
                     row.update(profile_setting(model, am, context, batch, new_tokens, repeats, seed))
                 except Exception as err:  # noqa: BLE001 - an OOM setting is a record, not a crash
-                    if not is_out_of_memory(err):
-                        raise
-                    row.update(status="oom", reason=" ".join(str(err).split())[:300])
-                    _release_freed_memory()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    row.update(_out_of_memory_row(err, device))
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
     return rows
+
+
+def profile_interleaved(
+    model: torch.nn.Module,
+    jobs: Sequence[tuple[KVCacheMethod, bool | None]],
+    contexts: Sequence[int] = (2048,),
+    batches: Sequence[int] = (1,),
+    new_tokens: int = 32,
+    repeats: int = 3,
+    seed: int = 0,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    tick: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """``profile_method`` for several (method, from_codes) jobs with their rounds interleaved: round
+    r of every method runs before round r + 1 of any, each method attached for its round only.
+
+    Measured on a 2-core CPU: back-to-back rounds gave the first method profiled in a process
+    decode steps ~25 % slower than the same method profiled again later in that process, so a
+    ratio to a reference profiled first was off by that much; interleaving spreads such drift
+    over every method alike. A method that calibrates does so at each attach (untimed; the
+    row's ``calibration_s`` is the first). Rows come out method by method, in ``jobs`` order;
+    ``tick`` is called after each method's round (progress)."""
+    _check(contexts, batches, new_tokens, repeats)
+    device = next(model.parameters()).device
+    bases = []
+    for method, from_codes in jobs:
+        _enable_own_timing(method)
+        base = _row_base(model, method, from_codes, new_tokens, repeats)
+        am, base["calibration_s"] = _attach(model, method, from_codes, contexts, seed)
+        with am:
+            base["decode_from_codes"] = am.board.from_codes
+            base["method_parameters"] = method_parameters(method)
+        bases.append(base)
+    rows: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for context in contexts:
+        for batch in batches:
+            ids = _prompt(model, context, batch, seed)
+            rounds: list[list[dict[str, Any]]] = [[] for _ in jobs]
+            peaks: list[int | None] = [None] * len(jobs)
+            failed: dict[int, dict[str, Any]] = {}
+            for _ in range(repeats + 1):  # the first round of each method warms up and is not timed
+                for j, (method, from_codes) in enumerate(jobs):
+                    if j in failed:
+                        continue
+                    try:
+                        am, _ = _attach(model, method, from_codes, contexts, seed)
+                        with am, PeakMemory(device) as peak:
+                            rounds[j].append(_one_round(model, am, ids, new_tokens))
+                    except Exception as err:  # noqa: BLE001 - an OOM setting is a record, not a crash
+                        failed[j] = _out_of_memory_row(err, device)
+                        continue
+                    if peak.peak_bytes is not None:
+                        peaks[j] = max(peaks[j] or 0, peak.peak_bytes)
+                    if tick is not None:
+                        tick()
+            for j, base in enumerate(bases):
+                row = {**base, "context": context, "batch": batch, "interleaved": True}
+                kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss"
+                row.update(failed.get(j) or _summary(rounds[j][1:], rounds[j][-1], peaks[j], kind, batch, new_tokens))
+                rows[(j, context, batch)] = row
+    ordered = [rows[key] for key in sorted(rows, key=lambda k: (k[0], contexts.index(k[1]), batches.index(k[2])))]
+    for row in ordered:
+        if on_row is not None:
+            on_row(row)
+    return ordered
 
 
 def _check(contexts: Sequence[int], batches: Sequence[int], new_tokens: int, repeats: int) -> None:
@@ -364,6 +466,7 @@ def profile(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     compare_reads: bool = False,
     also: Sequence[str] = (),
+    interleave: bool = True,
 ) -> list[dict[str, Any]]:
     """Profile each method spec on one loaded model (alias, folder, hub id or a random ``*-shape``).
 
@@ -371,6 +474,8 @@ def profile(
     references, e.g. transformers' ``dynamic``), added if missing, so that every ratio is taken
     against figures measured in the same process. ``compare_reads`` also profiles each method that
     attends from its codes with dequantize-then-attend decode steps (``[dequantize]``).
+    ``interleave`` (the default) takes the methods' rounds in turn (``profile_interleaved``);
+    False profiles one method after the other, each with its rounds back to back.
     """
     from tqdm.auto import tqdm
 
@@ -404,6 +509,11 @@ def profile(
     jobs = [(m, None) for m in objs]
     if compare_reads:
         jobs += [(build_method(m.label), False) for m in objs if m.decode_from_codes]
+    if interleave:
+        total = len(jobs) * len(contexts) * len(batches) * (repeats + 1)
+        with tqdm(total=total, desc="profile rounds", disable=not progress) as bar:
+            profile_interleaved(lm, jobs, contexts, batches, new_tokens, repeats, on_row=tag, tick=bar.update)
+        return add_all_ratios(rows, reference, refs[1:])
     for m, from_codes in tqdm(jobs, desc="profile", disable=not progress):
         profile_method(lm, m, contexts, batches, new_tokens, repeats, on_row=tag, from_codes=from_codes)
     return add_all_ratios(rows, reference, refs[1:])

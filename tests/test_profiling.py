@@ -10,7 +10,14 @@ import torch
 from harness.cli import main
 from harness.interface import build_method
 from harness.models import tiny_random_model
-from harness.profiling import PeakMemory, add_ratios, is_out_of_memory, profile_method, profile_table
+from harness.profiling import (
+    PeakMemory,
+    add_ratios,
+    is_out_of_memory,
+    profile_interleaved,
+    profile_method,
+    profile_table,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +75,40 @@ def test_out_of_memory_setting_is_a_record(model, monkeypatch):
     assert "**oom**" in profile_table(rows)
 
 
+def test_interleaved_rounds_take_turns(model, monkeypatch):
+    """Round r of every method runs before round r + 1 of any; rows match the back-to-back ones in all
+    but the times; a calibrating method (QoQ folds its smoothing into the weights) re-attaches per round
+    and leaves the weights as they were; an OOM method gives its record and the others go on."""
+    import harness.profiling as prof
+
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    order, real = [], prof._one_round
+
+    def spy(model, attached, ids, new_tokens):
+        order.append((attached.method.label, ids.shape[-1]))
+        if attached.method.label == "int2" and ids.shape[-1] > 40:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+        return real(model, attached, ids, new_tokens)
+
+    monkeypatch.setattr(prof, "_one_round", spy)
+    jobs = [(build_method(m), None) for m in ("fp16", "qoq", "int2")]
+    rows = profile_interleaved(model, jobs, contexts=[32, 48], new_tokens=2, repeats=2)
+    assert order[:9] == [(m, 32) for m in ("fp16", "qoq", "int2")] * 3
+    assert order[9:] == [(m, 48) for m in ("fp16", "qoq", "int2")] + [(m, 48) for m in ("fp16", "qoq")] * 2
+    assert [(r["method"], r["context"], r["status"]) for r in rows] == [
+        ("fp16", 32, "done"), ("fp16", 48, "done"), ("qoq", 32, "done"), ("qoq", 48, "done"),
+        ("int2", 32, "done"), ("int2", 48, "oom"),
+    ]  # fmt: skip
+    assert rows[2]["calibration_s"] > 0 and all(r["interleaved"] for r in rows)
+    monkeypatch.setattr(prof, "_one_round", real)
+    for spec, interleaved in (("fp16", rows[0]), ("qoq", rows[2]), ("int2", rows[4])):
+        (alone,) = profile_method(model, build_method(spec), contexts=[32], new_tokens=2, repeats=2)
+        assert all(alone[k] == interleaved[k] for k in ("kv_bytes", "kv_read_bytes_per_step", "nominal_bits"))
+                (alone[key] > 0) == (interleaved[key] > 0) if key == "calibration_s" else alone[key] == interleaved[key]
+            )
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
 def test_peak_memory_sees_an_allocation():
     import torch
 
@@ -97,6 +138,8 @@ def test_profile_cli_writes_rows(tmp_path, capsys):
     assert [(r["method"], r["context"]) for r in rows] == [
         ("fp16", 32), ("fp16", 64), ("dynamic", 32), ("dynamic", 64), ("int4", 32), ("int4", 64)
     ]  # fmt: skip
+    assert all(r["interleaved"] for r in rows)  # the default: the methods' rounds in turn
+    assert "the methods' rounds in turn" in out.with_suffix(".md").read_text().splitlines()[0]
     int4, dynamic = rows[4], rows[2]
     assert int4["kv_bytes"] < rows[0]["kv_bytes"] and 0 < int4["kv_bytes_ratio"] < 0.5
     assert dynamic["kv_bytes_ratio"] == 2.0  # fp32 against fp16, counted from the tensors held
@@ -109,12 +152,13 @@ def test_profile_cli_writes_rows(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         rc = main([*argv, "--repeats", "1", "--out", str(tmp_path / "t"), "--reference", "fp16", "--threads", "1",
-                   "--no-progress"])  # fmt: skip
+                   "--sequential", "--no-progress"])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
     rows = json.loads((tmp_path / "t" / "profile.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["fp16", "int2"] and {r["torch_threads"] for r in rows} == {1}
+    assert not any("interleaved" in r for r in rows)
     assert main(["profile", "--methods", "fp16", "--model", "tiny-llama", "--context", "0"]) == 2
     assert capsys.readouterr().err.startswith("error:")
     assert main(["profile", "--methods", "fp16", "--model", "tiny-llama", "--batch", "x"]) == 2
