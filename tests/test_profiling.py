@@ -104,8 +104,6 @@ def test_interleaved_rounds_take_turns(model, monkeypatch):
     for spec, interleaved in (("fp16", rows[0]), ("qoq", rows[2]), ("int2", rows[4])):
         (alone,) = profile_method(model, build_method(spec), contexts=[32], new_tokens=2, repeats=2)
         assert all(alone[k] == interleaved[k] for k in ("kv_bytes", "kv_read_bytes_per_step", "nominal_bits"))
-                (alone[key] > 0) == (interleaved[key] > 0) if key == "calibration_s" else alone[key] == interleaved[key]
-            )
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
