@@ -83,7 +83,7 @@ import math
 
 import torch
 
-from harness.quant import META_MAX, SUPPORTED_BITS, QuantizedTensor, quantize, unpack_to_float
+from harness.quant import META_MAX, SUPPORTED_BITS, QuantizedTensor, plane_order, quantize, unpack_planes
 
 try:  # optional: CPU-only installs never need it
     import triton
@@ -641,7 +641,7 @@ def decode_attention_from_codes(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Attention from the codes, scales and zeros applied after grouped matmuls (no dequantized
-    history; the codes are unpacked to ``dtype`` floats by one table gather, ``unpack_to_float``).
+    history; the codes are unpacked to ``dtype`` floats plane by plane, ``unpack_planes``).
 
     With qg = q·scale viewed [B, H_kv, n_rep, D], c the unpacked codes, G = ``group``:
 
@@ -682,9 +682,20 @@ def decode_bytes(
 # --------------------------------------------------------------------------------------------
 
 
-def _codes(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """Unpacked codes as floats, minus the symmetric offset: [B, H_kv, T, D]."""
-    return unpack_to_float(qt.codes, qt.bits, dtype, 2 ** (qt.bits - 1) if qt.zero is None else 0)
+def _plane_codes(qt: QuantizedTensor, dtype: torch.dtype, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpacked codes as floats, minus the symmetric offset, in ``plane_order`` within blocks of
+    ``block`` channels: (c [B, H_kv, T, D], order [D]); c[..., p] is channel order[p]'s code."""
+    c = unpack_planes(qt.codes, qt.bits, dtype, block)
+    if qt.zero is None:
+        c.sub_(2 ** (qt.bits - 1))
+    return c, plane_order(c.shape[-1], block, qt.bits, c.device)
+
+
+def _in_channel_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x [..., D] whose position p holds channel order[p] -> x in channel order."""
+    out = torch.empty_like(x)
+    out[..., order] = x
+    return out
 
 
 def scores_from_codes(qg: torch.Tensor, k: QuantizedTensor) -> torch.Tensor:
@@ -693,58 +704,69 @@ def scores_from_codes(qg: torch.Tensor, k: QuantizedTensor) -> torch.Tensor:
 
     Per channel (``axis=-2``, groups of G tokens): Σ_d (q_d·s_{k,d})·c_{t,d} + Σ_d q_d·z_{k,d},
     k = t // G. Per token (``axis=-1``, groups of G channels): Σ_g s_{t,g}·(Σ_{j∈g} q_j·c_{t,j})
-    + Σ_g z_{t,g}·Σ_{j∈g} q_j. Scales/zeros are applied to the small side of the product.
+    + Σ_g z_{t,g}·Σ_{j∈g} q_j, the inner sums of all groups in one matmul of the codes with a
+    block-diagonal query [R·D/G, D] (D/G times the useful flops; the codes are read once).
+    Scales/zeros are applied to the small side of the product. The codes are unpacked in plane
+    order (``unpack_planes``) and the query and per-channel scales taken in that order.
     """
     dtype = qg.dtype
-    c = _codes(k, dtype)
-    b, h, t, d = c.shape
+    b, h, t, d = k.shape
     r, g = qg.shape[2], k.group
-    s = k.scale.to(dtype)
     z = None if k.zero is None else k.zero.to(dtype)
     if k.axis % 4 == 2:  # per channel: s, z [B, H_kv, T/G, D]
-        qs = qg.unsqueeze(2) * s.unsqueeze(3)  # [B, H_kv, T/G, R, D]
+        c, order = _plane_codes(k, dtype, d)
+        qs = qg.index_select(-1, order).unsqueeze(2) * k.scale.index_select(-1, order).to(dtype).unsqueeze(3)
         out = torch.matmul(c.view(b, h, t // g, g, d), qs.transpose(-1, -2))  # [B, H_kv, T/G, G, R]
         if z is not None:
             out += torch.matmul(z, qg.transpose(-1, -2)).unsqueeze(3)  # [B, H_kv, T/G, 1, R]
         return out.view(b, h, t, r).transpose(-1, -2)
-    ng = d // g  # per token: s, z [B, H_kv, T, D/G]
+    c, order = _plane_codes(k, dtype, g)  # per token: s, z [B, H_kv, T, D/G]; each group contiguous in c
+    s, ng = k.scale.to(dtype), d // g
+    qp = qg.index_select(-1, order)
     if ng == 1:
-        out = torch.matmul(qg, c.transpose(-1, -2)) * s.transpose(-1, -2)  # [B, H_kv, R, T]
+        out = torch.matmul(qp, c.transpose(-1, -2)) * s.transpose(-1, -2)  # [B, H_kv, R, T]
         if z is not None:
             out += qg.sum(-1, keepdim=True) * z.transpose(-1, -2)
         return out
-    part = torch.einsum("bhtgj,bhrgj->bhrtg", c.view(b, h, t, ng, g), qg.view(b, h, r, ng, g))
-    out = (part * s.unsqueeze(2)).sum(-1)
+    eye = torch.eye(ng, dtype=dtype, device=qg.device).view(ng, ng, 1)
+    qb = (qp.view(b, h, r, 1, ng, g) * eye).view(b, h, r * ng, d)  # row (r, g): group g of q, zeros elsewhere
+    part = torch.matmul(qb, c.transpose(-1, -2)).view(b, h, r, ng, t)  # Σ_{j∈g} q_j·c_{t,j}
+    out = (part * s.transpose(-1, -2).unsqueeze(2)).sum(3)
     if z is not None:
-        out += torch.einsum("bhtg,bhrg->bhrt", z, qg.view(b, h, r, ng, g).sum(-1))
+        out += torch.matmul(qg.view(b, h, r, ng, g).sum(-1), z.transpose(-1, -2))  # [B, H_kv, R, T]
     return out
 
 
 def mix_from_codes(p: torch.Tensor, v: QuantizedTensor) -> torch.Tensor:
     """Σ_t p_t·v̂_t for quantized values without dequantizing them: p [B, H_kv, R, T] -> [B, H_kv, R, D].
 
-    Per token (``axis=-1``): Σ_t (p_t·s_{t,g})·c_{t,j} + Σ_t p_t·z_{t,g} for channel j in group g.
+    Per token (``axis=-1``): Σ_t (p_t·s_{t,g})·c_{t,j} + Σ_t p_t·z_{t,g} for channel j in group g,
+    all groups in one matmul (p ⊙ s)ᵀ [.., R·D/G, T] @ c [.., T, D] whose block diagonal (row group g,
+    channel group g) is the first sum (D/G times the useful flops; the codes are read once).
     Per channel (``axis=-2``, groups of G tokens): Σ_k s_{k,d}·(Σ_{t∈k} p_t·c_{t,d}) + Σ_k z_{k,d}·Σ_{t∈k} p_t.
+    The codes are unpacked in plane order (``unpack_planes``); the result is put back in channel order.
     """
     dtype = p.dtype
-    c = _codes(v, dtype)
-    b, h, t, d = c.shape
+    b, h, t, d = v.shape
     r, g = p.shape[2], v.group
-    s = v.scale.to(dtype)
     z = None if v.zero is None else v.zero.to(dtype)
     if v.axis % 4 == 2:  # per channel: s, z [B, H_kv, T/G, D]
+        c, order = _plane_codes(v, dtype, d)
         pk = p.reshape(b, h, r, t // g, g).transpose(2, 3)  # [B, H_kv, T/G, R, G]
         part = torch.matmul(pk, c.view(b, h, t // g, g, d))  # [B, H_kv, T/G, R, D]
-        out = (part * s.unsqueeze(3)).sum(2)
+        out = _in_channel_order((part * v.scale.index_select(-1, order).to(dtype).unsqueeze(3)).sum(2), order)
         if z is not None:
             out += torch.matmul(pk.sum(-1).transpose(-1, -2), z)  # [B, H_kv, R, T/G] @ [.., T/G, D]
         return out
-    ng = d // g  # per token: s, z [B, H_kv, T, D/G]
+    c, order = _plane_codes(v, dtype, g)  # per token: s, z [B, H_kv, T, D/G]; each group contiguous in c
+    s, ng = v.scale.to(dtype), d // g
     if ng == 1:
         out = torch.matmul(p * s.transpose(-1, -2), c)
     else:
-        ps = p.unsqueeze(-1) * s.unsqueeze(2)  # [B, H_kv, R, T, D/G]
-        out = torch.einsum("bhrtg,bhtgj->bhrgj", ps, c.view(b, h, t, ng, g)).reshape(b, h, r, d)
+        ps = (p.unsqueeze(3) * s.transpose(-1, -2).unsqueeze(2)).reshape(b, h, r * ng, t)  # row (r, g): p_t·s_{t,g}
+        full = torch.matmul(ps, c).view(b, h, r, ng, ng, g)  # [.., row group, channel group, G]
+        out = torch.diagonal(full, dim1=3, dim2=4).transpose(-1, -2).reshape(b, h, r, d)
+    out = _in_channel_order(out, order)
     if z is not None:
         out += torch.matmul(p, z).repeat_interleave(g, dim=-1)  # [B, H_kv, R, D/G] -> [.., D]
     return out
