@@ -83,7 +83,7 @@ import math
 
 import torch
 
-from harness.quant import META_MAX, SUPPORTED_BITS, QuantizedTensor, plane_order, quantize, unpack_planes
+from harness.quant import META_MAX, SUPPORTED_BITS, QuantizedTensor, quantize, unpack_planes
 
 try:  # optional: CPU-only installs never need it
     import triton
@@ -682,20 +682,36 @@ def decode_bytes(
 # --------------------------------------------------------------------------------------------
 
 
-def _plane_codes(qt: QuantizedTensor, dtype: torch.dtype, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpacked codes as floats, minus the symmetric offset, in ``plane_order`` within blocks of
-    ``block`` channels: (c [B, H_kv, T, D], order [D]); c[..., p] is channel order[p]'s code."""
-    c = unpack_planes(qt.codes, qt.bits, dtype, block)
-    if qt.zero is None:
-        c.sub_(2 ** (qt.bits - 1))
-    return c, plane_order(c.shape[-1], block, qt.bits, c.device)
+def _planes(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unpacked codes as floats minus the symmetric offset, by plane (``unpack_planes``):
+    [B, H_kv, P, T, D/P], element [.., i, t, j] the code of channel P·j + i."""
+    c = unpack_planes(qt.codes, qt.bits, dtype)
+    return c.sub_(2 ** (qt.bits - 1)) if qt.zero is None else c
 
 
-def _in_channel_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """x [..., D] whose position p holds channel order[p] -> x in channel order."""
-    out = torch.empty_like(x)
-    out[..., order] = x
-    return out
+def _by_plane(x: torch.Tensor, per: int) -> torch.Tensor:
+    """x [B, H, *mid, D] -> [B, H, P, *mid, D/P]: channel P·j + i at [.., i, .., j] (a view)."""
+    *lead, d = x.shape
+    return x.view(*lead, d // per, per).movedim(-1, 2)
+
+
+def _by_channel(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_by_plane`` for x [B, H, P, R, D/P] -> [B, H, R, D]."""
+    b, h, per, r, w = x.shape
+    return x.permute(0, 1, 3, 4, 2).reshape(b, h, r, w * per)
+
+
+_GROUP_MASKS: dict[tuple[int, int, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _group_mask(per: int, d: int, group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[P, D/G, D/P] one-hot: [i, g, j] = 1 where channel P·j + i is in channel group g (of G)."""
+    key = (per, d, group, dtype, device)
+    if key not in _GROUP_MASKS:
+        channel = torch.arange(d, device=device).view(d // per, per).T  # [P, D/P]
+        groups = torch.arange(d // group, device=device).view(1, -1, 1)
+        _GROUP_MASKS[key] = (channel.unsqueeze(1) // group == groups).to(dtype)
+    return _GROUP_MASKS[key]
 
 
 def scores_from_codes(qg: torch.Tensor, k: QuantizedTensor) -> torch.Tensor:
@@ -704,33 +720,34 @@ def scores_from_codes(qg: torch.Tensor, k: QuantizedTensor) -> torch.Tensor:
 
     Per channel (``axis=-2``, groups of G tokens): Σ_d (q_d·s_{k,d})·c_{t,d} + Σ_d q_d·z_{k,d},
     k = t // G. Per token (``axis=-1``, groups of G channels): Σ_g s_{t,g}·(Σ_{j∈g} q_j·c_{t,j})
-    + Σ_g z_{t,g}·Σ_{j∈g} q_j, the inner sums of all groups in one matmul of the codes with a
-    block-diagonal query [R·D/G, D] (D/G times the useful flops; the codes are read once).
-    Scales/zeros are applied to the small side of the product. The codes are unpacked in plane
-    order (``unpack_planes``) and the query and per-channel scales taken in that order.
+    + Σ_g z_{t,g}·Σ_{j∈g} q_j; with several groups per head, the inner sums of all groups come
+    from one matmul of the codes with a block-diagonal query (rows (r, g): group g of q, zeros
+    elsewhere; D/G times the useful flops, the codes read once). Scales/zeros are applied to the
+    small side of the product. The codes come by plane (``unpack_planes``), so each product is a
+    matmul batched over the P planes, summed over them (Σ_d = Σ_i Σ_j over d = P·j + i).
     """
-    dtype = qg.dtype
+    dtype, per = qg.dtype, 8 // k.bits
     b, h, t, d = k.shape
     r, g = qg.shape[2], k.group
+    c = _planes(k, dtype)  # [B, H_kv, P, T, D/P]
     z = None if k.zero is None else k.zero.to(dtype)
     if k.axis % 4 == 2:  # per channel: s, z [B, H_kv, T/G, D]
-        c, order = _plane_codes(k, dtype, d)
-        qs = qg.index_select(-1, order).unsqueeze(2) * k.scale.index_select(-1, order).to(dtype).unsqueeze(3)
-        out = torch.matmul(c.view(b, h, t // g, g, d), qs.transpose(-1, -2))  # [B, H_kv, T/G, G, R]
+        qs = qg.unsqueeze(2) * k.scale.to(dtype).unsqueeze(3)  # [B, H_kv, T/G, R, D]
+        qs = _by_plane(qs, per).transpose(-1, -2)  # [B, H_kv, P, T/G, D/P, R]
+        out = torch.matmul(c.view(b, h, per, t // g, g, d // per), qs).sum(2)  # [B, H_kv, T/G, G, R]
         if z is not None:
             out += torch.matmul(z, qg.transpose(-1, -2)).unsqueeze(3)  # [B, H_kv, T/G, 1, R]
         return out.view(b, h, t, r).transpose(-1, -2)
-    c, order = _plane_codes(k, dtype, g)  # per token: s, z [B, H_kv, T, D/G]; each group contiguous in c
-    s, ng = k.scale.to(dtype), d // g
-    qp = qg.index_select(-1, order)
+    s, ng = k.scale.to(dtype), d // g  # per token: s, z [B, H_kv, T, D/G]
+    qp = _by_plane(qg, per)  # [B, H_kv, P, R, D/P]
     if ng == 1:
-        out = torch.matmul(qp, c.transpose(-1, -2)) * s.transpose(-1, -2)  # [B, H_kv, R, T]
+        out = torch.matmul(qp, c.transpose(-1, -2)).sum(2) * s.transpose(-1, -2)  # [B, H_kv, R, T]
         if z is not None:
             out += qg.sum(-1, keepdim=True) * z.transpose(-1, -2)
         return out
-    eye = torch.eye(ng, dtype=dtype, device=qg.device).view(ng, ng, 1)
-    qb = (qp.view(b, h, r, 1, ng, g) * eye).view(b, h, r * ng, d)  # row (r, g): group g of q, zeros elsewhere
-    part = torch.matmul(qb, c.transpose(-1, -2)).view(b, h, r, ng, t)  # Σ_{j∈g} q_j·c_{t,j}
+    mask = _group_mask(per, d, g, dtype, qg.device)  # [P, D/G, D/P]
+    qb = (qp.unsqueeze(4) * mask.unsqueeze(1)).reshape(b, h, per, r * ng, d // per)  # row (r, g)
+    part = torch.matmul(qb, c.transpose(-1, -2)).sum(2).view(b, h, r, ng, t)  # Σ_{j∈g} q_j·c_{t,j}
     out = (part * s.transpose(-1, -2).unsqueeze(2)).sum(3)
     if z is not None:
         out += torch.matmul(qg.view(b, h, r, ng, g).sum(-1), z.transpose(-1, -2))  # [B, H_kv, R, T]
@@ -740,33 +757,33 @@ def scores_from_codes(qg: torch.Tensor, k: QuantizedTensor) -> torch.Tensor:
 def mix_from_codes(p: torch.Tensor, v: QuantizedTensor) -> torch.Tensor:
     """Σ_t p_t·v̂_t for quantized values without dequantizing them: p [B, H_kv, R, T] -> [B, H_kv, R, D].
 
-    Per token (``axis=-1``): Σ_t (p_t·s_{t,g})·c_{t,j} + Σ_t p_t·z_{t,g} for channel j in group g,
-    all groups in one matmul (p ⊙ s)ᵀ [.., R·D/G, T] @ c [.., T, D] whose block diagonal (row group g,
-    channel group g) is the first sum (D/G times the useful flops; the codes are read once).
+    Per token (``axis=-1``): Σ_t (p_t·s_{t,g})·c_{t,j} + Σ_t p_t·z_{t,g} for channel j in group g;
+    with several groups per head, all in one matmul (p ⊙ s)ᵀ [.., R·D/G, T] @ c [.., T, D], keeping
+    for each channel its own group's row (D/G times the useful flops; the codes read once).
     Per channel (``axis=-2``, groups of G tokens): Σ_k s_{k,d}·(Σ_{t∈k} p_t·c_{t,d}) + Σ_k z_{k,d}·Σ_{t∈k} p_t.
-    The codes are unpacked in plane order (``unpack_planes``); the result is put back in channel order.
+    The codes come by plane (``unpack_planes``): one matmul batched over the planes, whose result
+    [.., P, R, D/P] is put back in channel order.
     """
-    dtype = p.dtype
+    dtype, per = p.dtype, 8 // v.bits
     b, h, t, d = v.shape
     r, g = p.shape[2], v.group
+    c = _planes(v, dtype)  # [B, H_kv, P, T, D/P]
     z = None if v.zero is None else v.zero.to(dtype)
     if v.axis % 4 == 2:  # per channel: s, z [B, H_kv, T/G, D]
-        c, order = _plane_codes(v, dtype, d)
         pk = p.reshape(b, h, r, t // g, g).transpose(2, 3)  # [B, H_kv, T/G, R, G]
-        part = torch.matmul(pk, c.view(b, h, t // g, g, d))  # [B, H_kv, T/G, R, D]
-        out = _in_channel_order((part * v.scale.index_select(-1, order).to(dtype).unsqueeze(3)).sum(2), order)
+        part = torch.matmul(pk.unsqueeze(2), c.view(b, h, per, t // g, g, d // per))  # [B, H_kv, P, T/G, R, D/P]
+        sv = _by_plane(v.scale.to(dtype), per).unsqueeze(4)  # [B, H_kv, P, T/G, 1, D/P]
+        out = _by_channel((part * sv).sum(3))
         if z is not None:
             out += torch.matmul(pk.sum(-1).transpose(-1, -2), z)  # [B, H_kv, R, T/G] @ [.., T/G, D]
         return out
-    c, order = _plane_codes(v, dtype, g)  # per token: s, z [B, H_kv, T, D/G]; each group contiguous in c
-    s, ng = v.scale.to(dtype), d // g
+    s, ng = v.scale.to(dtype), d // g  # per token: s, z [B, H_kv, T, D/G]
     if ng == 1:
-        out = torch.matmul(p * s.transpose(-1, -2), c)
+        out = _by_channel(torch.matmul((p * s.transpose(-1, -2)).unsqueeze(2), c))
     else:
-        ps = (p.unsqueeze(3) * s.transpose(-1, -2).unsqueeze(2)).reshape(b, h, r * ng, t)  # row (r, g): p_t·s_{t,g}
-        full = torch.matmul(ps, c).view(b, h, r, ng, ng, g)  # [.., row group, channel group, G]
-        out = torch.diagonal(full, dim1=3, dim2=4).transpose(-1, -2).reshape(b, h, r, d)
-    out = _in_channel_order(out, order)
+        ps = (p.unsqueeze(3) * s.transpose(-1, -2).unsqueeze(2)).reshape(b, h, 1, r * ng, t)  # row (r, g)
+        full = torch.matmul(ps, c).view(b, h, per, r, ng, d // per)
+        out = _by_channel((full * _group_mask(per, d, g, dtype, p.device).unsqueeze(1)).sum(4))
     if z is not None:
         out += torch.matmul(p, z).repeat_interleave(g, dim=-1)  # [B, H_kv, R, D/G] -> [.., D]
     return out

@@ -3,7 +3,25 @@
 import pytest
 import torch
 
-from harness.quant import QuantizedTensor, fake_quantize, pack_bits, quantize, unpack_bits
+from harness.quant import QuantizedTensor, fake_quantize, pack_bits, quantize, unpack_bits, unpack_planes
+
+
+def test_unpack_planes_by_hand():
+    # 2-bit codes (0, 1, 2, 3) | (3, 3, 0, 1) packed little-end first: bytes 0b11100100, 0b01001111
+    packed = pack_bits(torch.tensor([[0, 1, 2, 3, 3, 3, 0, 1]], dtype=torch.uint8), 2)
+    assert packed.tolist() == [[0b11100100, 0b01001111]]
+    # plane i holds the i-th code of each byte: [P, T, m] = [4, 1, 2]
+    assert unpack_planes(packed, 2, torch.float32).tolist() == [[[0, 3]], [[1, 3]], [[2, 0]], [[3, 1]]]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_unpack_planes_regroups_the_codes(bits):
+    codes = torch.randint(0, 2**bits, (2, 3, 5, 64), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    planes = unpack_planes(pack_bits(codes, bits), bits, torch.float32)  # [2, 3, P, 5, 64 / P]
+    per = 8 // bits
+    assert planes.shape == (2, 3, per, 5, 64 // per)
+    for i in range(per):  # channel P·j + i at [.., i, t, j]
+        assert torch.equal(planes[:, :, i], codes[..., i::per].float())
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
