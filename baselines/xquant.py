@@ -94,11 +94,8 @@ class CalibratedSeq(QuantizedSeq):
         super().__init__(bits, group, axis)
         self.eta = eta
 
-    def append(self, x: torch.Tensor) -> None:
-        if x.shape[TOKEN_DIM] == 0:
-            return
-        part = calibrate_levels(quantize(x, self.bits, self.group, self.axis), self.eta)
-        self.q = part if self.q is None else QuantizedTensor.cat([self.q, part], dim=TOKEN_DIM)
+    def quantize_part(self, x: torch.Tensor) -> QuantizedTensor:
+        return calibrate_levels(quantize(x, self.bits, self.group, self.axis), self.eta)
 
 
 class SharedCodesSeq:

@@ -96,12 +96,15 @@ class MemoryReport:
     convention, e.g. MoQAE's 4.13); effective bits = 8 · all bytes / elements (codes, scales/zeros,
     full-precision tokens, outliers with their indices, router state). ``nonfinite_kv``: NaN / ±inf
     key and value elements appended (set by ``HarnessCache.memory``; 0 for a store's own report).
+    ``reserved_bytes``: capacity allocated ahead of the tokens (``harness.storage.TokenBuffer``'s
+    spare), held but storing no token; reported beside the bytes, never in ``total_bytes`` or the bits.
     """
 
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     payload_bits: float = 0.0
     elements: int = 0
     nonfinite_kv: int = 0
+    reserved_bytes: int = 0
 
     def add(self, category: str, nbytes: int) -> None:
         if category not in CATEGORIES:
@@ -114,6 +117,7 @@ class MemoryReport:
         self.payload_bits += other.payload_bits
         self.elements += other.elements
         self.nonfinite_kv += other.nonfinite_kv
+        self.reserved_bytes += other.reserved_bytes
         return self
 
     @property
@@ -136,6 +140,7 @@ class MemoryReport:
             "nominal_bits": self.nominal_bits,
             "effective_bits": self.effective_bits,
             "nonfinite_kv": self.nonfinite_kv,
+            "reserved_bytes": self.reserved_bytes,
         }
 
 

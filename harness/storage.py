@@ -38,28 +38,95 @@ def held_memory(t: QuantizedTensor | torch.Tensor | None) -> MemoryReport:
     return r
 
 
+class TokenBuffer:
+    """A tensor [..., T, X] that grows along the token axis (-2) in place.
+
+    Appends write into spare capacity; when it runs out, the buffer grows to the tokens held plus
+    max(``GROW_MIN``, 1/8 of them) (amortised O(1) per appended token: no copy of the history per
+    decode step, as concatenation makes). The first append keeps the tensor it is given, with no
+    spare (a prefill allocates exactly what it holds). ``take_front`` drops the oldest tokens by
+    moving a start offset; the live tokens move back to the front when an append needs the room.
+    ``value`` is a view of the live tokens; ``reserved_bytes`` the capacity around them that holds
+    no token (reported beside, never inside, a store's accounting).
+    """
+
+    GROW_MIN = 64
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None  # [..., capacity, X]
+        self.start = 0
+        self.n = 0
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        return None if self.buf is None or self.n == 0 else self.buf[..., self.start : self.start + self.n, :]
+
+    def append(self, x: torch.Tensor) -> None:
+        t = x.shape[TOKEN_DIM]
+        if t == 0:
+            return
+        if self.buf is None or self.n == 0:
+            self.buf, self.start, self.n = x, 0, t
+            return
+        cap = self.buf.shape[TOKEN_DIM]
+        if self.start + self.n + t > cap:
+            live = self.buf[..., self.start : self.start + self.n, :]
+            need = self.n + t
+            if need > cap or self.start == 0:  # grow (also when the buffer is a caller's tensor)
+                shape = (*live.shape[:-2], need + max(self.GROW_MIN, need // 8), live.shape[-1])
+                grown = torch.empty(shape, dtype=live.dtype, device=live.device)
+                grown[..., : self.n, :].copy_(live)
+                self.buf = grown
+            else:  # room at the front: move the live tokens there
+                self.buf[..., : self.n, :].copy_(live.clone())
+            self.start = 0
+        end = self.start + self.n
+        self.buf[..., end : end + t, :].copy_(x)
+        self.n += t
+
+    def take_front(self, n: int) -> torch.Tensor:
+        """Remove and return (a copy of) the oldest ``n`` tokens."""
+        assert self.buf is not None and n <= self.n
+        front = self.buf[..., self.start : self.start + n, :].clone()
+        self.start, self.n = self.start + n, self.n - n
+        return front
+
+    @property
+    def reserved_bytes(self) -> int:
+        if self.buf is None:
+            return 0
+        row = self.buf[..., :1, :]
+        return (self.buf.shape[TOKEN_DIM] - self.n) * row.numel() * row.element_size()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select along the batch axis (beam search); the result holds no spare capacity."""
+        if self.n:
+            self.buf, self.start = self.value.index_select(0, index), 0
+
+
 class FullPrecisionSeq:
     """Tokens held in a float dtype: fp16 by default (the papers' reference); ``dtype=None`` keeps
-    the model's compute dtype (the ``full`` method: no rounding at all)."""
+    the model's compute dtype (the ``full`` method: no rounding at all). Stored in a ``TokenBuffer``."""
 
     def __init__(self, dtype: torch.dtype | None = torch.float16):
         self.dtype = dtype
-        self.data: torch.Tensor | None = None  # [B, H, T, D]
+        self.tokens = TokenBuffer()
+
+    @property
+    def data(self) -> torch.Tensor | None:
+        """The tokens held, [B, H, T, D] (a view of the buffer), or None."""
+        return self.tokens.value
 
     @property
     def length(self) -> int:
-        return 0 if self.data is None else self.data.shape[TOKEN_DIM]
+        return self.tokens.n
 
     def append(self, x: torch.Tensor) -> None:
-        x = x.to(self.dtype) if self.dtype is not None else x
-        self.data = x if self.data is None else torch.cat([self.data, x], dim=TOKEN_DIM)
+        self.tokens.append(x.to(self.dtype) if self.dtype is not None else x)
 
     def take_front(self, n: int) -> torch.Tensor:
         """Remove and return the oldest ``n`` tokens (to hand them to a quantizer)."""
-        assert self.data is not None and n <= self.length
-        front, self.data = self.data[..., :n, :], self.data[..., n:, :]
-        self.data = self.data.contiguous() if self.data.shape[TOKEN_DIM] else None
-        return front
+        return self.tokens.take_front(n)
 
     def read(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.data is None:
@@ -67,46 +134,64 @@ class FullPrecisionSeq:
         return self.data.to(dtype) if out is None else out.copy_(self.data)
 
     def memory(self) -> MemoryReport:
-        return held_memory(self.data)
+        r = held_memory(self.data)
+        r.reserved_bytes = self.tokens.reserved_bytes
+        return r
 
     def reorder(self, index: torch.Tensor) -> None:
-        if self.data is not None:
-            self.data = self.data.index_select(0, index)
+        self.tokens.reorder(index)
 
 
 class QuantizedSeq:
-    """Tokens held as packed integer codes with fp16 scale/zero-point.
+    """Tokens held as packed integer codes with fp16 scale/zero-point, each in a ``TokenBuffer``.
 
     ``axis=-1``: one range per token per group of ``group`` channels (per-token quantization).
     ``axis=-2``: one range per channel per group of ``group`` consecutive tokens (per-channel).
+    A subclass changes how a part is quantized (``quantize_part``), not how it is kept.
     """
 
     def __init__(self, bits: int, group: int, axis: int, symmetric: bool = False):
         if axis not in (-1, -2):
             raise ValueError("axis must be -1 (per token) or -2 (per channel)")
         self.bits, self.group, self.axis, self.symmetric = bits, group, axis, symmetric
-        self.q: QuantizedTensor | None = None
+        self.codes, self.scale, self.zero = TokenBuffer(), TokenBuffer(), TokenBuffer()
+
+    @property
+    def q(self) -> QuantizedTensor | None:
+        """What is held, as one ``QuantizedTensor`` of views into the buffers, or None."""
+        if self.codes.n == 0:
+            return None
+        return QuantizedTensor(self.codes.value, self.scale.value, self.zero.value, self.bits, self.axis, self.group)
 
     @property
     def length(self) -> int:
-        return 0 if self.q is None else self.q.codes.shape[TOKEN_DIM]
+        return self.codes.n
+
+    def quantize_part(self, x: torch.Tensor) -> QuantizedTensor:
+        return quantize(x, self.bits, self.group, self.axis, self.symmetric)
 
     def append(self, x: torch.Tensor) -> None:
         """Quantize and store ``x`` [B, H, T, D]; with axis=-2, T must be a multiple of ``group``."""
         if x.shape[TOKEN_DIM] == 0:
             return
-        part = quantize(x, self.bits, self.group, self.axis, self.symmetric)
-        self.q = part if self.q is None else QuantizedTensor.cat([self.q, part], dim=TOKEN_DIM)
+        part = self.quantize_part(x)
+        self.codes.append(part.codes)
+        self.scale.append(part.scale)
+        if part.zero is not None:
+            self.zero.append(part.zero)
 
     def read(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        return None if self.q is None else self.q.dequantize(dtype, out=out)
+        q = self.q
+        return None if q is None else q.dequantize(dtype, out=out)
 
     def memory(self) -> MemoryReport:
-        return held_memory(self.q)
+        r = held_memory(self.q)
+        r.reserved_bytes = self.codes.reserved_bytes + self.scale.reserved_bytes + self.zero.reserved_bytes
+        return r
 
     def reorder(self, index: torch.Tensor) -> None:
-        if self.q is not None:
-            self.q = self.q.index_select(0, index)
+        for buf in (self.codes, self.scale, self.zero):
+            buf.reorder(index)
 
 
 Seq = FullPrecisionSeq | QuantizedSeq
