@@ -80,6 +80,7 @@ mode CUDA tensors go through the interpreter too.
 """
 
 import math
+import threading
 
 import torch
 
@@ -682,10 +683,35 @@ def decode_bytes(
 # --------------------------------------------------------------------------------------------
 
 
+_WORKSPACE = threading.local()
+WORKSPACE_MAX_BYTES = 64 * 2**20
+
+
+def _workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A CPU scratch tensor of ``shape``, reused from call to call (one per thread and dtype, grown to
+    the largest request up to ``WORKSPACE_MAX_BYTES``): a fresh multi-MiB allocation per unpack was
+    measured to cost as much as the unpack itself on CPU (freed pages go back to the OS and fault in
+    again). It holds the unpacked codes of one product at a time. CUDA's caching allocator already
+    reuses memory, so on other devices (and above the cap) this is a plain ``torch.empty``."""
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    pool = getattr(_WORKSPACE, "pool", None)
+    if pool is None:
+        pool = _WORKSPACE.pool = {}
+    buf = pool.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = pool[dtype] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
 def _planes(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """Unpacked codes as floats minus the symmetric offset, by plane (``unpack_planes``):
-    [B, H_kv, P, T, D/P], element [.., i, t, j] the code of channel P·j + i."""
-    c = unpack_planes(qt.codes, qt.bits, dtype)
+    """Unpacked codes as floats minus the symmetric offset, by plane (``unpack_planes``), in the
+    workspace: [B, H_kv, P, T, D/P], element [.., i, t, j] the code of channel P·j + i. Valid until
+    this thread's next ``_planes`` call."""
+    *lead, t, m = qt.codes.shape
+    out = _workspace((*lead, 8 // qt.bits, t, m), dtype, qt.codes.device)
+    c = unpack_planes(qt.codes, qt.bits, dtype, out=out)
     return c.sub_(2 ** (qt.bits - 1)) if qt.zero is None else c
 
 

@@ -119,17 +119,19 @@ def unpack_to_float(packed: torch.Tensor, bits: int, dtype: torch.dtype, offset:
     return out.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
 
 
-def unpack_planes(packed: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+def unpack_planes(packed: torch.Tensor, bits: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed codes [..., T, m] -> float planes [..., P, T, m] (P = 8 // bits codes per byte): plane i
     holds the i-th code of every byte, so planes[..., i, t, j] is the code of channel P·j + i.
 
     One shift, mask and converting copy per plane, each a contiguous write: measured 2-6× faster
     on CPU than gathering P floats per byte from a table in channel order (``unpack_to_float``).
     Codes are exact small integers, so the values are ``unpack_to_float``'s, regrouped; a consumer
-    splits the other side of its products the same way (channel P·j + i -> [i, j])."""
+    splits the other side of its products the same way (channel P·j + i -> [i, j]). ``out``: a
+    contiguous tensor of that shape and dtype to write into (a reused workspace)."""
     _check_bits(bits)
     per = 8 // bits
-    out = torch.empty(*packed.shape[:-2], per, *packed.shape[-2:], dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(*packed.shape[:-2], per, *packed.shape[-2:], dtype=dtype, device=packed.device)
     mask = (1 << bits) - 1
     for i in range(per):
         plane = packed if i == 0 else packed >> (bits * i)
