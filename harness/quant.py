@@ -266,10 +266,10 @@ def fit_asymmetric(lo: torch.Tensor, hi: torch.Tensor, qmax: int) -> tuple[torch
     exact = (hi - z32) / qmax
     scale = exact.to(META_DTYPE)
     top = z32 + qmax * scale.float()
+    if _all_fine(top, exact, scale, zero):
+        return zero, scale
     broken = ~torch.isfinite(zero) | ~torch.isfinite(top) | (top > META_MAX) | ((exact > 0) & (scale == 0))
     broken &= torch.isfinite(lo) & torch.isfinite(hi)
-    if _none(broken):
-        return zero, scale
     # the clamped grid (computed for every group, kept only where fp16 breaks: no host sync)
     lo_c, hi_c = lo.clamp(-META_MAX, META_MAX), hi.clamp(-META_MAX, META_MAX)
     s_c = (hi_c - lo_c.to(META_DTYPE).float()) / qmax
@@ -282,10 +282,18 @@ def fit_asymmetric(lo: torch.Tensor, hi: torch.Tensor, qmax: int) -> tuple[torch
     return torch.where(broken, z_c, zero), torch.where(broken, s16, scale)
 
 
-def _none(mask: torch.Tensor) -> bool:
-    """True when ``mask`` is known to hold no True: checked on CPU, where ops run synchronously and
-    the check only saves work; on an accelerator it would cost a host sync, so False (do the work)."""
-    return mask.device.type == "cpu" and not bool(mask.any())
+def _all_fine(top: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> bool:
+    """True when no group can need the clamped grid: every fp16 zero and top level within ±65504 and
+    no nonzero range flushed to a zero scale (then the full test of ``fit_asymmetric`` /
+    ``fit_symmetric`` marks nothing; NaN or inf anywhere fails this check and takes the full test).
+    Checked on CPU only, where ops run synchronously and the check saves a dozen passes; on an
+    accelerator it would cost a host sync, so False there (the full test, without a sync)."""
+    if top.device.type != "cpu":
+        return False
+    fine = (top.abs() <= META_MAX) & ~((exact > 0) & (scale == 0))
+    if zero is not None:
+        fine &= zero.abs() <= META_MAX
+    return bool(fine.all())
 
 
 def fit_symmetric(amax: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -295,9 +303,9 @@ def fit_symmetric(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     exact = amax / qmax
     scale = exact.to(META_DTYPE)
     top = qmax * scale.float()
-    broken = (~torch.isfinite(top) | (top > META_MAX) | ((exact > 0) & (scale == 0))) & torch.isfinite(amax)
-    if _none(broken):
+    if _all_fine(top, exact, scale):
         return scale
+    broken = (~torch.isfinite(top) | (top > META_MAX) | ((exact > 0) & (scale == 0))) & torch.isfinite(amax)
     s_c = amax.clamp(max=META_MAX) / qmax
     s16 = s_c.to(META_DTYPE)
     s16 = torch.where((s_c > 0) & (s16 == 0), torch.full_like(s16, META_STEP), s16)
