@@ -170,11 +170,19 @@ class QuantizedSeq:
     def quantize_part(self, x: torch.Tensor) -> QuantizedTensor:
         return quantize(x, self.bits, self.group, self.axis, self.symmetric)
 
+    @property
+    def layout(self) -> tuple:
+        """What decides the codes of a token: (bits, group, axis, symmetric)."""
+        return self.bits, self.group, self.axis, self.symmetric
+
     def append(self, x: torch.Tensor) -> None:
         """Quantize and store ``x`` [B, H, T, D]; with axis=-2, T must be a multiple of ``group``."""
         if x.shape[TOKEN_DIM] == 0:
             return
-        part = self.quantize_part(x)
+        self.keep(self.quantize_part(x))
+
+    def keep(self, part: QuantizedTensor) -> None:
+        """Store an already quantized part (this sequence's layout) after the tokens held."""
         self.codes.append(part.codes)
         self.scale.append(part.scale)
         if part.zero is not None:
@@ -238,8 +246,18 @@ class SeqPairStore(LayerStore):
         self.k, self.v = k, v
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
-        self.k.append(keys)
-        self.v.append(values)
+        k, v = self.k, self.v
+        if type(k) is QuantizedSeq and type(v) is QuantizedSeq and k.layout == v.layout and k.length == v.length:
+            # one quantize call for both (groups never span K and V: the same codes and scales as two
+            # calls, with half the per-call ops, which dominate a one-token decode step)
+            part = k.quantize_part(torch.stack([keys, values]))
+            k.keep(QuantizedTensor(*(None if x is None else x[0] for x in (part.codes, part.scale, part.zero)),
+                                   part.bits, part.axis, part.group))  # fmt: skip
+            v.keep(QuantizedTensor(*(None if x is None else x[1] for x in (part.codes, part.scale, part.zero)),
+                                   part.bits, part.axis, part.group))  # fmt: skip
+            return
+        k.append(keys)
+        v.append(values)
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k.read(dtype), self.v.read(dtype)

@@ -25,6 +25,7 @@ class Row:
 
 
 ROWS: list[Row] = []
+TABLES: list[str] = []  # whole tables (tests/bench/test_bench_decode.py), printed at the end
 
 
 def record(benchmark, group: str, impl: str, nbytes: int, reference: bool = False) -> None:
@@ -40,9 +41,12 @@ def record(benchmark, group: str, impl: str, nbytes: int, reference: bool = Fals
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    tr = terminalreporter
+    for table in TABLES:
+        tr.write_sep("=", "decode and prefill against transformers' caches (see the × dynamic columns)")
+        tr.write_line(table)
     if not ROWS:
         return
-    tr = terminalreporter
     tr.write_sep("=", "quantized-cache kernels: achieved bandwidth")
     tr.write_line(f"{'group':<40} {'implementation':<28} {'median ms':>10} {'MB moved':>9} {'GB/s':>8} {'x ref':>7}")
     for group in dict.fromkeys(r.group for r in ROWS):
@@ -61,3 +65,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def record_bandwidth():
     """``record(benchmark, group, impl, nbytes, reference=False)`` for the closing table."""
     return record
+
+
+@pytest.fixture
+def record_table():
+    """``record_table(text)``: a whole table for the closing summary."""
+    return TABLES.append
