@@ -10,6 +10,14 @@ tokens through the same cache instead: every piece's queries read the cache as t
 after the earlier pieces (chunked prefill / streaming). This matters for methods whose decisions
 depend on the cache length or recency (MiKV's recent window and budget, KIVI's residual), which a
 single 2048-token prefill decides once, for the whole window, from the end of the window.
+
+``decode_from=N`` (0 = off) is the teacher-forced decode protocol: the first N tokens of each window
+are prefilled (in pieces of ``prefill_chunk`` if set), then every later token is fed alone, as a
+decode step, and scored: the tokens after N are predicted by the decode path a generation uses
+(attention from the codes where a method decodes that way, each token quantized before the next
+reads it), while the history is the window's own text. PPL counts every predicted token, prefill
+and decode. The option is left out of a record's key when 0, so records made before it existed
+keep theirs.
 """
 
 from __future__ import annotations
@@ -34,10 +42,13 @@ class WikiText2Config(MethodConfig):
     seqlen: int = 2048
     max_windows: int | None = None  # None = the whole test split
     prefill_chunk: int = 0  # >0: feed each window in pieces of this many tokens through one cache
+    decode_from: int = 0  # >0: prefill this many tokens, then one decode step per token (teacher-forced)
 
     def validate(self) -> None:
         if self.prefill_chunk < 0:
             raise MethodSpecError(f"wikitext2: prefill_chunk={self.prefill_chunk} must be >= 0")
+        if not 0 <= self.decode_from < self.seqlen:
+            raise MethodSpecError(f"wikitext2: decode_from={self.decode_from} must be >= 0 and < seqlen={self.seqlen}")
         if self.seqlen < 2:
             raise MethodSpecError(f"wikitext2: seqlen={self.seqlen} must be >= 2")
         if self.max_windows is not None and self.max_windows < 1:
@@ -60,8 +71,15 @@ def add_stats(total: list[dict] | None, new: list[dict]) -> list[dict]:
     return total
 
 
-def window_logits(model: torch.nn.Module, ids: torch.Tensor, cache, piece: int = 0) -> torch.Tensor:
-    """Logits [1, T, V] of a window: one forward, or (``piece`` > 0) consecutive pieces through ``cache``."""
+def window_logits(
+    model: torch.nn.Module, ids: torch.Tensor, cache, piece: int = 0, decode_from: int = 0
+) -> torch.Tensor:
+    """Logits [1, T, V] of a window: one forward, or (``piece`` > 0) consecutive pieces through ``cache``;
+    with ``decode_from`` > 0, those of its first ``decode_from`` tokens, then one forward per token."""
+    if decode_from > 0:
+        head = window_logits(model, ids[:, :decode_from], cache, piece)
+        steps = [forward(model, ids[:, i : i + 1], cache).logits for i in range(decode_from, ids.shape[1])]
+        return torch.cat([head, *steps], 1)
     if piece <= 0 or piece >= ids.shape[1]:
         return forward(model, ids, cache).logits
     return torch.cat([forward(model, ids[:, i : i + piece], cache).logits for i in range(0, ids.shape[1], piece)], 1)
@@ -107,7 +125,7 @@ class WikiText2(Task):
                 with torch.enable_grad():
                     ctx.attached.method.see_window(ctx.attached, ids)
             cache = ctx.attached.new_cache()
-            logits = window_logits(ctx.model, ids, cache, self.config.prefill_chunk)
+            logits = window_logits(ctx.model, ids, cache, self.config.prefill_chunk, self.config.decode_from)
             nll, n = window_nll(logits, ids)
             memory = cache.memory()
             per_window.append({"nll": nll, "tokens": n, "kv": memory.as_dict(), "layer_stats": cache.layer_stats()})
@@ -117,6 +135,12 @@ class WikiText2(Task):
 
     def shard_units(self) -> int | None:
         return self.config.max_windows
+
+    def options(self) -> dict:
+        options = super().options()
+        if not options["decode_from"]:
+            del options["decode_from"]  # records made before the option existed keep their keys
+        return options
 
     def merge_shards(self, parts: list[dict]) -> dict:
         """The record of the whole split from its shards, in order: sums window by window, as one pass does."""

@@ -44,6 +44,8 @@ def wikitext_protocol(cfg: dict[str, Any], recs: list[dict[str, Any]]) -> str:
         text += f" ({plural(n, 'window')}, {tokens:,} predicted tokens)"
     if cfg.get("prefill_chunk"):
         text += f", streamed in pieces of {cfg['prefill_chunk']} tokens"
+    if cfg.get("decode_from"):
+        text += f", teacher-forced decode steps from token {cfg['decode_from']}"
     return text
 
 

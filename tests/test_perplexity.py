@@ -89,3 +89,27 @@ def test_prefill_chunk_changes_quantized_prefill(stories, data_dir, ppl_results)
             TaskContext(model, tok, am, data_dir, progress=False)
         )
     assert chunked["metrics"]["ppl"] != pytest.approx(whole["metrics"]["ppl"], rel=1e-6)
+
+
+def test_teacher_forced_decode_matches_one_forward(stories, data_dir, ppl_results):
+    """decode_from=N: tokens after N are fed one by one (decode steps). fp16 equals the one-forward PPL;
+    int4 quantizes every token before any query reads it on both paths, so its decode steps (attention
+    from the codes) give its prefill's PPL up to float rounding; the option stays out of default keys."""
+    model, tok = stories
+    task = build_task("wikitext2:decode_from=192", seqlen=256, max_windows=2)
+    for spec in ("fp16", "int4"):
+        with AttachedMethod(model, build_method(spec)) as am:
+            assert am.board.from_codes == (spec == "int4")
+            stepped = task.evaluate(TaskContext(model, tok, am, data_dir, progress=False))
+        with AttachedMethod(model, build_method(spec)) as am:
+            whole = build_task("wikitext2", seqlen=256, max_windows=2).evaluate(
+                TaskContext(model, tok, am, data_dir, progress=False)
+            )
+        assert stepped["metrics"]["ppl"] == pytest.approx(whole["metrics"]["ppl"], rel=1e-4), spec
+        assert stepped["kv"]["total_bytes"] == whole["kv"]["total_bytes"]  # the same tokens held
+    assert "decode_from" not in build_task("wikitext2").options()
+    assert build_task("wikitext2:decode_from=5").options()["decode_from"] == 5
+    from harness.interface import MethodSpecError
+
+    with pytest.raises(MethodSpecError, match="decode_from"):
+        build_task("wikitext2:decode_from=256", seqlen=256)
