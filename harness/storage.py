@@ -85,10 +85,19 @@ class TokenBuffer:
         self.n += t
 
     def take_front(self, n: int) -> torch.Tensor:
-        """Remove and return (a copy of) the oldest ``n`` tokens."""
+        """Remove and return (a copy of) the oldest ``n`` tokens. Once the dropped front outgrows
+        both ``GROW_MIN`` and the live tokens, these move to a buffer of their size plus the usual
+        spare (a 2048-token prefill that keeps a 128-token window must not hold 2048 tokens' room;
+        each move copies fewer tokens than were dropped since the last, so appends stay O(1))."""
         assert self.buf is not None and n <= self.n
         front = self.buf[..., self.start : self.start + n, :].clone()
         self.start, self.n = self.start + n, self.n - n
+        if self.start >= max(self.GROW_MIN, self.n):
+            live = self.buf[..., self.start : self.start + self.n, :]
+            shape = (*live.shape[:-2], self.n + max(self.GROW_MIN, self.n // 8), live.shape[-1])
+            self.buf = torch.empty(shape, dtype=live.dtype, device=live.device)
+            self.buf[..., : self.n, :].copy_(live)
+            self.start = 0
         return front
 
     @property

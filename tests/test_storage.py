@@ -58,3 +58,16 @@ def test_sequences_hold_what_concatenation_held():
         assert mem.total_bytes == sum(p.code_bytes + p.meta_bytes for p in parts) and mem.reserved_bytes > 0
     # capacity 24 + 8 + 64 = 96 tokens after the second append, 40 held: 56 tokens of [2, 3, ., 16] fp16 spare
     assert fp.memory().total_bytes == x.numel() * 2 and fp.memory().reserved_bytes == 56 * 2 * 3 * 16 * 2
+
+
+def test_a_large_dropped_front_is_given_back():
+    """A 2048-token prefill that keeps a 128-token window (KIVI's residual) holds 128 + 64 tokens of room."""
+    buf = TokenBuffer()
+    buf.append(tokens(0, 2048))
+    assert torch.equal(buf.take_front(1920), tokens(0, 1920))
+    assert buf.buf.shape[-2] == 128 + 64 and buf.start == 0 and torch.equal(buf.value, tokens(1920, 128))
+    assert buf.reserved_bytes == 64 * 2 * 4
+    for t in range(2048, 2048 + 200):  # a decode: one in, one out, as KIVI's value window
+        buf.append(tokens(t, 1))
+        buf.take_front(1)
+        assert buf.buf.shape[-2] <= 128 + 64 + 128 and torch.equal(buf.value, tokens(t - 127, 128))
