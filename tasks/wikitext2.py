@@ -15,9 +15,9 @@ single 2048-token prefill decides once, for the whole window, from the end of th
 are prefilled (in pieces of ``prefill_chunk`` if set), then every later token is fed alone, as a
 decode step, and scored: the tokens after N are predicted by the decode path a generation uses
 (attention from the codes where a method decodes that way, each token quantized before the next
-reads it), while the history is the window's own text. PPL counts every predicted token, prefill
-and decode. The option is left out of a record's key when 0, so records made before it existed
-keep theirs.
+reads it), while the history is the window's own text. ``ppl`` counts every predicted token,
+prefill and decode; ``decode_ppl`` only those the decode steps predicted (tokens N+1 .. end).
+The option is left out of a record's key when 0, so records made before it existed keep theirs.
 """
 
 from __future__ import annotations
@@ -128,7 +128,11 @@ class WikiText2(Task):
             logits = window_logits(ctx.model, ids, cache, self.config.prefill_chunk, self.config.decode_from)
             nll, n = window_nll(logits, ids)
             memory = cache.memory()
-            per_window.append({"nll": nll, "tokens": n, "kv": memory.as_dict(), "layer_stats": cache.layer_stats()})
+            entry = {"nll": nll, "tokens": n, "kv": memory.as_dict(), "layer_stats": cache.layer_stats()}
+            if self.config.decode_from:  # the tokens the decode steps predicted, alone
+                start = self.config.decode_from - 1  # logits at start predict the first fed-alone token
+                entry["decode_nll"], entry["decode_tokens"] = window_nll(logits[:, start:], ids[:, start:])
+            per_window.append(entry)
             total_nll, total_tokens = total_nll + nll, total_tokens + n
             bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
         return {"windows": per_window, "eval_seconds": time.perf_counter() - start}
@@ -151,8 +155,12 @@ class WikiText2(Task):
             nonfinite += w["kv"]["nonfinite_kv"]
             layer_stats = add_stats(layer_stats, w["layer_stats"])
         bits = [(w["kv"]["nominal_bits"], w["kv"]["effective_bits"], w["kv"]["total_bytes"]) for w in windows]
+        metrics = {"ppl": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens}
+        if windows and "decode_nll" in windows[0]:  # teacher-forced decode: the decode steps' own PPL too
+            decode_nll = sum(w["decode_nll"] for w in windows) / sum(w["decode_tokens"] for w in windows)
+            metrics.update(decode_ppl=math.exp(decode_nll), decode_nll=decode_nll)
         return {
-            "metrics": {"ppl": math.exp(total_nll / total_tokens), "nll": total_nll / total_tokens},
+            "metrics": metrics,
             # one window's cache (all windows have seqlen tokens); non-finite K/V counted over all windows
             "kv": {**windows[-1]["kv"], "nonfinite_kv": nonfinite},
             # the mean over windows (methods whose allocation varies by window: routers, oracles)
