@@ -8,7 +8,8 @@ and memory do not depend on token or weight values, so random-weight ``*-shape``
 * ``decode_step_s`` — median wall time of one greedy decode step (``new_tokens`` steps per round,
   the first round of each setting is a warm-up and not timed); ``decode_tokens_per_s`` =
   batch / ``decode_step_s``;
-* ``kv_bytes`` — bytes the cache really holds after prefill + decode (``HarnessCache.memory``),
+* ``kv_bytes`` — bytes the cache really holds after prefill + decode (``HarnessCache.memory``; the
+  spare capacity of its growable buffers is ``kv_reserved_bytes``, beside it),
   and ``kv_read_bytes_per_step`` — bytes the last decode step's reads touched where a method
   reports it (AlignedKV reads fewer bits than it holds), else the bytes held;
 * ``peak_bytes`` — on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before
@@ -181,6 +182,7 @@ def _summary(
         "decode_step_s": step,
         "decode_tokens_per_s": batch / step if step else None,
         "kv_bytes": memory.total_bytes,
+        "kv_reserved_bytes": memory.reserved_bytes,  # growable buffers' spare capacity, beside kv_bytes
         "kv_read_bytes_per_step": read if read is not None and new_tokens else memory.total_bytes,
         "nominal_bits": memory.nominal_bits,
         "effective_bits": memory.effective_bits,
