@@ -60,6 +60,7 @@ def perplexity_tables(data: ReportData) -> list[Table]:
         cols = list(dict.fromkeys(column(r) for r in sorted(main, key=lambda r: r["model"])))
         col_label = column_labels(cols)
         names = list(dict.fromkeys(display_name(r) for r in main))
+        decode = all("decode_ppl" in r["metrics"] for r in main)
         cell = {(display_name(r), column(r)): r for r in main}
         fronts = {}
         for c in cols:
@@ -73,6 +74,8 @@ def perplexity_tables(data: ReportData) -> list[Table]:
             effective = [f"{r['kv']['effective_bits']:.2f}" for r in present if r]
             row = [name, " / ".join(dict.fromkeys(nominal)), " / ".join(dict.fromkeys(effective))]
             row += [fmt(r["metrics"]["ppl"], "{:.4f}") if r else "—" for r in present]
+            if decode:  # teacher-forced decode: the decode steps' own PPL beside the whole window's
+                row += [fmt(r["metrics"]["decode_ppl"], "{:.4f}") if r else "—" for r in present]
             rows.append(row)
             for c, r in zip(cols, present, strict=True):
                 if r is None:
@@ -82,11 +85,14 @@ def perplexity_tables(data: ReportData) -> list[Table]:
                         "model": r["model"], "dtype": c[1], "device": c[2], "method": name, "spec": r["method"],
                         "nominal_bits": r["kv"]["nominal_bits"], "effective_bits": r["kv"]["effective_bits"],
                         "kv_bytes": r["kv"].get("total_bytes"), "ppl": r["metrics"]["ppl"],
-                        "nll": r["metrics"].get("nll"), "windows": r.get("windows"), "tokens": r.get("tokens"),
+                        "nll": r["metrics"].get("nll"), "decode_ppl": r["metrics"].get("decode_ppl"),
+                        "windows": r.get("windows"), "tokens": r.get("tokens"),
                         "on_pareto_front": name in fronts[c], "record": r["_file"],
                     }
                 )  # fmt: skip
         header = ["method", "nominal bits", "effective bits"] + [f"PPL {col_label[c]}" for c in cols]
+        if decode:
+            header += [f"decode steps' PPL {col_label[c]}" for c in cols]
         t = Table("ppl" + suffix(gi), f"Perplexity: {wikitext_protocol(cfg, recs)}", header, rows, rows_csv)
         t.intro = (
             f"Rows in the paper's order, by method family ({', '.join(families_in_order(main))}), each "

@@ -100,6 +100,7 @@ def test_interleaved_rounds_take_turns(model, monkeypatch):
         ("int2", 32, "done"), ("int2", 48, "oom"),
     ]  # fmt: skip
     assert rows[2]["calibration_s"] > 0 and all(r["interleaved"] for r in rows)
+    assert all(r["kv_reserved_bytes"] >= 0 for r in rows if r["status"] == "done")
     monkeypatch.setattr(prof, "_one_round", real)
     for spec, interleaved in (("fp16", rows[0]), ("qoq", rows[2]), ("int2", rows[4])):
         (alone,) = profile_method(model, build_method(spec), contexts=[32], new_tokens=2, repeats=2)
