@@ -315,12 +315,12 @@ def profile_interleaved(
     """``profile_method`` for several (method, from_codes) jobs with their rounds interleaved: round
     r of every method runs before round r + 1 of any, each method attached for its round only.
 
-    Measured on a 2-core CPU: back-to-back rounds gave the first method profiled in a process
-    decode steps ~25 % slower than the same method profiled again later in that process, so a
-    ratio to a reference profiled first was off by that much; interleaving spreads such drift
-    over every method alike. A method that calibrates does so at each attach (untimed; the
-    row's ``calibration_s`` is the first). Rows come out method by method, in ``jobs`` order;
-    ``tick`` is called after each method's round (progress)."""
+    On a shared 2-core CPU the speed drifts by 10–20 % within and between processes (the same
+    fp16 decode step measured 73.7 and 83.7 ms in two runs of one command); interleaving spreads
+    such drift over every method alike instead of charging it to whichever ran during it. A
+    method that calibrates does so at each attach (untimed; the row's ``calibration_s`` is the
+    first). Rows come out method by method, in ``jobs`` order; ``tick`` is called after each
+    method's round (progress)."""
     _check(contexts, batches, new_tokens, repeats)
     device = next(model.parameters()).device
     bases = []
