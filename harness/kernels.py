@@ -62,6 +62,11 @@ References (pure torch, any device)
     out_d = Σ_t (p_t·s_{t,g})·c_{t,d} + Σ_t p_t·z_{t,g};
     ps [B, H_kv, n_rep, T_v, D/G] = p ⊙ s, out = block diagonal of psᵀ @ c [.., T_v, D], plus p @ z.
 
+  The codes c are unpacked by plane (``harness.quant.unpack_planes``: [.., P, T, D/P], channel
+  P·j + i at [i, j], into a reused CPU workspace), so each product above is one matmul batched over
+  the P planes, the query (or the result) split or merged the same way (``scores_from_codes`` /
+  ``mix_from_codes``, which the stores' ``attend`` calls through ``decode_attention_over``).
+
 Sources. KIVI (Liu et al., ICML 2024), official code jy-yuan/KIVI, ``quant/new_pack.py``
 (``triton_quantize_and_pack_along_last_dim``: a Triton min/max kernel, then torch scale / round,
 then a Triton kernel packing 32/b codes per int32; ``quant_and_pack_kcache`` / ``_vcache`` the

@@ -8,8 +8,11 @@ One module, vectorised torch, no Python loops over tokens or channels:
 * ``pack_codes`` / ``unpack_codes`` — the same plus 3-bit codes (8 codes in 3 bytes), for
   lookup-table (non-uniform) datatypes; ``nearest_level``, ``weighted_kmeans_1d`` and ``percentile``
   build and apply such tables (KVQuant's nuq datatype and outlier thresholds).
-* ``unpack_to_float`` — packed bytes straight to float codes through a 256-row table (the fast
+* ``unpack_to_float`` — packed bytes straight to float codes through a 256-row table (the
   dequantization path; measured 2–3× faster than shift/mask/convert on CPU).
+* ``unpack_planes`` — packed bytes to float codes plane by plane (the i-th code of every byte
+  together), each plane one contiguous write: the decode path's unpacking (``harness.kernels``),
+  3–6× faster than the table for 2- and 4-bit codes, in a regrouped channel order.
 * ``QuantizedTensor`` — what a cache stores: packed codes (uint8) plus fp16 scale and zero-point;
   ``quantize`` stores 1, 2, 3, 4 or 8-bit codes (``QUANT_BITS``; 3-bit through ``pack_3bit``,
   1-bit asymmetric only).

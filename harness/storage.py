@@ -1,6 +1,9 @@
 """Token-sequence containers that methods compose into their ``LayerStore``.
 
 * ``FullPrecisionSeq`` — tokens kept as 16-bit floats (the fp16 method, residual windows, sinks).
+* ``TokenBuffer`` — a tensor growing along the token axis into spare capacity (amortised O(1)
+  appends; the spare is reported as ``reserved_bytes``, beside the accounting); the sequences below
+  keep their tensors in it.
 * ``QuantizedSeq`` — tokens kept as packed codes + fp16 scale/zero (``harness.quant``), growing
   along the token axis. The group layout is fixed per sequence (per-token groups along channels, or
   per-channel groups of ``group`` tokens); each append must hold whole groups.
