@@ -8,7 +8,8 @@
 # Steps (each capped by `timeout`, each exit status in $OUT/status.txt; a failing step does not
 # stop the next):
 #   1. tests/test_kernels.py -m gpu: the compiled Triton kernels against torch on CUDA  (<= 90 s)
-#   2. python -m harness profile ... llama-2-7b-shape, contexts 4096 and 32768, batch 8 (<= 250 s;
+#   2. python -m harness profile ... llama-2-7b-shape, contexts 4096 and 32768, batch 8, against fp16
+#      and transformers' DynamicCache, plus its QuantizedCache (quanto) when installed (<= 250 s;
 #      MoQAE with an untrained router (ckpt=random): no router is trained for this shape, and speed
 #      and memory do not depend on weight values, though its chunk mix does;
 #      the CLI writes its JSON after every setting, so a cut keeps the finished rows; OOM settings
@@ -56,13 +57,18 @@ PY
 step gpu_tests "${GPU_TESTS_TIMEOUT:-90}" \
     "$PYTHON" -m pytest tests/test_kernels.py -m gpu -q -ra -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml"
 
+# transformers' QuantizedCache beside ours (issue 16) where optimum-quanto is installed ('.[peers]');
+# the default references fp16 and dynamic (DynamicCache untouched) are profiled in any case
+PEERS=""
+"$PYTHON" -c "import optimum.quanto" 2>/dev/null && PEERS=",hf-quanto,hf-quanto:nbits=2"
 step profile "${PROFILE_TIMEOUT:-250}" \
-    "$PYTHON" -m harness profile --methods fp16,kivi-2,int4,moqae:ckpt=random --model llama-2-7b-shape \
+    "$PYTHON" -m harness profile --methods "fp16,kivi-2,int4,moqae:ckpt=random$PEERS" --model llama-2-7b-shape \
     --context 4096,32768 --batch 8 --new-tokens 32 --device cuda --dtype fp16 \
     --out "$OUT/profile_gpu.json" --no-progress
 
 step bench "${BENCH_TIMEOUT:-110}" \
     "$PYTHON" -m pytest tests/bench --benchmark-only -q -p no:cacheprovider \
+    --ignore tests/bench/test_bench_decode.py \
     --benchmark-max-time=0.5 --benchmark-min-rounds=5 --benchmark-sort=name \
     --benchmark-columns=min,median,iqr,rounds --benchmark-json "$OUT/bench.json"
 
