@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.from_codes import decode_attention_over
 from harness.interface import LayerStore, MemoryReport, ModelInfo, Observation, tensor_bytes
-from harness.kernels import decode_attention_over
 from harness.quant import QuantizedTensor, quantize
 
 TOKEN_DIM = -2
@@ -236,7 +236,7 @@ def read_tokens(seqs: list[Seq], dtype: torch.dtype) -> torch.Tensor | None:
 
 def held_parts(seqs: list[Seq]) -> list[QuantizedTensor | torch.Tensor]:
     """What the non-empty sequences hold, in token order (codes or float tokens), for
-    ``harness.kernels.decode_attention_over``."""
+    ``harness.from_codes.decode_attention_over``."""
     return [s.q if isinstance(s, QuantizedSeq) else s.data for s in seqs if s.length]
 
 
@@ -275,7 +275,7 @@ class SeqPairStore(LayerStore):
         return self.k.read(dtype), self.v.read(dtype)
 
     def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
-        """Decode attention from the codes (``harness.kernels.decode_attention_over``)."""
+        """Decode attention from the codes (``harness.from_codes.decode_attention_over``)."""
         return decode_attention_over(query, held_parts([self.k]), held_parts([self.v]), scaling, mask)
 
     def memory(self) -> MemoryReport:
@@ -323,7 +323,7 @@ class WindowedPairStore(LayerStore):
 
     def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
         """Decode attention from [quantized | fp16] keys and values without dequantizing the history
-        (``harness.kernels.decode_attention_over``; the two windows split at different tokens)."""
+        (``harness.from_codes.decode_attention_over``; the two windows split at different tokens)."""
         keys, values = held_parts([self.k_q, self.k_fp]), held_parts([self.v_q, self.v_fp])
         return decode_attention_over(query, keys, values, scaling, mask)
 

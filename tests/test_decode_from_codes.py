@@ -1,4 +1,4 @@
-"""Decode attention straight from the codes (harness.kernels.decode_attention_over) equals
+"""Decode attention straight from the codes (harness.from_codes.decode_attention_over) equals
 dequantize-then-attend, alone and inside the model's decode steps."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.from_codes import decode_attention_over, mix_from_codes, scores_from_codes
 from harness.integration import AttachedMethod, forward
 from harness.interface import build_method
-from harness.kernels import decode_attention_over, mix_from_codes, scores_from_codes
 from harness.models import tiny_random_model
 from harness.quant import quantize
 
