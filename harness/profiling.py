@@ -319,8 +319,8 @@ def profile_interleaved(
     fp16 decode step measured 73.7 and 83.7 ms in two runs of one command); interleaving spreads
     such drift over every method alike instead of charging it to whichever ran during it. A
     method that calibrates does so at each attach (untimed; the row's ``calibration_s`` is the
-    first). Rows come out method by method, in ``jobs`` order; ``tick`` is called after each
-    method's round (progress)."""
+    first). ``on_row`` gets each setting's rows when it is done; the list returned is method by
+    method, in ``jobs`` order. ``tick`` is called after each method's round (progress)."""
     _check(contexts, batches, new_tokens, repeats)
     device = next(model.parameters()).device
     bases = []
@@ -332,7 +332,8 @@ def profile_interleaved(
             base["decode_from_codes"] = am.board.from_codes
             base["method_parameters"] = method_parameters(method)
         bases.append(base)
-    rows: dict[tuple[int, int, int], dict[str, Any]] = {}
+    rows: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    kind = PeakMemory(device).kind
     for context in contexts:
         for batch in batches:
             ids = _prompt(model, context, batch, seed)
@@ -354,16 +355,13 @@ def profile_interleaved(
                         peaks[j] = max(peaks[j] or 0, peak.peak_bytes)
                     if tick is not None:
                         tick()
-            for j, base in enumerate(bases):
+            for j, base in enumerate(bases):  # each setting's rows as soon as it is done (a crash keeps them)
                 row = {**base, "context": context, "batch": batch, "interleaved": True}
-                kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss"
                 row.update(failed.get(j) or _summary(rounds[j][1:], rounds[j][-1], peaks[j], kind, batch, new_tokens))
-                rows[(j, context, batch)] = row
-    ordered = [rows[key] for key in sorted(rows, key=lambda k: (k[0], contexts.index(k[1]), batches.index(k[2])))]
-    for row in ordered:
-        if on_row is not None:
-            on_row(row)
-    return ordered
+                rows[j].append(row)
+                if on_row is not None:
+                    on_row(row)
+    return [row for job_rows in rows for row in job_rows]
 
 
 def _check(contexts: Sequence[int], batches: Sequence[int], new_tokens: int, repeats: int) -> None:
@@ -514,8 +512,8 @@ def profile(
     if interleave:
         total = len(jobs) * len(contexts) * len(batches) * (repeats + 1)
         with tqdm(total=total, desc="profile rounds", disable=not progress) as bar:
-            profile_interleaved(lm, jobs, contexts, batches, new_tokens, repeats, on_row=tag, tick=bar.update)
-        return add_all_ratios(rows, reference, refs[1:])
+            done = profile_interleaved(lm, jobs, contexts, batches, new_tokens, repeats, on_row=tag, tick=bar.update)
+        return add_all_ratios(done, reference, refs[1:])  # method by method (``rows`` is setting by setting)
     for m, from_codes in tqdm(jobs, desc="profile", disable=not progress):
         profile_method(lm, m, contexts, batches, new_tokens, repeats, on_row=tag, from_codes=from_codes)
     return add_all_ratios(rows, reference, refs[1:])

@@ -11,7 +11,7 @@ One module, vectorised torch, no Python loops over tokens or channels:
 * ``unpack_to_float`` — packed bytes straight to float codes through a 256-row table (the
   dequantization path; measured 2–3× faster than shift/mask/convert on CPU).
 * ``unpack_planes`` — packed bytes to float codes plane by plane (the i-th code of every byte
-  together), each plane one contiguous write: the decode path's unpacking (``harness.kernels``),
+  together), each plane one contiguous write: the decode path's unpacking (``harness.from_codes``),
   3–6× faster than the table for 2- and 4-bit codes, in a regrouped channel order.
 * ``QuantizedTensor`` — what a cache stores: packed codes (uint8) plus fp16 scale and zero-point;
   ``quantize`` stores 1, 2, 3, 4 or 8-bit codes (``QUANT_BITS``; 3-bit through ``pack_3bit``,
@@ -231,6 +231,11 @@ class QuantizedTensor:
             axis=first.axis,
             group=first.group,
         )
+
+    def select(self, dim: int, index: int) -> QuantizedTensor:
+        """The slice at ``index`` of a leading (non-packed, non-group) dim, as views."""
+        pick = lambda t: None if t is None else t.select(dim, index)  # noqa: E731
+        return QuantizedTensor(pick(self.codes), pick(self.scale), pick(self.zero), self.bits, self.axis, self.group)
 
     def index_select(self, dim: int, index: torch.Tensor) -> QuantizedTensor:
         """Select along a non-packed, non-group dim (batch reordering for beam search)."""

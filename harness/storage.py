@@ -48,7 +48,7 @@ class TokenBuffer:
     max(``GROW_MIN``, 1/8 of them) (amortised O(1) per appended token: no copy of the history per
     decode step, as concatenation makes). The first append keeps the tensor it is given, with no
     spare (a prefill allocates exactly what it holds). ``take_front`` drops the oldest tokens by
-    moving a start offset; the live tokens move back to the front when an append needs the room.
+    moving a start offset; the live tokens move to a new buffer when an append needs the room.
     ``value`` is a view of the live tokens; ``reserved_bytes`` the capacity around them that holds
     no token (reported beside, never inside, a store's accounting).
     """
@@ -71,18 +71,8 @@ class TokenBuffer:
         if self.buf is None or self.n == 0:
             self.buf, self.start, self.n = x, 0, t
             return
-        cap = self.buf.shape[TOKEN_DIM]
-        if self.start + self.n + t > cap:
-            live = self.buf[..., self.start : self.start + self.n, :]
-            need = self.n + t
-            if need > cap or self.start == 0:  # grow (also when the buffer is a caller's tensor)
-                shape = (*live.shape[:-2], need + max(self.GROW_MIN, need // 8), live.shape[-1])
-                grown = torch.empty(shape, dtype=live.dtype, device=live.device)
-                grown[..., : self.n, :].copy_(live)
-                self.buf = grown
-            else:  # room at the front: move the live tokens there
-                self.buf[..., : self.n, :].copy_(live.clone())
-            self.start = 0
+        if self.start + self.n + t > self.buf.shape[TOKEN_DIM]:
+            self._move(self.n + t)  # also when the buffer is still the caller's first tensor
         end = self.start + self.n
         self.buf[..., end : end + t, :].copy_(x)
         self.n += t
@@ -96,12 +86,17 @@ class TokenBuffer:
         front = self.buf[..., self.start : self.start + n, :].clone()
         self.start, self.n = self.start + n, self.n - n
         if self.start >= max(self.GROW_MIN, self.n):
-            live = self.buf[..., self.start : self.start + self.n, :]
-            shape = (*live.shape[:-2], self.n + max(self.GROW_MIN, self.n // 8), live.shape[-1])
-            self.buf = torch.empty(shape, dtype=live.dtype, device=live.device)
-            self.buf[..., : self.n, :].copy_(live)
-            self.start = 0
+            self._move(self.n)
         return front
+
+    def _move(self, need: int) -> None:
+        """Copy the live tokens to the front of a new buffer with room for ``need`` tokens plus
+        max(``GROW_MIN``, need / 8)."""
+        live = self.buf[..., self.start : self.start + self.n, :]
+        shape = (*live.shape[:-2], need + max(self.GROW_MIN, need // 8), live.shape[-1])
+        self.buf = torch.empty(shape, dtype=live.dtype, device=live.device)
+        self.buf[..., : self.n, :].copy_(live)
+        self.start = 0
 
     @property
     def reserved_bytes(self) -> int:
@@ -259,14 +254,12 @@ class SeqPairStore(LayerStore):
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
         k, v = self.k, self.v
-        if type(k) is QuantizedSeq and type(v) is QuantizedSeq and k.layout == v.layout and k.length == v.length:
+        if type(k) is QuantizedSeq and type(v) is QuantizedSeq and k.layout == v.layout:
             # one quantize call for both (groups never span K and V: the same codes and scales as two
             # calls, with half the per-call ops, which dominate a one-token decode step)
-            part = k.quantize_part(torch.stack([keys, values]))
-            k.keep(QuantizedTensor(*(None if x is None else x[0] for x in (part.codes, part.scale, part.zero)),
-                                   part.bits, part.axis, part.group))  # fmt: skip
-            v.keep(QuantizedTensor(*(None if x is None else x[1] for x in (part.codes, part.scale, part.zero)),
-                                   part.bits, part.axis, part.group))  # fmt: skip
+            both = k.quantize_part(torch.stack([keys, values]))  # [2, B, H, T, .]
+            k.keep(both.select(0, 0))
+            v.keep(both.select(0, 1))
             return
         k.append(keys)
         v.append(values)

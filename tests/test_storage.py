@@ -28,15 +28,15 @@ def test_appends_write_into_spare_capacity():
     assert buf.buf.shape[-2] == 230 and torch.equal(buf.value, tokens(0, 166))
 
 
-def test_take_front_moves_the_start_and_compacts_when_needed():
+def test_take_front_moves_the_start_and_the_tokens_move_when_needed():
     buf = TokenBuffer()
     buf.append(tokens(0, 8))
     buf.append(tokens(8, 1))  # capacity 9 + 64 = 73
     assert torch.equal(buf.take_front(4), tokens(0, 4)) and torch.equal(buf.value, tokens(4, 5))
     assert buf.reserved_bytes == (73 - 5) * 2 * 4  # the dropped front is spare too
-    for t in range(9, 77):  # 68 more: 5 + 68 = 73 tokens, the front room is used by moving them back
-        buf.append(tokens(t, 1))
-    assert buf.buf.shape[-2] == 73 and buf.start == 0 and torch.equal(buf.value, tokens(4, 73))
+    for t in range(9, 77):  # 68 more: at 69 live tokens from start 4 the buffer is full, so the 70th
+        buf.append(tokens(t, 1))  # moves them to a new one of 70 + 64 tokens
+    assert buf.buf.shape[-2] == 134 and buf.start == 0 and torch.equal(buf.value, tokens(4, 73))
     buf.reorder(torch.tensor([0]))
     assert buf.reserved_bytes == 0 and torch.equal(buf.value, tokens(4, 73))
 
