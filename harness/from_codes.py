@@ -26,10 +26,10 @@ WORKSPACE_MAX_BYTES = 64 * 2**20
 
 def _workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A CPU scratch tensor of ``shape``, reused from call to call (one per thread and dtype, grown to
-    the largest request up to ``WORKSPACE_MAX_BYTES``): a fresh multi-MiB allocation per unpack was
-    measured to cost as much as the unpack itself on CPU (freed pages go back to the OS and fault in
-    again). It holds the unpacked codes of one product at a time. CUDA's caching allocator already
-    reuses memory, so on other devices (and above the cap) this is a plain ``torch.empty``."""
+    the largest request up to ``WORKSPACE_MAX_BYTES``): a fresh multi-MiB allocation per unpack can
+    cost as much as the unpack itself on CPU (freed pages go back to the OS and fault in again). It
+    holds the unpacked codes of one product at a time. CUDA's caching allocator already reuses
+    memory, so on other devices (and above the cap) this is a plain ``torch.empty``."""
     numel = math.prod(shape)
     if device.type != "cpu" or numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)

@@ -316,11 +316,12 @@ def profile_interleaved(
     r of every method runs before round r + 1 of any, each method attached for its round only.
 
     On a shared 2-core CPU the speed drifts by 10–20 % within and between processes (the same
-    fp16 decode step measured 73.7 and 83.7 ms in two runs of one command); interleaving spreads
-    such drift over every method alike instead of charging it to whichever ran during it. A
-    method that calibrates does so at each attach (untimed; the row's ``calibration_s`` is the
-    first). ``on_row`` gets each setting's rows when it is done; the list returned is method by
-    method, in ``jobs`` order. ``tick`` is called after each method's round (progress)."""
+    fp16 decode step measured 73.7 and 83.7 ms in two sequential runs that differed only in the
+    order of fp16 and dynamic); interleaving spreads such drift over every method alike instead
+    of charging it to whichever ran during it. A method that calibrates does so at each attach
+    (untimed; the row's ``calibration_s`` is the first). ``on_row`` gets each setting's rows when
+    it is done; the list returned is method by method, in ``jobs`` order. ``tick`` is called
+    after each method's round (progress)."""
     _check(contexts, batches, new_tokens, repeats)
     device = next(model.parameters()).device
     bases = []

@@ -27,7 +27,7 @@ from harness.kernels import (
     triton_decode_attention,
     triton_quantize_pack,
 )
-from harness.quant import quantize
+from harness.quant import quantize, unpack_planes, unpack_to_float
 
 SIZES = {  # name: (batch, KV heads, n_rep, head_dim)
     "smollm2-135m": (1, 3, 3, 64),
@@ -104,6 +104,19 @@ def test_unpack_dequantize(benchmark, record_bandwidth, cache, which):
     out = benchmark(_timed(qt.dequantize, DTYPE))
     nbytes = _nbytes(qt.codes, qt.scale, qt.zero, out)
     record_bandwidth(benchmark, benchmark.group, f"QuantizedTensor.dequantize {DEVICE.type}", nbytes, True)
+
+
+@pytest.mark.parametrize("impl", ["table", "planes"])
+@pytest.mark.parametrize("which", ["keys", "values"])
+def test_unpack_codes(benchmark, record_bandwidth, cache, which, impl):
+    """Packed codes to float codes: the 256-row table gather in channel order (``unpack_to_float``,
+    the dequantize path) against plane by plane (``unpack_planes``, the from-codes decode path)."""
+    qt = cache["kq"] if which == "keys" else cache["vq"]
+    fn = unpack_to_float if impl == "table" else unpack_planes
+    benchmark.group = f"unpack codes {cache['size']} {which}"
+    out = benchmark(_timed(fn, qt.codes, qt.bits, DTYPE))
+    nbytes = _nbytes(qt.codes, out)
+    record_bandwidth(benchmark, benchmark.group, f"{fn.__name__} {DEVICE.type}", nbytes, impl == "table")
 
 
 # ------------------------------------------------------------------------------------------------
