@@ -36,9 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--window", type=int, default=0, help="which window of the test split")
     o.add_argument("--slots", type=int, default=40, help="random (slot, expert) moves to measure")
     o.add_argument("--out", default=None, help="JSON file for the rows")
+    x = sub.add_parser("oracle-crossfit", help="the verified oracle searched on half a window's tokens, "
+                       "scored on the other half (is its gain a fit to the window?)")  # fmt: skip
+    x.add_argument("--model", default="smollm2-135m")
+    x.add_argument("--method", default="moqae-oracle:budget=5.5,estimate=measured",
+                   help="oracle spec (experts, chunk, share, base, budget, estimate)")  # fmt: skip
+    x.add_argument("--data-dir", default=None, help="local data mirror (else $MOQAE_DATA_DIR, else the hub)")
+    x.add_argument("--seqlen", type=int, default=256, help="WikiText-2 test window length")
+    x.add_argument("--windows", type=int, default=4, help="the first N windows of the test split")
+    x.add_argument("--verify", type=int, default=60, help="checked single-slot moves per search")
+    x.add_argument("--split", choices=("parity", "halves"), default="parity", help="how the tokens are halved")
+    x.add_argument("--out", default=None, help="JSON file for the windows and the summary")
     args = p.parse_args(argv)
     if args.command == "oracle-check":
         return _oracle_check(args, sys.argv[1:] if argv is None else argv)
+    if args.command == "oracle-crossfit":
+        return _oracle_crossfit(args, sys.argv[1:] if argv is None else argv)
     cfg = TrainConfig(
         lam=args.lam, steps=args.steps, seqlen=args.seqlen, windows=args.windows, lr=args.lr,
         estimator=args.estimator, seed=args.seed, method=args.method, nll_scale=args.nll_scale,
@@ -66,7 +79,7 @@ def _oracle_check(args: argparse.Namespace, argv: list[str]) -> int:
     from harness.data import token_windows, wikitext2_test_text
     from harness.integration import AttachedMethod
     from harness.interface import build_method
-    from moqae.oracle import check_estimate
+    from moqae.oracle_checks import check_estimate
 
     if args.slots < 1 or args.seqlen < 2 or args.window < 0:
         print("error: --slots and --seqlen must be >= 1 and 2, --window >= 0", file=sys.stderr)
@@ -92,6 +105,70 @@ def _oracle_check(args: argparse.Namespace, argv: list[str]) -> int:
         write_json_atomic(Path(args.out), result)
     print(json.dumps({"mean_measured": sum(r["measured"] for r in result["rows"]) / len(result["rows"])}))
     return 0
+
+
+def _oracle_crossfit(args: argparse.Namespace, argv: list[str]) -> int:
+    import shlex
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from harness.data import token_windows, wikitext2_test_text
+    from harness.files import write_json_atomic
+    from harness.integration import AttachedMethod
+    from harness.interface import build_method
+    from moqae.oracle import MoQAEOracle
+    from moqae.oracle_checks import cross_fit, summarize
+
+    if args.windows < 1 or args.seqlen < 4 or args.verify < 0:
+        print("error: --windows must be >= 1, --seqlen >= 4, --verify >= 0", file=sys.stderr)
+        return 2
+    try:
+        method = build_method(args.method)
+        if not isinstance(method, MoQAEOracle):
+            raise MethodSpecError(f"--method {args.method!r} is not a moqae-oracle spec")
+        model, tok = load_model(args.model, device="cpu", dtype="fp32")
+        ids = tok(wikitext2_test_text(args.data_dir), return_tensors="pt").input_ids[0]
+        windows = token_windows(ids, args.seqlen, args.windows)
+        if len(windows) < args.windows:
+            raise ValueError(f"the test split has {len(windows)} windows of {args.seqlen} tokens, not {args.windows}")
+        setting = {"model": args.model, "method": args.method, "seqlen": args.seqlen, "split": args.split,
+                   "verify": args.verify}  # fmt: skip
+        rows = _finished_windows(Path(args.out), setting)[: len(windows)] if args.out else []  # resume
+        result = {"command": "python -m moqae " + shlex.join(argv), **setting, "windows": rows}
+        with AttachedMethod(model, method) as am:
+            for w in tqdm(windows[len(rows) :], desc="oracle-crossfit", unit="window", initial=len(rows),
+                          total=len(windows)):  # fmt: skip
+                rows.append(cross_fit(am, w.view(1, -1), args.verify, args.split))
+                if args.out:  # each window as it is done: an interrupted run resumes from here
+                    write_json_atomic(Path(args.out), result)
+    except (MethodSpecError, MissingDataError, ModelLoadError, ValueError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume from the last finished window", file=sys.stderr)
+        return 130
+    summary = result["summary"] = summarize(rows)
+    for name, label in (("fp16", "fp16"), ("uniform", "uniform INT4 in MoQAE's layout"),
+                        ("in_sample", "oracle searched on the window (upper bound)"),
+                        ("cross_fit", "oracle, cross-fitted (searched on the other fold; an estimate)")):  # fmt: skip
+        print(f"{label}: PPL {summary[name]['ppl']:.4f} at {summary[name]['bits']:.3f} bits")
+    print(f"(the cross-fit's searched folds: PPL {summary['cross_fit']['selection_ppl']:.4f})")
+    if args.out:
+        write_json_atomic(Path(args.out), result)
+    return 0
+
+
+def _finished_windows(path, setting: dict) -> list[dict]:
+    """The windows an earlier run of the same setting wrote to ``path`` (JSON; none if it differs)."""
+    import json
+
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    same = isinstance(done, dict) and all(done.get(k) == v for k, v in setting.items())
+    return list(done.get("windows", [])) if same else []
 
 
 if __name__ == "__main__":

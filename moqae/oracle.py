@@ -81,9 +81,11 @@ def groups(method: MoQAE, n_layers: int) -> dict[int, int]:
     return out
 
 
-def probe_gradients(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tensor]) -> tuple[float, torch.Tensor]:
+def probe_gradients(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tensor],
+                    targets: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:  # fmt: skip
     """Summed NLL of ``ids`` [1, T] under the allocation ``forced`` ({leader: [1, n_chunks]} expert
-    indices) and ∂NLL/∂w [n_leaders, n_chunks, E] (leaders in ascending order)."""
+    indices) and ∂NLL/∂w [n_leaders, n_chunks, E] (leaders in ascending order); ``targets`` [T-1]
+    (bool) sums the NLL of those predicted tokens only."""
     method: MoQAE = attached.method
     cache = attached.new_cache()
     probe: dict[tuple[int, int], torch.Tensor] = {}
@@ -91,7 +93,7 @@ def probe_gradients(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Te
     cache.state["train"] = {"relaxed": True, "probe": probe, "weights": [], "probs": {}, "sample": False}
     with torch.enable_grad():
         logits = forward(attached.model, ids, cache).logits
-        nll = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+        nll = _summed_nll(logits, ids, targets)
         keys = sorted(probe)
         grads = torch.autograd.grad(nll, [probe[k] for k in keys])
     leaders = sorted(forced)
@@ -234,11 +236,13 @@ UNIFORM_CHUNKS = 4096
 _PROBES: dict[tuple, tuple[float, torch.Tensor]] = {}  # the last windows' probes (budgets share them)
 
 
-def slot_deltas(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tensor], estimate: str):
+def slot_deltas(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tensor], estimate: str,
+                targets: torch.Tensor | None = None):  # fmt: skip
     """(summed NLL of the allocation ``forced``, ΔNLL [G, C, E] of moving each slot alone to each expert):
-    ``first`` from the probe's gradients, ``measured`` by one forward per slot and expert."""
+    ``first`` from the probe's gradients, ``measured`` by one forward per slot and expert; the NLL of
+    the ``targets`` [T-1] tokens only, if given."""
     if estimate == "first":
-        nll, grad = probe_gradients(attached, ids, forced)
+        nll, grad = probe_gradients(attached, ids, forced, targets)
         cur = torch.stack([forced[k][0] for k in sorted(forced)])[:, : grad.shape[1]]  # [G, C] expert indices
         return nll, grad - grad.gather(2, cur[..., None])
     leaders, n_experts = sorted(forced), len(attached.method.expert_bits)
@@ -247,9 +251,10 @@ def slot_deltas(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tensor
     slots = [(g, c, e) for g in range(len(leaders)) for c in range(first, n_chunks) for e in range(n_experts)
              if int(forced[leaders[g]][0, c]) != e]  # fmt: skip
     with torch.no_grad():
-        nll = window_nll(attached, ids, forced)
+        nll = window_nll(attached, ids, forced, targets)
     delta = torch.zeros(len(leaders), n_chunks, n_experts)
-    for (g, c, e), d in zip(slots, measured_deltas(attached, ids, forced, slots, ref=nll), strict=True):
+    measured = measured_deltas(attached, ids, forced, slots, ref=nll, targets=targets)
+    for (g, c, e), d in zip(slots, measured, strict=True):
         delta[g, c, e] = d
     return nll, delta
 
@@ -279,18 +284,20 @@ def allocation_bits(alloc: dict[int, torch.Tensor], bits: tuple[int, ...], weigh
 
 def verified_search(attached: Any, ids: torch.Tensor, starts: list[tuple[float | None, dict[int, torch.Tensor]]],
                     delta: torch.Tensor, bits: tuple[int, ...], weight: list[int], budget: float,
-                    fixed: dict[tuple[int, int], int], trials: int) -> tuple[dict[int, torch.Tensor], int]:  # fmt: skip
+                    fixed: dict[tuple[int, int], int], trials: int,
+                    targets: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], int]:  # fmt: skip
     """Local search on the window itself: from the best start within the budget (the knapsack's
     allocation, the uniform base: the last of ``starts``), try single-slot moves, each kept only if the
     window's NLL drops and the budget holds (two sweeps, at most ``trials`` forwards): first moving the
     start's slots back to the base, least sure first (by ``delta`` [G, C, E], the estimated ΔNLL from
     the base), then the moves estimated to help most. Never worse than its best start; returns
-    (allocation, moves kept)."""
+    (allocation, moves kept). ``targets`` [T-1] (bool): the NLL searched is that of those tokens only
+    (``moqae.oracle_checks.cross_fit``)."""
     best, best_nll = None, math.inf
     with torch.no_grad():
         for nll, alloc in starts:
             if allocation_bits(alloc, bits, weight) <= budget + 1e-9:
-                nll = window_nll(attached, ids, alloc) if nll is None else nll
+                nll = window_nll(attached, ids, alloc, targets) if nll is None else nll
                 if nll < best_nll:
                     best, best_nll = alloc, nll
         if best is None:
@@ -320,34 +327,43 @@ def verified_search(attached: Any, ids: torch.Tensor, starts: list[tuple[float |
                 cand[leaders[g]][0, c] = e
                 if allocation_bits(cand, bits, weight) > budget + 1e-9:
                     continue
-                nll = window_nll(attached, ids, cand)
+                nll = window_nll(attached, ids, cand, targets)
                 done += 1
                 if nll < best_nll:
                     best, best_nll, kept = cand, nll, kept + 1
     return best, kept
 
 
-def window_nll(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tensor] | None) -> float:
-    """Summed NLL of ``ids`` [1, T] through a cache of ``attached.method`` with decisions ``forced``."""
+def window_nll(attached: Any, ids: torch.Tensor, forced: dict[int, torch.Tensor] | None,
+               targets: torch.Tensor | None = None) -> float:  # fmt: skip
+    """Summed NLL of ``ids`` [1, T] through a cache of ``attached.method`` with decisions ``forced``
+    (of the predicted tokens ``targets`` [T-1] (bool) only, if given)."""
     cache = attached.new_cache()
     if forced is not None:
         cache.state["forced"] = forced
-    logits = forward(attached.model, ids, cache).logits
-    return F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum").item()
+    return _summed_nll(forward(attached.model, ids, cache).logits, ids, targets).item()
+
+
+def _summed_nll(logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    """Σ NLL of ``ids`` [1, T] under ``logits`` [1, T, V], over the ``targets`` mask [T-1] if given."""
+    if targets is None:
+        return F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+    return F.cross_entropy(logits[0, :-1][targets].float(), ids[0, 1:][targets], reduction="sum")
 
 
 def measured_deltas(attached: Any, ids: torch.Tensor, base: dict[int, torch.Tensor],
-                    slots: list[tuple[int, int, int]], ref: float | None = None) -> list[float]:  # fmt: skip
-    """Exact ΔNLL (summed over the window) of moving each slot (group index, chunk, expert) alone
-    from the allocation ``base``: one forward per slot."""
+                    slots: list[tuple[int, int, int]], ref: float | None = None,
+                    targets: torch.Tensor | None = None) -> list[float]:  # fmt: skip
+    """Exact ΔNLL (summed over the window, or its ``targets`` [T-1] tokens) of moving each slot (group
+    index, chunk, expert) alone from the allocation ``base``: one forward per slot."""
     with torch.no_grad():
-        ref = window_nll(attached, ids, base) if ref is None else ref
+        ref = window_nll(attached, ids, base, targets) if ref is None else ref
         out = []
         leaders = sorted(base)
         for g, c, e in slots:
             forced = {k: v.clone() for k, v in base.items()}
             forced[leaders[g]][0, c] = e
-            out.append(window_nll(attached, ids, forced) - ref)
+            out.append(window_nll(attached, ids, forced, targets) - ref)
     return out
 
 
