@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--windows", type=int, default=4, help="the first N windows of the test split")
     x.add_argument("--verify", type=int, default=60, help="checked single-slot moves per search")
     x.add_argument("--split", choices=("parity", "halves"), default="parity", help="how the tokens are halved")
+    x.add_argument("--shuffles", type=int, default=4, help="shuffled allocations per fold (the control)")
     x.add_argument("--out", default=None, help="JSON file for the windows and the summary")
     args = p.parse_args(argv)
     if args.command == "oracle-check":
@@ -120,8 +121,8 @@ def _oracle_crossfit(args: argparse.Namespace, argv: list[str]) -> int:
     from moqae.oracle import MoQAEOracle
     from moqae.oracle_checks import cross_fit, summarize
 
-    if args.windows < 1 or args.seqlen < 4 or args.verify < 0:
-        print("error: --windows must be >= 1, --seqlen >= 4, --verify >= 0", file=sys.stderr)
+    if args.windows < 1 or args.seqlen < 4 or args.verify < 0 or args.shuffles < 1:
+        print("error: --windows and --shuffles must be >= 1, --seqlen >= 4, --verify >= 0", file=sys.stderr)
         return 2
     try:
         method = build_method(args.method)
@@ -133,13 +134,13 @@ def _oracle_crossfit(args: argparse.Namespace, argv: list[str]) -> int:
         if len(windows) < args.windows:
             raise ValueError(f"the test split has {len(windows)} windows of {args.seqlen} tokens, not {args.windows}")
         setting = {"model": args.model, "method": args.method, "seqlen": args.seqlen, "split": args.split,
-                   "verify": args.verify}  # fmt: skip
+                   "verify": args.verify, "shuffles": args.shuffles}  # fmt: skip
         rows = _finished_windows(Path(args.out), setting)[: len(windows)] if args.out else []  # resume
         result = {"command": "python -m moqae " + shlex.join(argv), **setting, "windows": rows}
         with AttachedMethod(model, method) as am:
             for w in tqdm(windows[len(rows) :], desc="oracle-crossfit", unit="window", initial=len(rows),
                           total=len(windows)):  # fmt: skip
-                rows.append(cross_fit(am, w.view(1, -1), args.verify, args.split))
+                rows.append(cross_fit(am, w.view(1, -1), args.verify, args.split, args.shuffles))
                 if args.out:  # each window as it is done: an interrupted run resumes from here
                     write_json_atomic(Path(args.out), result)
     except (MethodSpecError, MissingDataError, ModelLoadError, ValueError) as e:
@@ -151,7 +152,8 @@ def _oracle_crossfit(args: argparse.Namespace, argv: list[str]) -> int:
     summary = result["summary"] = summarize(rows)
     for name, label in (("fp16", "fp16"), ("uniform", "uniform INT4 in MoQAE's layout"),
                         ("in_sample", "oracle searched on the window (upper bound)"),
-                        ("cross_fit", "oracle, cross-fitted (searched on the other fold; an estimate)")):  # fmt: skip
+                        ("cross_fit", "oracle, cross-fitted (searched on the other fold; an estimate)"),
+                        ("shuffled", "its control: each allocation's chunks shuffled (same bits)")):  # fmt: skip
         print(f"{label}: PPL {summary[name]['ppl']:.4f} at {summary[name]['bits']:.3f} bits")
     print(f"(the cross-fit's searched folds: PPL {summary['cross_fit']['selection_ppl']:.4f})")
     if args.out:

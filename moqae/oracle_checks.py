@@ -13,7 +13,9 @@ search sees only its own tokens' NLL, and each allocation is scored on the *othe
 allocation. It is an estimate of the content-driven gain (what a router reading the chunks could at
 best learn), not an upper bound: the folds share the context, so some of the noise fit still carries
 over (which makes the estimate optimistic, never pessimistic, for the router), and it is labelled as
-such wherever it is printed.
+such wherever it is printed. Its control at exactly the same bits: each fold's allocation with its
+routed chunks shuffled within each layer group (the same experts, placed at random), scored on the
+same held-out fold. A content signal would make the allocation beat its shuffle.
 """
 
 from __future__ import annotations
@@ -90,10 +92,24 @@ def searched(attached: Any, ids: torch.Tensor, trials: int, targets: torch.Tenso
                            fixed, trials, targets)  # fmt: skip
 
 
-def cross_fit(attached: Any, ids: torch.Tensor, trials: int, split: str = "parity") -> dict[str, Any]:
+def shuffled(alloc: dict[int, torch.Tensor], frozen: int, seed: int) -> dict[int, torch.Tensor]:
+    """``alloc`` ({leader: [1, C]}) with each group's chunks after the first ``frozen`` permuted at random
+    (the same experts in other places: the same bits)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, row in sorted(alloc.items()):
+        row = row.clone()
+        row[0, frozen:] = row[0, frozen:][torch.randperm(row.shape[1] - frozen, generator=gen)]
+        out[k] = row
+    return out
+
+
+def cross_fit(attached: Any, ids: torch.Tensor, trials: int, split: str = "parity",
+              shuffles: int = 4) -> dict[str, Any]:  # fmt: skip
     """One window ``ids`` [1, T]: summed NLL (both folds) and mean expert bits of fp16 (every slot at the
-    top expert), the uniform base, the verified oracle searched on the whole window (in-sample) and
-    the cross-fitted one (each fold's allocation scored on the other fold)."""
+    top expert), the uniform base, the verified oracle searched on the whole window (in-sample), the
+    cross-fitted one (each fold's allocation scored on the other fold) and its shuffled control (the
+    mean NLL over ``shuffles`` shuffles)."""
     method = attached.method
     bits, n_chunks = method.expert_bits, ids.shape[1] // method.config.chunk
     weight = list(groups(method, method.n_layers).values())
@@ -113,6 +129,14 @@ def cross_fit(attached: Any, ids: torch.Tensor, trials: int, split: str = "parit
         out[name] = {"nll_folds": list(scored(alloc)), "bits": allocation_bits(alloc, bits, weight)}
     out["in_sample"]["moves_kept"] = kept
     (sel_a, held_b), (held_a, sel_b) = scored(on_a), scored(on_b)
+    frozen = 1 if method.config.freeze_first else 0
+    held = torch.zeros(2, dtype=torch.float64)
+    for seed in range(shuffles):  # scored on the same held-out folds as the allocations they shuffle
+        mix_a, mix_b = shuffled(on_a, frozen, 2 * seed), shuffled(on_b, frozen, 2 * seed + 1)
+        with torch.no_grad():
+            held += torch.tensor([window_nll(attached, ids, mix_b, a), window_nll(attached, ids, mix_a, b)])
+    mean_bits = (allocation_bits(mix_a, bits, weight) + allocation_bits(mix_b, bits, weight)) / 2
+    out["shuffled"] = {"nll_folds": (held / max(shuffles, 1)).tolist(), "bits": mean_bits, "shuffles": shuffles}
     out["cross_fit"] = {
         "nll_folds": [held_a, held_b],  # each fold scored under the allocation searched on the other
         "selection_nll_folds": [sel_a, sel_b],  # each fold under the allocation searched on itself
@@ -126,7 +150,7 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """PPL over all windows' predicted tokens (and the selection folds' PPL for the cross-fit)."""
     n = sum(sum(w["tokens"]) for w in windows)
     out = {}
-    for name in ("fp16", "uniform", "in_sample", "cross_fit"):
+    for name in ("fp16", "uniform", "in_sample", "cross_fit", "shuffled"):
         nll = sum(sum(w[name]["nll_folds"]) for w in windows)
         out[name] = {"ppl": math.exp(nll / n), "bits": sum(w[name]["bits"] for w in windows) / len(windows)}
     out["cross_fit"]["selection_ppl"] = math.exp(sum(sum(w["cross_fit"]["selection_nll_folds"]) for w in windows) / n)

@@ -12,7 +12,7 @@ from harness.integration import AttachedMethod
 from harness.interface import build_method
 from moqae.__main__ import main
 from moqae.oracle import allocation_bits, groups, window_nll
-from moqae.oracle_checks import cross_fit, folds
+from moqae.oracle_checks import cross_fit, folds, shuffled
 
 
 def test_folds_split_the_predicted_tokens_in_two():
@@ -46,6 +46,15 @@ def test_cross_fit_scores_each_fold_under_the_other_folds_search(stories_dir):
     for sel, uni in zip(out["cross_fit"]["selection_nll_folds"], out["uniform"]["nll_folds"], strict=True):
         assert sel <= uni + 1e-6
     assert out["in_sample"]["bits"] <= 7.0 + 1e-9 and out["cross_fit"]["bits"] <= 7.0 + 1e-9
+    assert out["shuffled"]["bits"] == pytest.approx(out["cross_fit"]["bits"])  # the control holds the same bits
+
+
+def test_shuffled_moves_routed_chunks_only_and_keeps_the_experts():
+    alloc = {0: torch.tensor([[0, 1, 1, 2, 0, 1]]), 3: torch.tensor([[0, 2, 2, 1, 1, 1]])}
+    mixed = shuffled(alloc, frozen=1, seed=0)
+    for k, row in alloc.items():
+        assert mixed[k][0, 0] == row[0, 0] and sorted(mixed[k][0].tolist()) == sorted(row[0].tolist())
+    assert any(not torch.equal(mixed[k], alloc[k]) for k in alloc) and alloc[0].tolist() == [[0, 1, 1, 2, 0, 1]]
 
 
 def test_oracle_crossfit_command_writes_and_resumes(tmp_path, stories_dir, data_dir, capsys):
