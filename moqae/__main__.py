@@ -115,11 +115,11 @@ def _oracle_crossfit(args: argparse.Namespace, argv: list[str]) -> int:
     from tqdm.auto import tqdm
 
     from harness.data import token_windows, wikitext2_test_text
-    from harness.files import write_json_atomic
+    from harness.files import write_json_atomic, write_text_atomic
     from harness.integration import AttachedMethod
     from harness.interface import build_method
     from moqae.oracle import MoQAEOracle
-    from moqae.oracle_checks import cross_fit, summarize
+    from moqae.oracle_checks import CROSSFIT_ROWS, cross_fit, crossfit_markdown, summarize
 
     if args.windows < 1 or args.seqlen < 4 or args.verify < 0 or args.shuffles < 1:
         print("error: --windows and --shuffles must be >= 1, --seqlen >= 4, --verify >= 0", file=sys.stderr)
@@ -150,14 +150,12 @@ def _oracle_crossfit(args: argparse.Namespace, argv: list[str]) -> int:
         print("interrupted: re-run the same command to resume from the last finished window", file=sys.stderr)
         return 130
     summary = result["summary"] = summarize(rows)
-    for name, label in (("fp16", "fp16"), ("uniform", "uniform INT4 in MoQAE's layout"),
-                        ("in_sample", "oracle searched on the window (upper bound)"),
-                        ("cross_fit", "oracle, cross-fitted (searched on the other fold; an estimate)"),
-                        ("shuffled", "its control: each allocation's chunks shuffled (same bits)")):  # fmt: skip
+    for name, label in CROSSFIT_ROWS:
         print(f"{label}: PPL {summary[name]['ppl']:.4f} at {summary[name]['bits']:.3f} bits")
     print(f"(the cross-fit's searched folds: PPL {summary['cross_fit']['selection_ppl']:.4f})")
     if args.out:
         write_json_atomic(Path(args.out), result)
+        write_text_atomic(Path(args.out).with_suffix(".md"), crossfit_markdown(result))
     return 0
 
 

@@ -155,3 +155,32 @@ def summarize(windows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         out[name] = {"ppl": math.exp(nll / n), "bits": sum(w[name]["bits"] for w in windows) / len(windows)}
     out["cross_fit"]["selection_ppl"] = math.exp(sum(sum(w["cross_fit"]["selection_nll_folds"]) for w in windows) / n)
     return out
+
+
+#: the rows of a cross-fit table, labelled as what each one is
+CROSSFIT_ROWS = (
+    ("fp16", "fp16 (every chunk FP16)"),
+    ("uniform", "uniform INT4 in MoQAE's layout"),
+    ("in_sample", "oracle searched on the window's own tokens [oracle: upper bound]"),
+    ("cross_fit", "oracle searched on the other fold, scored on held-out tokens [estimate, not a bound]"),
+    ("shuffled", "its control: the same allocations, chunks shuffled (same bits)"),
+)
+
+
+def crossfit_markdown(result: dict[str, Any]) -> str:
+    """A Markdown page for one ``oracle-crossfit`` run (``result`` as the command writes it)."""
+    from harness.reports.table import markdown_table
+
+    summary = result["summary"]
+    uniform = summary["uniform"]["ppl"]
+    rows = [[label, f"{summary[k]['ppl']:.4f}", f"{100 * (summary[k]['ppl'] / uniform - 1):+.2f} %",
+             f"{summary[k]['bits']:.3f}"] for k, label in CROSSFIT_ROWS]  # fmt: skip
+    n = len(result["windows"])
+    return (
+        f"# MoQAE oracle, cross-fitted: {result['model']}, {n} × {result['seqlen']} tokens\n\n"
+        f"`{result['command']}`\n\n"
+        f"`{result['method']}`, {result['verify']} checked moves per search, folds: {result['split']}.\n\n"
+        + markdown_table(["allocation", "PPL", "vs uniform", "mean expert bits"], rows)
+        + f"\n\nThe searches' own folds under their allocations: PPL {summary['cross_fit']['selection_ppl']:.4f}. "
+        "See README: *Does per-chunk mixing pay?*\n"
+    )

@@ -64,7 +64,11 @@ def test_oracle_crossfit_command_writes_and_resumes(tmp_path, stories_dir, data_
     assert main(argv) == 0
     first = json.loads(out.read_text())
     assert first["command"].startswith("python -m moqae oracle-crossfit") and len(first["windows"]) == 1
-    assert "cross-fitted (searched on the other fold; an estimate)" in capsys.readouterr().out
+    assert "scored on held-out tokens [estimate, not a bound]" in capsys.readouterr().out
+    page = out.with_suffix(".md").read_text()
+    assert (
+        first["command"] in page and "[oracle: upper bound] |" in page and "| uniform INT4 in MoQAE's layout |" in page
+    )
     first["windows"][0]["marker"] = "kept"  # a finished window is read back, not recomputed
     out.write_text(json.dumps(first))
     argv[argv.index("--windows") + 1] = "2"
