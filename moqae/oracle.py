@@ -186,6 +186,13 @@ class MoQAEOracle(MoQAE):
             forced[leader] = row
         return forced
 
+    def slots(self, n_chunks: int) -> tuple[list[int], dict[tuple[int, int], int], dict[int, torch.Tensor]]:
+        """The allocation problem for a window of ``n_chunks`` chunks: layers per group [G], the slots
+        whose expert is given ({(group, 0): top expert} with RF) and the uniform base allocation."""
+        weight = list(groups(self, self.n_layers).values())
+        fixed = {(g, 0): self.top_expert for g in range(len(weight))} if self.config.freeze_first else {}
+        return weight, fixed, self._uniform(self.expert_bits.index(self.config.base), n_chunks)
+
     def attach(self, model: torch.nn.Module, info: ModelInfo) -> None:
         super().attach(model, info)
         self.n_layers = info.n_layers
@@ -196,9 +203,8 @@ class MoQAEOracle(MoQAE):
         self._forced = None
         if n_chunks < 1 or cfg.passes == 0:
             return  # passes=0: the uniform base allocation itself (no look at the window)
-        weight = list(groups(self, self.n_layers).values())
-        fixed = {(g, 0): self.top_expert for g in range(len(weight))} if cfg.freeze_first else {}
-        current = base = self._uniform(bits.index(cfg.base), n_chunks)
+        weight, fixed, base = self.slots(n_chunks)
+        current = base
         tried: list[list[Any]] = []  # [probed NLL (None until probed), allocation] per pass
         for p in range(cfg.passes):
             nll, delta = cached_probe(attached, ids, current, cfg.estimate)  # delta: ΔNLL vs the current [G, C, E]

@@ -28,7 +28,6 @@ import torch
 from moqae.oracle import (
     allocate,
     allocation_bits,
-    groups,
     measured_deltas,
     slot_deltas,
     spearman,
@@ -43,7 +42,7 @@ def check_estimate(attached: Any, ids: torch.Tensor, n_slots: int, seed: int = 0
     method = attached.method
     n_chunks = ids.shape[1] // method.config.chunk
     base_expert = method.expert_bits.index(method.config.base)
-    base = method._uniform(base_expert, n_chunks)
+    _, _, base = method.slots(n_chunks)
     nll, first = slot_deltas(attached, ids, base, "first")
     start = 1 if method.config.freeze_first else 0  # the frozen first chunk is never moved
     moves = [(g, c, e) for g in range(len(base)) for c in range(start, n_chunks)
@@ -82,9 +81,7 @@ def searched(attached: Any, ids: torch.Tensor, trials: int, targets: torch.Tenso
     ``moqae-oracle:verify=N`` does (``moqae.oracle.verified_search``). Returns (allocation, moves kept)."""
     method, cfg = attached.method, attached.method.config
     bits, n_chunks = method.expert_bits, ids.shape[1] // cfg.chunk
-    weight = list(groups(method, method.n_layers).values())
-    fixed = {(g, 0): method.top_expert for g in range(len(weight))} if cfg.freeze_first else {}
-    base = method._uniform(bits.index(cfg.base), n_chunks)
+    weight, fixed, base = method.slots(n_chunks)
     _, delta = slot_deltas(attached, ids, base, cfg.estimate, targets)  # [G, C, E] ΔNLL from the base
     choice = allocate(delta, bits, weight, cfg.budget, fixed)
     knapsack = {k: choice[i : i + 1].clone() for i, k in enumerate(sorted(base))}
@@ -112,7 +109,7 @@ def cross_fit(attached: Any, ids: torch.Tensor, trials: int, split: str = "parit
     mean NLL over ``shuffles`` shuffles)."""
     method = attached.method
     bits, n_chunks = method.expert_bits, ids.shape[1] // method.config.chunk
-    weight = list(groups(method, method.n_layers).values())
+    weight, _, base = method.slots(n_chunks)
     a, b = folds(ids.shape[1] - 1, split)
 
     def scored(alloc: dict[int, torch.Tensor]) -> tuple[float, float]:  # (NLL on fold a, on fold b)
@@ -121,7 +118,6 @@ def cross_fit(attached: Any, ids: torch.Tensor, trials: int, split: str = "parit
 
     out: dict[str, Any] = {"tokens": [int(a.sum()), int(b.sum())]}
     fp16 = method._uniform(method.top_expert, n_chunks)
-    base = method._uniform(bits.index(method.config.base), n_chunks)
     whole, kept = searched(attached, ids, trials, None)
     on_a, kept_a = searched(attached, ids, trials, a)
     on_b, kept_b = searched(attached, ids, trials, b)
