@@ -206,11 +206,9 @@ def profile_out(arg: str | None) -> Path | None:
         out = out / "profile.json"
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {arg}: {out} is a folder")
-    base = out.parent
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    if not base.is_dir():
-        raise ValueError(f"--out {arg}: {base} is a file; give a folder or a .json path")
+    from harness.files import check_writable_dir  # here, not at the top: harness.cli imports nothing heavy
+
+    check_writable_dir(out.parent, f"--out {arg}", "give a writable folder or .json path")
     return out  # the folder is made when the first row is written
 
 

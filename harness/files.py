@@ -17,6 +17,9 @@
   and dicts and runs nothing from the file. ``save_safetensors_atomic`` / ``load_safetensors_safe``
   write and read a flat ``{name: tensor}`` file with string metadata (size-checked the same way).
   Every refusal is a ``ValueError`` with a one-line reason naming the file.
+* ``check_writable_dir`` refuses, in one line and before any work, an output folder (``--out``,
+  ``--report``) that is a file or where no file can be created (a read-only mount, ``/sys``): it
+  creates and removes a probe file there, or in the nearest existing ancestor, and leaves nothing.
 * ``claim`` / ``release``: a ``<record>.claim`` file created exclusively, so that two processes on
   one results folder never compute the same cell (a dead process's claim is taken over).
 """
@@ -91,6 +94,35 @@ def write_json_atomic(path: Path | str, obj: Any) -> None:
 def torch_save_atomic(path: Path | str, obj: Any) -> None:
     """``torch.save(obj)`` to ``path`` atomically (checkpoints, calibration artefacts)."""
     replace_atomic(path, lambda f: torch.save(obj, f))
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders: checked before any work
+# --------------------------------------------------------------------------------------------
+
+
+def check_writable_dir(folder: Path | str, label: str, hint: str = "give a writable folder") -> None:
+    """Refuse (ValueError, one line ``{label}: <reason>; {hint}``) an output folder that cannot be made
+    or written: a file, a path under a file, or a place where no file can be created (a read-only
+    mount, ``/sys``, ``/proc``, no permission).
+
+    The probe creates and removes an empty file in ``folder``, or, where it does not exist yet, in its
+    nearest existing ancestor; no folder is made and nothing is left behind (the folder itself is made
+    when the first file is written)."""
+    folder = Path(folder).expanduser()
+    base = folder
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{label}: is a file; {hint}")
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        if not base.is_dir():
+            raise ValueError(f"{label}: {base} is a file; {hint}")
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".write-probe-", suffix=".tmp")
+    except OSError as e:  # an ancestor that cannot be searched, a file system that refuses new files
+        raise ValueError(f"{label}: cannot create a file in {base} ({e.strerror or _first_line(e)}); {hint}") from None
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

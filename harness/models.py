@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -116,9 +117,50 @@ def parse_device(spec: str | torch.device | None) -> torch.device:
 
 def context_length(model: PreTrainedModel) -> int | None:
     """The longest sequence the model was built for (``max_position_embeddings`` of its text config)."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return _config_context(model.config)
+
+
+def _config_context(config: PretrainedConfig) -> int | None:
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     value = getattr(cfg, "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def config_context_length(spec: str) -> int | None:
+    """:func:`context_length` of the model ``spec`` names, read from its config alone (no weights): a
+    shape alias's, a local folder's ``config.json``, a ``.gguf`` file's metadata (or its dequantized
+    copy's config). None where it cannot be read so (a hub id, an unreadable config): then the check
+    waits for the loaded model."""
+    try:
+        if spec in SHAPES:
+            return _config_context(shape_config(spec))
+        from transformers import AutoConfig
+
+        if spec == SMOLLM2_ALIAS or spec.endswith(".gguf"):
+            path = (smollm2_gguf() if spec == SMOLLM2_ALIAS else Path(spec).expanduser()).resolve()
+            cached = gguf_cache_dir(path)
+            if (cached / "config.json").is_file():
+                return _config_context(AutoConfig.from_pretrained(str(cached)))
+            return _config_context(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+        path = Path(spec).expanduser()
+        if not (path / "config.json").is_file():
+            return None
+        return _config_context(AutoConfig.from_pretrained(str(path)))
+    except Exception:  # best effort: the loaded model's context is checked again
+        return None
+
+
+def check_fits_context(label: str, need: int | None, context: int | None, model: str, fix: str) -> None:
+    """Refuse (``MethodSpecError``, one line) sequences of ``need`` tokens longer than the model's
+    ``context`` (``None`` for either: nothing to check). ``run`` checks each task's windows / prompts
+    with it (``harness.runner.check_context``), ``python -m moqae train`` its ``--seqlen``."""
+    if need is None or context is None or need <= context:
+        return
+    from harness.registry import MethodSpecError
+
+    raise MethodSpecError(
+        f"{label}: {need} tokens per sequence, longer than the context of {model} ({context}); {fix} <= {context}"
+    )
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -291,10 +333,88 @@ def quiet_token_length_warning() -> None:
         target.addFilter(_TokenLengthFilter())
 
 
+#: largest safetensors header read (the safetensors library refuses larger ones too)
+SAFETENSORS_HEADER_MAX = 100_000_000
+#: largest ``model.safetensors.index.json`` read
+INDEX_MAX = 64 << 20
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file ``path`` cannot be loaded, judged from its header alone (nothing else
+    is read): the 8-byte little-endian header length, the JSON header, and the end of the last
+    tensor's ``data_offsets`` + 8 + the header length, which must be the file size (a file cut short
+    by an interrupted download or copy fails this). None when the header fits the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"has {size} bytes, too few for a safetensors header (cut short?)"
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, SAFETENSORS_HEADER_MAX):
+                return f"has {size} bytes, less than its {n}-byte header needs (cut short?)"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    except (ValueError, UnicodeDecodeError):
+        return "has no valid JSON header (not a safetensors file?)"
+    if not isinstance(header, dict):
+        return "has no valid JSON header (not a safetensors file?)"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):  # fmt: skip
+            return f"has a malformed header entry for {name!r}"
+        end = max(end, offsets[1])
+    expected = 8 + n + end
+    if expected > size:
+        return f"has {size} bytes, but its header places tensors up to byte {expected} (cut short?)"
+    if expected < size:
+        return f"has {size} bytes, {size - expected} more than its header accounts for"
+    return None
+
+
+def _weights_problem(folder: Path) -> str | None:
+    """Why the safetensors weights of a model folder cannot be loaded (as transformers picks them: a
+    single ``model.safetensors``, else the shards ``model.safetensors.index.json`` names), from the
+    headers and the index alone; None when they can, or when the folder has no safetensors weights."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        problem = safetensors_problem(single)
+        return f"{single.name} {problem}" if problem else None
+    if not index.is_file():
+        return None
+    try:
+        if index.stat().st_size > INDEX_MAX:
+            return f"{index.name} is larger than {INDEX_MAX} bytes"
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except OSError as e:
+        return f"{index.name} cannot be read ({e.strerror or type(e).__name__})"
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return f"{index.name} is not a JSON object"
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        return f"{index.name} has no weight_map of shard file names"
+    shards = sorted(set(weight_map.values()))
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more shard(s)" if len(missing) > 1 else ""
+        return f"{index.name} names {missing[0]}{more}, not in the folder ({len(shards)} shards in all)"
+    for name in shards:
+        problem = safetensors_problem(folder / name)
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
 def check_model_source(spec: str) -> None:
     """Refuse (``ModelLoadError``, one line) a model that cannot be there, before anything is loaded:
-    a missing .gguf file or folder, a folder without config.json, a hub id while the hub is off
-    (``HF_HUB_OFFLINE``) and the id is not in the local hub cache."""
+    a missing .gguf file or folder, a folder without config.json, a folder whose safetensors weights
+    cannot be read (a file cut short, a shard the index names that is missing: headers only, see
+    :func:`_weights_problem`), a hub id while the hub is off (``HF_HUB_OFFLINE``) and the id is not in
+    the local hub cache."""
     if spec in SHAPES or spec == SMOLLM2_ALIAS:
         return
     path = Path(spec).expanduser()
@@ -314,6 +434,10 @@ def check_model_source(spec: str) -> None:
             problem = "HF_HUB_OFFLINE is set and the hub cache does not hold it; download it once or give a folder"
     if problem:
         raise ModelLoadError(f"cannot load model {spec!r}: {problem}; {_accepted()}")
+    if path.is_dir():
+        problem = _weights_problem(path)
+        if problem:
+            raise ModelLoadError(f"cannot load model {spec!r}: {problem}; download or save the model again")
 
 
 def load_model(
@@ -337,7 +461,9 @@ def load_model(
     dt = parse_dtype(dtype) or default_dtype(dev)
     attn = attn_implementation or DEFAULT_ATTN
     if spec in SHAPES:
-        return _random_model(spec, dev, dt, attn), None
+        model = _random_model(spec, dev, dt, attn)
+        _loaded_specs[_geometry(model.config)] = spec
+        return model, None
 
     source: str
     if spec == SMOLLM2_ALIAS:
@@ -351,10 +477,31 @@ def load_model(
         check_model_source(spec)
         path = Path(spec).expanduser()
         source = str(path) if path.exists() else spec  # else a hub id
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:  # hub unreachable, repo not found, invalid id, unreadable folder
+    except (OSError, ValueError, SafetensorError) as e:  # hub unreachable, repo not found, invalid id,
+        # unreadable folder, weights cut short or missing that check_model_source could not see
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"cannot load model {spec!r} ({reason}); {_accepted()}") from e
+    _loaded_specs[_geometry(model.config)] = spec
     return _ready(model.to(dev)), tokenizer
+
+
+#: the spec (what ``--model`` said) each model geometry was last loaded from by :func:`load_model` in
+#: this process, so that a message can print a command the user can paste (:func:`loaded_spec`)
+_loaded_specs: dict[tuple[str, int, int], str] = {}
+
+
+def _geometry(config: PretrainedConfig) -> tuple[str, int, int]:
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers, hidden = getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0)
+    return str(cfg.model_type), int(layers or 0), int(hidden or 0)
+
+
+def loaded_spec(family: str, n_layers: int, hidden_size: int) -> str | None:
+    """The ``--model`` spec a model of this geometry (``ModelInfo.family``, ``n_layers``,
+    ``hidden_size``) was last loaded from by :func:`load_model` in this process; None if none was."""
+    return _loaded_specs.get((family, n_layers, hidden_size))

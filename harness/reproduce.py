@@ -558,13 +558,13 @@ def preflight_profile(
     """Before any model load or compute: every stage's specs, data, models, the device and the output
     folders; raises ``MissingDataError`` listing every problem in one line (nothing is written)."""
     from harness.data import MissingDataError, resolve_data_dir
+    from harness.files import check_writable_dir
     from harness.models import ModelLoadError, check_model_source, parse_device
     from harness.runner import build_all, check_out_dir, preflight
 
     parse_device(device)
     check_out_dir(out)
-    if report_dir.exists() and not report_dir.is_dir():
-        raise ValueError(f"--report {report_dir}: is a file; give a folder")
+    check_writable_dir(report_dir, f"--report {report_dir}", "give a writable folder for the report")
     data = resolve_data_dir(data_dir)
     problems: list[str] = []
     for stage in prof.runs:

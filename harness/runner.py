@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shlex
 import sys
@@ -28,6 +27,7 @@ from harness.data import calibration_windows as calibration_batches
 from harness.env import environment
 from harness.evaluation import Task, TaskContext, build_task
 from harness.files import (  # re-exported: cli, reports, reproduce import them here
+    check_writable_dir,
     claim,
     release,
     write_json_atomic,
@@ -37,6 +37,7 @@ from harness.integration import AttachedMethod, model_info
 from harness.interface import KVCacheMethod, MethodSpecError, UnsupportedModelError, build_method
 from harness.models import (
     ModelLoadError,
+    check_fits_context,
     check_model_source,
     context_length,
     default_dtype,
@@ -126,17 +127,10 @@ def _key_text(key: dict[str, Any]) -> str:
 
 
 def check_out_dir(out: Path) -> None:
-    """Refuse (one line) an ``--out`` that is a file or cannot be written, before any model is loaded;
-    nothing is created here (the folder is made when the first record is written)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file; give a folder for the records")
-    base = out
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    if not base.is_dir():
-        raise ValueError(f"--out {out}: {base} is a file; give a folder for the records")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {base} is not writable; give a writable folder")
+    """Refuse (one line) an ``--out`` that is a file or cannot be written (a read-only mount, ``/sys``),
+    before any model is loaded; nothing is left behind (the folder is made when the first record is
+    written; ``harness.files.check_writable_dir`` probes it with a file it removes)."""
+    check_writable_dir(out, f"--out {out}", "give a writable folder for the records")
 
 
 def preflight(methods: list[KVCacheMethod], tasks: list[Task], model: str, data_dir: Path | None) -> list[str]:
@@ -160,15 +154,8 @@ def preflight(methods: list[KVCacheMethod], tasks: list[Task], model: str, data_
 
 def check_context(tasks: list[Task], context: int | None, model: str) -> None:
     """Refuse a task whose windows / prompts are longer than the model's context (one line)."""
-    if context is None:
-        return
     for task in tasks:
-        need = task.tokens_needed()
-        if need is not None and need > context:
-            raise MethodSpecError(
-                f"{task.label}: {need} tokens per sequence, longer than the context of {model} ({context}); "
-                f"use --seqlen / max_length <= {context}"
-            )
+        check_fits_context(task.label, task.tokens_needed(), context, model, "use --seqlen / max_length")
 
 
 @dataclass

@@ -7,7 +7,13 @@ import sys
 
 from harness.data import MissingDataError
 from harness.interface import MethodSpecError
-from harness.models import ModelLoadError, load_model
+from harness.models import (
+    ModelLoadError,
+    check_fits_context,
+    config_context_length,
+    context_length,
+    load_model,
+)
 from moqae.train import RouterTrainer, TrainConfig, check_train_args, summarize
 
 
@@ -59,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     try:
         check_train_args(cfg, args.out)  # before the model loads: bad arguments fail at once
+        # a --seqlen longer than the model's context, as run refuses it: from the config (no weights) ...
+        check_fits_context("moqae train", cfg.seqlen, config_context_length(args.model), args.model, "use --seqlen")
         model, tok = load_model(args.model, device="cpu", dtype="fp32")
+        # ... or, where only the loaded model tells (a hub id), before any training step
+        check_fits_context("moqae train", cfg.seqlen, context_length(model), args.model, "use --seqlen")
         trainer = RouterTrainer(model, tok, cfg, data_dir=args.data_dir, out=args.out)
         path = trainer.train(progress=not args.no_progress)
     except (MethodSpecError, MissingDataError, ModelLoadError, ValueError, OSError) as e:

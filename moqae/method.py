@@ -125,6 +125,17 @@ def default_checkpoint(info: ModelInfo, lam: float, share: int = 3) -> Path:
     return pt if pt.exists() else stem.with_name(stem.name + ".safetensors")
 
 
+def _model_arg(info: ModelInfo) -> str:
+    """What ``--model`` said for this model (quoted for a shell), where ``harness.models.load_model``
+    loaded it in this process; else the placeholder ``MODEL``."""
+    import shlex
+
+    from harness.models import loaded_spec
+
+    spec = loaded_spec(info.family, info.n_layers, info.hidden_size)
+    return shlex.quote(spec) if spec else "MODEL"
+
+
 def router_checkpoint_bound(bank: RouterBank) -> int:
     """Largest router checkpoint read: 2 x the bank's fp32 parameter bytes + 1 MiB (headers, metadata)."""
     fp32 = sum(p.numel() * 4 for p in bank.parameters())
@@ -471,7 +482,7 @@ class MoQAE(KVCacheMethod):
         if path is not None and not path.exists():
             raise MethodSpecError(
                 f"{self.label}: no router checkpoint {path.name} for this model ({model_signature(info)}, "
-                f"lambda={self.config.lam:g}); train one with: python -m moqae train --model MODEL "
+                f"lambda={self.config.lam:g}); train one with: python -m moqae train --model {_model_arg(info)} "
                 f"--lambda {self.config.lam:g} --out DIR, then use moqae:ckpt=DIR/router.safetensors "
                 "(or moqae:ckpt=random for an untrained router)"
             )

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness.data import calibration_windows
+from harness.files import check_writable_dir
 from harness.integration import AttachedMethod, forward
 from harness.interface import build_method
 from moqae.method import MoQAE, model_signature, save_router_checkpoint
@@ -95,7 +96,8 @@ STATE_KEYS = ("routers", "optimizer", "step", "history", "baseline", "generator"
 
 
 def check_train_args(cfg: TrainConfig, out: str | Path | None = None) -> None:
-    """ValueError (one line) for a configuration that cannot train, or an ``out`` that is not a folder."""
+    """ValueError (one line) for a configuration that cannot train, or an ``out`` that is not a folder
+    where files can be written (a file, a read-only mount: ``harness.files.check_writable_dir``)."""
     if cfg.nll_scale not in ("chunk", "token"):
         raise ValueError(f"nll_scale={cfg.nll_scale!r}; accepted: chunk, token")
     if cfg.estimator not in ("gumbel", "reinforce", "paper"):
@@ -108,8 +110,8 @@ def check_train_args(cfg: TrainConfig, out: str | Path | None = None) -> None:
         raise ValueError(f"lr={cfg.lr!r} must be a positive number")
     if not 0.0 <= cfg.lam <= 1.0:
         raise ValueError(f"lambda={cfg.lam!r} must be in [0, 1]")
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out} is an existing file, not a folder; name a folder")
+    if out is not None:
+        check_writable_dir(out, f"--out {out}", "name a writable folder")
 
 
 def train_state_bound(param_bytes: int, steps: int) -> int:

@@ -1,5 +1,6 @@
 """Safe checkpoints: training states and router checkpoints are size-checked, never unpickled, and any
-bad file is refused in one line; routers are safetensors, the shipped .pt routers still load bit-identically."""
+bad file is refused in one line; routers are safetensors (the shipped ones too: no .pt ships), and a .pt
+router loads only from a path a user names (``moqae:ckpt=PATH.pt``, an older run's router.pt), with a note."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,13 @@ import torch
 import moqae.method as mm
 from harness.files import load_safetensors_safe, load_torch_safe, save_safetensors_atomic
 from harness.integration import AttachedMethod, forward
-from harness.interface import MethodSpecError, ModelInfo, build_method
+from harness.interface import MethodSpecError, ModelInfo, PrepareContext, build_method
 from harness.models import tiny_random_model
 from moqae.router import RouterBank
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(mm.CHECKPOINT_DIR.glob("*.pt"))
+SHIPPED = sorted(mm.CHECKPOINT_DIR.glob("*.safetensors"))
+SMOLLM2 = ModelInfo("llama", 30, 9, 3, 64, 576, torch.float32, torch.device("cpu"))  # the shipped routers' model
 
 
 class Payload:
@@ -150,24 +153,59 @@ def test_safetensors_round_trip_and_use(tmp_path, model):
         other.load_checkpoint(path, geometry)
 
 
+def test_only_safetensors_routers_ship():
+    names = sorted(p.name for p in mm.CHECKPOINT_DIR.iterdir())
+    assert [p.name for p in SHIPPED] == names  # no .pt (nor anything else) ships
+    stems = [f"lambda{lam}" for lam in ("0.1", "0.3", "0.5", "0.7", "0.9")] + ["lambda0.5-share1"]
+    assert names == sorted(f"llama-L30-D576-{stem}.safetensors" for stem in stems)
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["moqae"]
+    assert "checkpoints/*.safetensors" in data and not [d for d in data if d.endswith(".pt")]
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_pt_routers_load_bit_identically(path, caplog, monkeypatch):
+def test_shipped_routers_are_safetensors_and_load(path, caplog, monkeypatch):
     monkeypatch.setattr(mm, "_legacy_noted", False)
     share = 1 if "-share1" in path.name else 3
-    lam = path.name.split("-lambda")[1].split("-")[0].removesuffix(".pt")
-    method = _method_with_bank(f"moqae:lam={lam},share={share}")
-    info = ModelInfo("llama", 30, 9, 3, 64, 576, torch.float32, torch.device("cpu"))
-    assert mm.default_checkpoint(info, float(lam), share) == path  # the shipped defaults resolve to them
+    lam = path.name.split("-lambda")[1].split("-")[0].removesuffix(".safetensors")
+    assert mm.default_checkpoint(SMOLLM2, float(lam), share) == path  # the shipped defaults resolve to them
+    state = mm.read_router_checkpoint(path, 1 << 22)  # the format training writes: weights + config
+    assert state["format"] == mm.ROUTER_FORMAT and state["signature"] == "llama-L30-D576"
+    assert state["lambda"] == float(lam) and state["config"]["share"] == share
+    assert {"experts", "chunk", "router_width", "hidden_size", "n_layers"} <= state["config"].keys()
+    method = build_method(f"moqae:lam={lam},share={share}")
+    method.bank = method.new_bank(SMOLLM2)
+    assert method.checkpoint_path(SMOLLM2) == path
     with caplog.at_level(logging.WARNING, logger="moqae"):
-        method.load_checkpoint(path, info)
+        method.load_checkpoint(path, SMOLLM2)
     assert not caplog.records  # no deprecation note for the shipped routers
     reference = RouterBank(30, 576, 3, None, share)
-    reference.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["routers"])
+    reference.load_state_dict(load_safetensors_safe(path, 1 << 22)[0])
     mine, ref = method.bank.state_dict(), reference.state_dict()
     assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
 
 
-def test_user_pt_router_gets_one_deprecation_note(tmp_path, caplog, monkeypatch):
+def test_shipped_lookup_reads_no_pt(tmp_path, monkeypatch):
+    """A .pt beside the shipped routers is never picked up as one: the lookup names .safetensors only."""
+    monkeypatch.setattr(mm, "CHECKPOINT_DIR", tmp_path)
+    bank = RouterBank(30, 576, 3, None, 3)
+    torch.save({"routers": bank.state_dict(), "config": {"share": 3}}, tmp_path / "llama-L30-D576-lambda0.5.pt")
+    expected = tmp_path / "llama-L30-D576-lambda0.5.safetensors"
+    assert mm.default_checkpoint(SMOLLM2, 0.5) == expected and not expected.exists()
+    with pytest.raises(MethodSpecError, match=r"no router checkpoint llama-L30-D576-lambda0\.5\.safetensors"):
+        build_method("moqae:lam=0.5").check_model(SMOLLM2)
+
+
+def _user_pt(model, path: Path) -> dict[str, torch.Tensor]:
+    """A router for ``model`` saved the old way (``torch.save``) at ``path``; its weights."""
+    source = build_method("moqae:ckpt=random,seed=5")
+    with AttachedMethod(model, source):
+        routers = {k: v.clone() for k, v in source.bank.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"routers": routers, "config": {"experts": "16/4/2", "share": 3, "router_width": 0}}, path)
+    return routers
+
+
+def test_user_pt_router_gets_one_deprecation_note(tmp_path, caplog, monkeypatch, model):
     monkeypatch.setattr(mm, "_legacy_noted", False)
     method = _method_with_bank("moqae", n_layers=6, hidden=16)
     path = tmp_path / "router.pt"
@@ -177,6 +215,30 @@ def test_user_pt_router_gets_one_deprecation_note(tmp_path, caplog, monkeypatch)
         method.load_checkpoint(path)
     notes = [r.getMessage() for r in caplog.records]
     assert len(notes) == 1 and ".safetensors" in notes[0] and _one_line(notes[0])
+    # the explicit moqae:ckpt=PATH.pt of a user loads through the method spec, with its note
+    monkeypatch.setattr(mm, "_legacy_noted", False)
+    caplog.clear()
+    routers = _user_pt(model, tmp_path / "mine" / "old.pt")
+    loaded = build_method(f"moqae:ckpt={tmp_path / 'mine' / 'old.pt'}")
+    with caplog.at_level(logging.WARNING, logger="moqae"), AttachedMethod(model, loaded):
+        assert all(torch.equal(loaded.bank.state_dict()[k], v) for k, v in routers.items())
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 1 and "old.pt" in notes[0] and "old .pt router checkpoint" in notes[0]
+
+
+def test_prepare_reuses_an_older_runs_router_pt(tmp_path, model, caplog, monkeypatch):
+    """An older run's OUT/routers/.../router.pt is an explicit artefact: prepare reuses it, it loads."""
+    monkeypatch.setattr(mm, "_legacy_noted", False)
+    out = tmp_path / "results"
+    old = out / "routers" / "tiny-llama" / "moqae-lambda0.5" / "router.pt"
+    routers = _user_pt(model, old)
+    ctx = PrepareContext("tiny-llama", out, None, {}, load=lambda: (model, None), progress=False)
+    prepared = build_method("moqae:lam=0.5").prepare("moqae:lam=0.5", ctx)
+    assert prepared.reused and prepared.path == old and prepared.spec == f"moqae:lam=0.5,ckpt={old}"
+    loaded = build_method(prepared.spec)
+    with caplog.at_level(logging.WARNING, logger="moqae"), AttachedMethod(model, loaded):
+        assert all(torch.equal(loaded.bank.state_dict()[k], v) for k, v in routers.items())
+    assert [r for r in caplog.records if "router.pt" in r.getMessage()]
 
 
 def test_safe_loaders_bound_the_size(tmp_path):
