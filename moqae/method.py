@@ -22,8 +22,11 @@ Router checkpoints (``moqae:ckpt=PATH``; ``save_router_checkpoint`` / ``read_rou
 ``.safetensors`` files hold the router weights as tensors (``routers.<i>.w1.weight`` ...) and, as
 JSON in the string metadata key ``moqae``, everything else: ``format``, ``config`` (experts, share,
 router_width, chunk, hidden_size, n_layers), ``lambda``, ``signature``, ``train_config``, ``steps``.
-Any other suffix is read as an old ``torch.save`` file (the shipped ``checkpoints/*.pt``) through
-``torch.load(weights_only=True)``; a user's ``.pt`` gets a one-line deprecation note, once per process.
+The shipped routers (``checkpoints/*.safetensors``, ``default_checkpoint``) are in this format. Any
+other suffix, only ever a path given explicitly (``moqae:ckpt=PATH.pt``, or an older run's
+``router.pt`` that ``MoQAE.prepare`` reuses), is read as an old ``torch.save`` file through
+``torch.load(weights_only=True)`` (``harness.files.load_torch_safe``), with a one-line deprecation
+note, once per process.
 Both are refused unreadable (one-line ``MethodSpecError`` naming the file) if larger than
 ``router_checkpoint_bound`` (2 x the router bank's fp32 parameter bytes + 1 MiB), corrupt, of
 another structure, or a pickle payload; nothing in the file is ever executed.
@@ -118,11 +121,9 @@ def model_signature(info: ModelInfo) -> str:
 
 def default_checkpoint(info: ModelInfo, lam: float, share: int = 3) -> Path:
     """Shipped router for this model shape and λ (routing-sharing group 3; other groups are named):
-    the shipped ``.pt`` where one exists (their names are part of run records), else ``.safetensors``."""
+    ``checkpoints/<signature>-lambda<λ>[-share<n>].safetensors``, the only format shipped routers have."""
     suffix = "" if share == 3 else f"-share{share}"
-    stem = CHECKPOINT_DIR / f"{model_signature(info)}-lambda{lam:g}{suffix}"
-    pt = stem.with_name(stem.name + ".pt")
-    return pt if pt.exists() else stem.with_name(stem.name + ".safetensors")
+    return CHECKPOINT_DIR / f"{model_signature(info)}-lambda{lam:g}{suffix}.safetensors"
 
 
 def _model_arg(info: ModelInfo) -> str:
@@ -152,7 +153,8 @@ def save_router_checkpoint(path: Path | str, routers: dict[str, torch.Tensor], i
 
 def read_router_checkpoint(path: Path | str, max_bytes: int) -> dict[str, Any]:
     """``{"routers": {name: tensor}, "config": {...}, ...}`` of a ``.safetensors`` router checkpoint or
-    an old ``.pt`` one (``torch.load(weights_only=True)``); ValueError with a one-line reason otherwise."""
+    an old ``.pt`` one a user named (``torch.load(weights_only=True)``, with a deprecation note once per
+    process); ValueError with a one-line reason otherwise."""
     global _legacy_noted
     from harness.files import load_safetensors_safe, load_torch_safe
 
@@ -168,8 +170,7 @@ def read_router_checkpoint(path: Path | str, max_bytes: int) -> dict[str, Any]:
         state = {**info, "routers": tensors}
     else:
         state = load_torch_safe(path, max_bytes)
-        shipped = path.resolve().parent == CHECKPOINT_DIR.resolve()
-        if not shipped and not _legacy_noted:
+        if not _legacy_noted:
             _legacy_noted = True
             _log.warning(f"note: {path} is an old .pt router checkpoint; new trainings write .safetensors")
     if not isinstance(state, dict) or not isinstance(state.get("routers"), dict) or not state["routers"]:
