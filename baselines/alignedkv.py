@@ -94,9 +94,10 @@ Options: ``block`` (64, even, a multiple of ``lanes``), ``lanes`` (32), ``fill``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 
 from harness.integration import attention_scaling
 from harness.interface import (
@@ -110,6 +111,7 @@ from harness.interface import (
     ReportStyle,
     tensor_bytes,
 )
+from harness.options import OneOf, PositiveInt
 
 TOKEN_DIM = -2
 EXP_BIAS = 15
@@ -124,24 +126,19 @@ ESTIMATE_FILL = 0x80  # the value estimate's 8-bit reads always use the kernel's
 
 @dataclass
 class AlignedKVConfig(MethodConfig):
-    block: int = 64  # tokens per block (the code's column_block); the incomplete tail stays fp16
-    lanes: int = 32  # tokens sampled for the value estimate (the code's top_max_k)
-    fill: str = "mid"  # dropped bits: "mid" = 0b1000... as the kernels, "zero"
-    channel_max: str = "code"  # "code": signed max at the first append, magnitudes after; "abs"
-    o_exp: str = "code"  # "code": E(o) & 0b11110 as the code evaluates; "minus1": E(o) - 1 as it says
-    v_steps: str = "code"  # "code": values drop at 1 / 2 steps (0x400 / 0x800); "aligned": 4 / 8
+    block: Annotated[int, Field(ge=2)] = 64  # tokens per block (the code's column_block); the tail stays fp16
+    lanes: PositiveInt = 32  # tokens sampled for the value estimate (the code's top_max_k)
+    fill: OneOf("mid", "zero") = "mid"  # dropped bits: "mid" = 0b1000... as the kernels, "zero"
+    channel_max: OneOf("code", "abs") = "code"  # "code": signed max at the first append, magnitudes after
+    o_exp: OneOf("code", "minus1") = "code"  # "code": E(o) & 0b11110 as the code evaluates; "minus1": E(o) - 1
+    v_steps: OneOf(*VALUE_STEPS) = "code"  # "code": values drop at 1 / 2 steps (0x400 / 0x800); "aligned": 4 / 8
 
     aliases: ClassVar[dict[str, str]] = {"column_block": "block", "top_max_k": "lanes"}
 
     def validate(self) -> None:
-        choices = {"fill": ("mid", "zero"), "channel_max": ("code", "abs"), "o_exp": ("code", "minus1")}
-        choices["v_steps"] = tuple(VALUE_STEPS)
-        for name, accepted in choices.items():
-            if getattr(self, name) not in accepted:
-                raise MethodSpecError(f"alignedkv: {name}={getattr(self, name)!r}; accepted: {', '.join(accepted)}")
-        if self.lanes < 1 or self.block < 2 or self.block % 2 or self.block % self.lanes:
+        if self.block % 2 or self.block % self.lanes:
             raise MethodSpecError(
-                f"alignedkv: block={self.block}, lanes={self.lanes}; block must be even and a multiple of lanes >= 1"
+                f"alignedkv: block={self.block}, lanes={self.lanes}; block must be even and a multiple of lanes"
             )
 
 

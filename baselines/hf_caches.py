@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+from pydantic import Field
 
 from harness.interface import KVCacheMethod, LayerStore, MethodConfig, MethodSpecError, ModelInfo, ReportStyle
+from harness.options import NonNegativeInt, OneOf, PositiveInt
 
 
 def _peer_store(name: str) -> LayerStore:
@@ -65,11 +67,12 @@ class Dynamic(KVCacheMethod):
 
 @dataclass
 class HFQuantizedConfig(MethodConfig):
-    nbits: int = 4
-    axis_key: int = 0
-    axis_value: int = 0
-    q_group_size: int = 64
-    residual_length: int = 128
+    # each backend narrows nbits and the axes to what transformers accepts for it
+    nbits: PositiveInt = 4
+    axis_key: Annotated[int, Field(ge=-1, le=1)] = 0
+    axis_value: Annotated[int, Field(ge=-1, le=1)] = 0
+    q_group_size: PositiveInt = 64
+    residual_length: NonNegativeInt = 128
 
     aliases: ClassVar[dict[str, str]] = {
         "axis-key": "axis_key",
@@ -77,21 +80,12 @@ class HFQuantizedConfig(MethodConfig):
         "q-group-size": "q_group_size",
         "residual-length": "residual_length",
     }
-    #: set per backend: (import name, pip name), accepted bits and axes (transformers' checks)
+    #: set per backend: (import name, pip name)
     backend: ClassVar[str] = ""
     package: ClassVar[tuple[str, str]] = ("", "")
-    accepted_bits: ClassVar[tuple[int, ...]] = ()
-    accepted_axes: ClassVar[tuple[int, ...]] = ()
 
     def validate(self) -> None:
         who = f"hf-{self.backend}"
-        if self.nbits not in self.accepted_bits:
-            raise MethodSpecError(f"{who}: nbits={self.nbits} is not supported; accepted: {self.accepted_bits}")
-        for option, value in (("axis-key", self.axis_key), ("axis-value", self.axis_value)):
-            if value not in self.accepted_axes:
-                raise MethodSpecError(f"{who}: {option}={value} is not supported; accepted: {self.accepted_axes}")
-        if self.q_group_size < 1 or self.residual_length < 0:
-            raise MethodSpecError(f"{who}: q-group-size must be >= 1 and residual-length >= 0")
         module, pip = self.package
         if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
             raise MethodSpecError(
@@ -104,16 +98,18 @@ class HFQuantizedConfig(MethodConfig):
 class QuantoConfig(HFQuantizedConfig):
     backend: ClassVar[str] = "quanto"
     package: ClassVar[tuple[str, str]] = ("optimum.quanto", "optimum-quanto>=0.2.5")
-    accepted_bits: ClassVar[tuple[int, ...]] = (2, 4)
-    accepted_axes: ClassVar[tuple[int, ...]] = (0, -1)
+    nbits: OneOf(2, 4) = 4  # transformers' checks for the quanto backend
+    axis_key: OneOf(0, -1) = 0
+    axis_value: OneOf(0, -1) = 0
 
 
 @dataclass
 class HQQConfig(HFQuantizedConfig):
     backend: ClassVar[str] = "hqq"
     package: ClassVar[tuple[str, str]] = ("hqq", "hqq")
-    accepted_bits: ClassVar[tuple[int, ...]] = (1, 2, 3, 4, 8)
-    accepted_axes: ClassVar[tuple[int, ...]] = (0, 1)
+    nbits: OneOf(1, 2, 3, 4, 8) = 4  # transformers' checks for the HQQ backend
+    axis_key: OneOf(0, 1) = 0
+    axis_value: OneOf(0, 1) = 0
 
 
 class HFQuantized(KVCacheMethod):

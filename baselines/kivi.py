@@ -54,24 +54,21 @@ from harness.interface import (
     ReportStyle,
     Variant,
 )
-from harness.quant import SUPPORTED_BITS
+from harness.options import PositiveInt
+from harness.quant import Bits
 from harness.storage import TOKEN_DIM, WindowedPairStore
 
 
 @dataclass
 class KIVIConfig(MethodConfig):
-    bits: int = 2
-    group: int = 32  # G: tokens per key range (per channel), channels per value range (per token)
-    residual: int = 128  # R: full-precision residual length; a multiple of G
+    bits: Bits = 2
+    group: PositiveInt = 32  # G: tokens per key range (per channel), channels per value range (per token)
+    residual: PositiveInt = 128  # R: full-precision residual length; a multiple of G
     quantize_prefill: bool = True  # False = KIVI's own full-precision prefill attention
 
     aliases: ClassVar[dict[str, str]] = {"residual_length": "residual", "group_size": "group"}  # KIVI's names
 
     def validate(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise MethodSpecError(f"kivi: bits={self.bits} is not supported; accepted bits: {SUPPORTED_BITS}")
-        if self.group < 1:
-            raise MethodSpecError(f"kivi: group={self.group} must be >= 1")
         if self.residual < self.group or self.residual % self.group:
             raise MethodSpecError(
                 f"kivi: residual={self.residual} must be a positive multiple of group={self.group} "

@@ -60,9 +60,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 
 from harness.files import calibration_cache_path, load_calibration, save_calibration
 from harness.integration import (
@@ -82,9 +83,11 @@ from harness.interface import (
     Observation,
     ReportStyle,
 )
+from harness.options import Fraction, OneOf, Parsed, PositiveInt
 from harness.storage import TOKEN_DIM, FullPrecisionSeq, QuantizedSeq, WindowedPairStore
 
 KVMIX_BITS = (1, 2, 3, 4)
+KVmixBits = OneOf(*KVMIX_BITS)
 #: the official code's full-precision ratio per bit-width (``set_quant_bits`` in ``myprofileKV.py``)
 CODE_RPC = {4: 0.3, 3: 0.2, 2: 0.2, 1: 0.1}
 CACHE_VERSION = 1
@@ -221,36 +224,24 @@ class KVmixStore(WindowedPairStore):
 
 @dataclass
 class KVmixConfig(MethodConfig):
-    group: int = 32  # G: tokens per key range (per channel), channels per value range (per token)
-    k_high: int = 3  # bits of important + general layers' keys
-    v_high: int = 4
-    k_low: int = 2  # bits of the other layers
-    v_low: int = 2
-    important: float = 0.1  # share of layers ranked "important" (floored), for K and V separately
-    general: float = 0.1  # share of the next layers ranked "general" (floored)
-    rpc: str = "code"  # fp16 window ratio per bit-width: code | none | 4:0.3/3:0.2/2:0.2/1:0.1
-    prompt_len: int = 1024  # calibration prompt length (the profiler's max_length)
+    group: PositiveInt = 32  # G: tokens per key range (per channel), channels per value range (per token)
+    k_high: KVmixBits = 3  # bits of important + general layers' keys
+    v_high: KVmixBits = 4
+    k_low: KVmixBits = 2  # bits of the other layers
+    v_low: KVmixBits = 2
+    important: Fraction = 0.1  # share of layers ranked "important" (floored), for K and V separately
+    general: Fraction = 0.1  # share of the next layers ranked "general" (floored)
+    # fp16 window ratio per bit-width: code | none | 4:0.3/3:0.2/2:0.2/1:0.1
+    rpc: Parsed(parse_rpc, "code, none or ratios like 4:0.3/3:0.2/2:0.2/1:0.1") = "code"
+    prompt_len: Annotated[int, Field(ge=2)] = 1024  # calibration prompt length (the profiler's max_length)
     quantize_prefill: bool = True  # False = the code's full-precision prefill attention
     cache: bool = True  # reuse importance scores cached on disk
 
     aliases: ClassVar[dict[str, str]] = {"group_size": "group"}
 
     def validate(self) -> None:
-        for name in ("k_high", "v_high", "k_low", "v_low"):
-            if getattr(self, name) not in KVMIX_BITS:
-                raise MethodSpecError(
-                    f"kvmix: {name}={getattr(self, name)} is not supported; accepted bits: {KVMIX_BITS}"
-                )
-        if self.group < 1:
-            raise MethodSpecError(f"kvmix: group={self.group} must be >= 1")
-        for name in ("important", "general"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise MethodSpecError(f"kvmix: {name}={getattr(self, name)} must be a share of layers in [0, 1]")
         if self.important + self.general > 1.0:
             raise MethodSpecError(f"kvmix: important + general = {self.important + self.general} exceeds 1")
-        if self.prompt_len < 2:
-            raise MethodSpecError(f"kvmix: prompt_len={self.prompt_len} must be >= 2")
-        parse_rpc(self.rpc)
 
     @property
     def ratios(self) -> dict[int, float]:

@@ -63,9 +63,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 
 from harness.files import calibration_cache_path as _cache_path
 from harness.files import load_calibration, save_calibration
@@ -93,6 +94,7 @@ from harness.interface import (
     Variant,
     tensor_bytes,
 )
+from harness.options import NonNegativeInt, OneOf, PositiveInt
 from harness.quant import nearest_level, pack_codes, percentile, unpack_codes, weighted_kmeans_1d
 from harness.storage import FullPrecisionSeq
 
@@ -512,26 +514,15 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVQuantConfig(MethodConfig):
-    bits: int = 4  # nuq bits: 2, 3, 4
-    sparsity_threshold: float = 0.99  # 1.0: dense only; 0.99: the 1% outside the 0.5/99.5th percentiles in fp16
-    first_few_fp16: int = 1  # attention-sink tokens kept in fp16
+    bits: OneOf(*NUQ_BITS) = 4  # nuq bits: 2, 3, 4
+    # 1.0: dense only; 0.99: the 1% outside the 0.5/99.5th percentiles in fp16
+    sparsity_threshold: Annotated[float, Field(gt=0.5, le=1.0)] = 0.99
+    first_few_fp16: NonNegativeInt = 1  # attention-sink tokens kept in fp16
     fisher: bool = True  # weight the k-means by Fisher information
-    kmeans_iters: int = 50
+    kmeans_iters: PositiveInt = 50
     cache: bool = True  # reuse a calibration cached on disk
 
     aliases: ClassVar[dict[str, str]] = {"threshold": "sparsity_threshold", "sparsity": "sparsity_threshold"}
-
-    def validate(self) -> None:
-        if self.bits not in NUQ_BITS:
-            raise MethodSpecError(f"kvquant: bits={self.bits} is not supported; accepted bits: {NUQ_BITS}")
-        if not 0.5 < self.sparsity_threshold <= 1.0:
-            raise MethodSpecError(
-                f"kvquant: sparsity_threshold={self.sparsity_threshold} must be in (0.5, 1] (1 = no outliers)"
-            )
-        if self.first_few_fp16 < 0:
-            raise MethodSpecError(f"kvquant: first_few_fp16={self.first_few_fp16} must be >= 0")
-        if self.kmeans_iters < 1:
-            raise MethodSpecError(f"kvquant: kmeans_iters={self.kmeans_iters} must be >= 1")
 
 
 class KVQuant(KVCacheMethod):

@@ -75,7 +75,8 @@ from harness.interface import (
     ReportStyle,
     tensor_bytes,
 )
-from harness.quant import META_DTYPE, SUPPORTED_BITS, QuantizedTensor, quantize
+from harness.options import Fraction, NonNegativeInt, OneOf
+from harness.quant import META_DTYPE, SUPPORTED_BITS, Bits, QuantizedTensor, quantize
 from harness.storage import TOKEN_DIM, held_memory
 
 FP16_BITS = 16
@@ -84,27 +85,19 @@ Held = torch.Tensor | QuantizedTensor  # fp16 tokens or per-token codes
 
 @dataclass
 class MiKVConfig(MethodConfig):
-    ratio: float = 0.25  # fraction of tokens kept in the high-precision tier
-    high_bits: int = 16  # 16 = fp16, or 8 / 4 (per-token INT)
-    low_bits: int = 2  # 2 / 4 / 8 (per-token INT)
-    recent: int = 0  # recent window always high; 0 = half the high-precision budget (H2O's split)
-    group: int = 0  # channels per quantization range; 0 = head_dim
+    ratio: Fraction = 0.25  # fraction of tokens kept in the high-precision tier
+    high_bits: OneOf(FP16_BITS, *SUPPORTED_BITS) = 16  # 16 = fp16, or 8 / 4 (per-token INT)
+    low_bits: Bits = 2  # 2 / 4 / 8 (per-token INT)
+    recent: NonNegativeInt = 0  # recent window always high; 0 = half the high-precision budget (H2O's split)
+    group: NonNegativeInt = 0  # channels per quantization range; 0 = head_dim
     balance: bool = True  # outlier-aware channel balancing of the keys
     quantize_prefill: bool = True  # prefill attention reads the mixed-precision cache
 
     aliases: ClassVar[dict[str, str]] = {"high": "high_bits", "low": "low_bits", "window": "recent"}
 
     def validate(self) -> None:
-        if not 0.0 <= self.ratio <= 1.0:
-            raise MethodSpecError(f"mikv: ratio={self.ratio} must be in [0, 1]")
-        if self.high_bits not in (FP16_BITS, *SUPPORTED_BITS):
-            raise MethodSpecError(f"mikv: high_bits={self.high_bits}; accepted: {(FP16_BITS, *SUPPORTED_BITS)}")
-        if self.low_bits not in SUPPORTED_BITS:
-            raise MethodSpecError(f"mikv: low_bits={self.low_bits}; accepted: {SUPPORTED_BITS}")
         if self.low_bits > self.high_bits:
             raise MethodSpecError(f"mikv: low_bits={self.low_bits} must not exceed high_bits={self.high_bits}")
-        if self.recent < 0 or self.group < 0:
-            raise MethodSpecError(f"mikv: recent={self.recent} and group={self.group} must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------

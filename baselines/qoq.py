@@ -59,7 +59,8 @@ from harness.interface import (
     ModelInfo,
     ReportStyle,
 )
-from harness.quant import SUPPORTED_BITS
+from harness.options import Fraction
+from harness.quant import Bits
 from harness.storage import QuantizedSeq, SeqPairStore
 
 
@@ -91,16 +92,10 @@ def smooth_scales(key_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @dataclass
 class QoQConfig(MethodConfig):
-    bits: int = 4
+    bits: Bits = 4
     smooth: bool = True  # SmoothAttention (needs calibration)
-    alpha: float = 0.5  # SmoothAttention migration strength
+    alpha: Fraction = 0.5  # SmoothAttention migration strength
     rotate_values: bool = True  # per-head Hadamard rotation of values
-
-    def validate(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise MethodSpecError(f"qoq: bits={self.bits} is not supported; accepted bits: {SUPPORTED_BITS}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise MethodSpecError(f"qoq: alpha={self.alpha} must be in [0, 1]")
 
 
 class QoQ(KVCacheMethod):

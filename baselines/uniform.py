@@ -24,7 +24,8 @@ from harness.interface import (
     ReportStyle,
     Variant,
 )
-from harness.quant import SUPPORTED_BITS
+from harness.options import NonNegativeInt
+from harness.quant import Bits
 from harness.storage import FullPrecisionSeq, QuantizedSeq, SeqPairStore
 
 
@@ -61,15 +62,9 @@ class FullPrecision(KVCacheMethod):
 
 @dataclass
 class UniformConfig(MethodConfig):
-    bits: int = 4
-    group: int = 0  # channels per range; 0 = head_dim (one range per token per head)
+    bits: Bits = 4
+    group: NonNegativeInt = 0  # channels per range; 0 = head_dim (one range per token per head)
     symmetric: bool = False
-
-    def validate(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise MethodSpecError(f"int: bits={self.bits} is not supported; accepted bits: {SUPPORTED_BITS}")
-        if self.group < 0:
-            raise MethodSpecError(f"int: group={self.group} must be >= 1 (or 0 for head_dim)")
 
 
 class Uniform(KVCacheMethod):

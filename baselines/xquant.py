@@ -55,8 +55,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from baselines.kivi import KIVIConfig, KIVIStore
 from harness.interface import (
@@ -70,6 +72,7 @@ from harness.interface import (
     ReportStyle,
     tensor_bytes,
 )
+from harness.options import NonNegativeInt, PositiveInt
 from harness.quant import META_DTYPE, QuantizedTensor, quantize
 from harness.storage import TOKEN_DIM, QuantizedSeq
 
@@ -193,30 +196,26 @@ class XQuantStore(KIVIStore):
         super().append(keys, values, obs)
 
 
+#: η of XQuant's code grid (0, η, 2η) of a layer's bit-width
+Eta = Annotated[float, Field(ge=0.0, le=0.5)]
+
+
 @dataclass
 class XQuantConfig(MethodConfig):
-    group: int = 32  # G (see the module docstring: the official slicing assumes 32)
-    residual: int = 128  # R: KIVI's fp16 residual length, a multiple of G
+    group: PositiveInt = 32  # G (see the module docstring: the official slicing assumes 32)
+    residual: PositiveInt = 128  # R: KIVI's fp16 residual length, a multiple of G
     # layer thresholds; None = the deeper half, from layer 2·floor(L/4) (an even layer)
-    k_1bit_from: int | None = None  # keys of layers >= this are 1-bit, below 2-bit
-    v_1bit_from: int | None = 0  # values 1-bit in every layer
-    k_share_from: int | None = None  # odd layers >= this reuse the key codes of the layer below
-    v_share_from: int | None = None
-    eta1: float = 1 / 6  # η of 1-bit layers (code grid 0, 1/6, 2/6)
-    eta2: float = 0.045  # η of 2-bit layers (code grid 0, 0.045, 0.09)
+    k_1bit_from: NonNegativeInt | None = None  # keys of layers >= this are 1-bit, below 2-bit
+    v_1bit_from: NonNegativeInt | None = 0  # values 1-bit in every layer
+    k_share_from: NonNegativeInt | None = None  # odd layers >= this reuse the key codes of the layer below
+    v_share_from: NonNegativeInt | None = None
+    eta1: Eta = 1 / 6  # η of 1-bit layers (code grid 0, 1/6, 2/6)
+    eta2: Eta = 0.045  # η of 2-bit layers (code grid 0, 0.045, 0.09)
     quantize_prefill: bool = True  # False = the code's (and KIVI's) full-precision prefill attention
 
     def validate(self) -> None:
-        if self.group < 1:
-            raise MethodSpecError(f"xquant: group={self.group} must be >= 1")
         if self.residual < self.group or self.residual % self.group:
             raise MethodSpecError(f"xquant: residual={self.residual} must be a positive multiple of group={self.group}")
-        for name in ("k_1bit_from", "v_1bit_from", "k_share_from", "v_share_from"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise MethodSpecError(f"xquant: {name}={getattr(self, name)} must be a layer index >= 0")
-        for name in ("eta1", "eta2"):
-            if not 0.0 <= getattr(self, name) <= 0.5:
-                raise MethodSpecError(f"xquant: {name}={getattr(self, name)} must be in [0, 0.5]")
 
     def eta(self, bits: int) -> float:
         return self.eta1 if bits == 1 else self.eta2

@@ -51,7 +51,9 @@ class Task(ABC):
     shardable: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, name: str | None = None):
-        self.config = config if config is not None else self.config_class()
+        from harness.options import check_config
+
+        self.config = check_config(config if config is not None else self.config_class(), self.name or "task")
         self.label = name or self.name
 
     def options(self) -> dict[str, Any]:

@@ -292,7 +292,9 @@ class KVCacheMethod(ABC):
     oracle: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, name: str | None = None):
-        self.config = config if config is not None else self.config_class()
+        from harness.options import check_config
+
+        self.config = check_config(config if config is not None else self.config_class(), self.name or "method")
         self.config.validate()
         self.label = name or self.name
         self.info: ModelInfo | None = None

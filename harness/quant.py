@@ -46,7 +46,11 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.options import OneOf
+
 SUPPORTED_BITS = (2, 4, 8)
+#: the option type of a bit-width that ``quantize`` stores per token / per channel (int, kivi, ...)
+Bits = OneOf(*SUPPORTED_BITS)
 PACK_BITS = (1, 2, 4, 8)  # byte-aligned packing (pack_bits / unpack_to_float)
 QUANT_BITS = (1, 2, 3, 4, 8)  # what ``quantize`` stores (3-bit: 8 codes in 3 bytes)
 META_DTYPE = torch.float16

@@ -225,7 +225,7 @@ class Registry:
         if clash:  # moqae:lambda=0.5,lam=0.3
             k = clash[0]
             raise MethodSpecError(f"{name}: option {aliases[k]!r} given twice (as {k} and as {aliases[k]})")
-        opts = {aliases.get(k, k): v for k, v in opts.items()}
+        raw_opts, opts = opts, {aliases.get(k, k): v for k, v in opts.items()}
         fields = {f.name: f for f in dataclasses.fields(entry.cls.config_class)}
         unknown = sorted(set(opts) - set(fields))
         if unknown:
@@ -233,13 +233,12 @@ class Registry:
             raise MethodSpecError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
         values: dict[str, Any] = dict(entry.defaults)
         values.update({k: v for k, v in overrides.items() if k in fields and v is not None})
-        for key, raw in opts.items():
-            values[key] = coerce(raw, fields[key].type, key, name)
-        try:
-            config = entry.cls.config_class(**values)
-        except TypeError as e:
-            raise MethodSpecError(f"{name}: {e}") from None
-        config.validate()
+        values.update(opts)
+        from harness.options import check_options  # pydantic: only once a spec is built
+
+        spelled = {aliases.get(k, k): k for k in raw_opts}
+        config = check_options(entry.cls.config_class, values, name, spelled)  # types and ranges, one line
+        config.validate()  # the rules between options
         return name, entry, config, opts
 
     def check_names(self, values: list[str] | None, bare_items: bool = False) -> None:
@@ -293,28 +292,6 @@ class Registry:
 
 def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
-
-
-def coerce(value: str, typ: Any, key: str, owner: str) -> Any:
-    """A spec's string value as the config field's type (bool, int, float, ``int | None``, str)."""
-    t = typ if isinstance(typ, type) else str(typ)
-    try:
-        if t in (bool, "bool"):
-            low = value.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if t in (int, "int"):
-            return int(value)
-        if t in (float, "float"):
-            return float(value)
-        if t in ("int | None",):
-            return None if value.lower() in ("none", "") else int(value)
-    except ValueError:
-        raise MethodSpecError(f"{owner}: option {key}={value!r} is not a valid {getattr(t, '__name__', t)}") from None
-    return value
 
 
 def parse_spec(spec: str, positional: str | None = None) -> tuple[str, dict[str, str]]:

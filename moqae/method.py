@@ -41,7 +41,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ from harness.interface import (
     Prepared,
     ReportStyle,
 )
+from harness.options import Fraction, FreeText, NonNegativeInt, Parsed, PositiveInt
 from harness.quant import SUPPORTED_BITS, QuantizedTensor, fake_quantize, quantize
 from harness.storage import FullPrecisionSeq, held_memory
 from moqae.router import RouterBank, chunk_votes
@@ -84,26 +85,19 @@ def parse_experts(text: str) -> tuple[int, ...]:
 
 @dataclass
 class MoQAEConfig(MethodConfig):
-    experts: str = "16/4/2"  # bit-widths separated by "/" (a comma separates spec options)
-    chunk: int = 32
-    value_group: int = 0  # channels per value range; 0 = head_dim
+    # bit-widths separated by "/" (a comma separates spec options)
+    experts: Parsed(parse_experts, "bit-widths like 16/4/2") = "16/4/2"
+    chunk: PositiveInt = 32
+    value_group: NonNegativeInt = 0  # channels per value range; 0 = head_dim
     freeze_first: bool = True  # routing freezing (RF)
-    share: int = 3  # routing sharing (RS): layers per group; 1 = off
-    router_width: int = 0  # 0 = number of experts
-    lam: float = 0.5  # the λ of the router's training loss (selects the shipped checkpoint)
-    ckpt: str = ""  # router checkpoint; "" = the shipped one for this model and λ; "random" = untrained
-    seed: int = 0  # initialisation of an untrained router (ckpt=random)
+    share: PositiveInt = 3  # routing sharing (RS): layers per group; 1 = off
+    router_width: NonNegativeInt = 0  # 0 = number of experts
+    lam: Fraction = 0.5  # the λ of the router's training loss (selects the shipped checkpoint)
+    # router checkpoint; "" = the shipped one for this model and λ; "random" = untrained
+    ckpt: Annotated[str, FreeText("a router file, random, or empty (the shipped router)")] = ""
+    seed: NonNegativeInt = 0  # initialisation of an untrained router (ckpt=random)
 
     aliases: ClassVar[dict[str, str]] = {"lambda": "lam"}
-
-    def validate(self) -> None:
-        parse_experts(self.experts)
-        if self.chunk < 1:
-            raise MethodSpecError(f"moqae: chunk={self.chunk} must be >= 1")
-        if self.share < 1:
-            raise MethodSpecError(f"moqae: share={self.share} must be >= 1")
-        if not 0.0 <= self.lam <= 1.0:
-            raise MethodSpecError(f"moqae: lambda={self.lam} must be in [0, 1]")
 
     @property
     def expert_bits(self) -> tuple[int, ...]:

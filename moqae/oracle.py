@@ -36,25 +36,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
 from harness.integration import forward
 from harness.interface import MethodSpecError, ModelInfo, ReportStyle
-from moqae.method import MoQAE, MoQAEConfig
+from harness.options import FreeText, NonNegativeInt, OneOf, PositiveFloat
+from harness.quant import SUPPORTED_BITS
+from moqae.method import FP16_BITS, MoQAE, MoQAEConfig
 
 
 @dataclass
 class MoQAEOracleConfig(MoQAEConfig):
-    budget: float = 4.0  # average expert bits over every layer and chunk of a window
-    base: int = 4  # bits of the first linearisation point (every routed slot)
-    passes: int = 1  # linearisations (each after the first from the previous allocation); 0 = base itself
-    estimate: str = "first"  # first: first-order from one backward; measured: one forward per slot and expert
+    budget: PositiveFloat = 4.0  # average expert bits over every layer and chunk of a window
+    base: OneOf(FP16_BITS, *SUPPORTED_BITS) = 4  # bits of the first linearisation point (every routed slot)
+    passes: NonNegativeInt = 1  # linearisations (each after the first from the previous allocation); 0 = base
+    # first: first-order from one backward; measured: one forward per slot and expert
+    estimate: OneOf("first", "measured") = "first"
     transfer: bool = False  # apply the previous window's allocation (the first window: uniform base)
-    verify: int = 0  # >0: up to this many single-slot moves tried on the window itself, each kept if it helps
-    ckpt: str = "random"  # no router is used (a bank is still made for the layer groups)
+    verify: NonNegativeInt = 0  # >0: up to this many single-slot moves tried on the window, each kept if it helps
+    ckpt: Annotated[str, FreeText("random (no router is used)")] = "random"  # a bank is still made for the groups
 
     def validate(self) -> None:
         super().validate()
@@ -65,12 +68,6 @@ class MoQAEOracleConfig(MoQAEConfig):
             raise MethodSpecError(
                 f"moqae-oracle: budget={self.budget:g} must be within the experts' bits {self.experts}"
             )
-        if self.estimate not in ("first", "measured"):
-            raise MethodSpecError(f"moqae-oracle: estimate={self.estimate!r}; accepted: first, measured")
-        if self.passes < 0:
-            raise MethodSpecError(f"moqae-oracle: passes={self.passes} must be >= 0")
-        if self.verify < 0:
-            raise MethodSpecError(f"moqae-oracle: verify={self.verify} must be >= 0")
 
 
 def groups(method: MoQAE, n_layers: int) -> dict[int, int]:

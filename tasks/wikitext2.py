@@ -26,33 +26,30 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from harness.data import token_windows, wikitext2_test_text
 from harness.evaluation import Task, TaskContext
 from harness.integration import forward
 from harness.interface import MethodConfig, MethodSpecError
+from harness.options import NonNegativeInt, PositiveInt
 
 
 @dataclass
 class WikiText2Config(MethodConfig):
-    seqlen: int = 2048
-    max_windows: int | None = None  # None = the whole test split
-    prefill_chunk: int = 0  # >0: feed each window in pieces of this many tokens through one cache
-    decode_from: int = 0  # >0: prefill this many tokens, then one decode step per token (teacher-forced)
+    seqlen: Annotated[int, Field(ge=2)] = 2048
+    max_windows: PositiveInt | None = None  # None = the whole test split
+    prefill_chunk: NonNegativeInt = 0  # >0: feed each window in pieces of this many tokens through one cache
+    decode_from: NonNegativeInt = 0  # >0: prefill this many tokens, then one decode step per token (teacher-forced)
 
     def validate(self) -> None:
-        if self.prefill_chunk < 0:
-            raise MethodSpecError(f"wikitext2: prefill_chunk={self.prefill_chunk} must be >= 0")
-        if not 0 <= self.decode_from < self.seqlen:
-            raise MethodSpecError(f"wikitext2: decode_from={self.decode_from} must be >= 0 and < seqlen={self.seqlen}")
-        if self.seqlen < 2:
-            raise MethodSpecError(f"wikitext2: seqlen={self.seqlen} must be >= 2")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise MethodSpecError(f"wikitext2: max_windows={self.max_windows} must be >= 1")
+        if self.decode_from >= self.seqlen:
+            raise MethodSpecError(f"wikitext2: decode_from={self.decode_from} must be < seqlen={self.seqlen}")
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:

@@ -37,11 +37,11 @@ def test_build_method_options_and_variants():
     assert build_method("int4").config.bits == 4
     with pytest.raises(MethodSpecError, match="accepted: .*fp16"):
         build_method("nosuch")
-    with pytest.raises(MethodSpecError, match="accepted bits"):
+    with pytest.raises(MethodSpecError, match="bits=3 is not one of 2, 4, 8"):
         build_method("int:bits=3")
     with pytest.raises(MethodSpecError, match="unknown option"):
         build_method("int4:chunk=3")
-    with pytest.raises(MethodSpecError, match="not a valid int"):
+    with pytest.raises(MethodSpecError, match="bits=four is not one of 2, 4, 8"):
         build_method("int:bits=four")
 
 
@@ -55,9 +55,9 @@ def _run_cli(capsys, *argv):
     "argv,needle",
     [
         (["run", "--methods", "nosuch"], "unknown method 'nosuch'; accepted:"),
-        (["run", "--methods", "int:bits=3"], "accepted bits"),
+        (["run", "--methods", "int:bits=3"], "bits=3 is not one of 2, 4, 8"),
         (["run", "--methods", "fp16", "--tasks", "nosuch"], "unknown task 'nosuch'"),
-        (["run", "--methods", "fp16", "--seqlen", "1"], "seqlen=1 must be >= 2"),
+        (["run", "--methods", "fp16", "--seqlen", "1"], "seqlen=1 is not an integer >= 2"),
         (["run", "--methods", "fp16", "--model", "./no/such/model"], "no/such/model"),
     ],
 )

@@ -35,7 +35,7 @@ def test_registered_and_validation():
     assert parse_rpc("none") == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}
     assert parse_rpc("2:0.05/4:0.1") == {4: 0.1, 3: 0.2, 2: 0.05, 1: 0.1}  # unnamed bit-widths keep the code's
     for spec, match in [
-        ("kvmix:k_high=5", "accepted bits"),
+        ("kvmix:k_high=5", "k_high=5 is not one of 1, 2, 3, 4"),
         ("kvmix:important=0.6,general=0.5", "exceeds 1"),
         ("kvmix:rpc=fast", "rpc"),
         ("kvmix:rpc=2:1.5", "ratios in"),

@@ -145,7 +145,7 @@ def test_generate_and_gqa_families():
 
 
 def test_bad_options_and_missing_checkpoint(model):
-    with pytest.raises(MethodSpecError, match="chunk=0 must be >= 1"):
+    with pytest.raises(MethodSpecError, match="chunk=0 is not an integer >= 1"):
         build_method("moqae:chunk=0")
     with pytest.raises(MethodSpecError, match="experts"):
         build_method("moqae:experts=16/3")

@@ -34,9 +34,9 @@ def test_registered_and_validation():
     assert c.eta1 in ETA_GRID[1] and c.eta2 in ETA_GRID[2]
     assert ETA_GRID == {1: (0.0, 1 / 6, 2 / 6), 2: (0.0, 0.045, 0.09)}  # the official code's candidates
     for spec, match in [
-        ("xquant:eta1=0.6", r"\[0, 0.5\]"),
+        ("xquant:eta1=0.6", r"eta1=0.6 is not a number in \[0, 0.5\]"),
         ("xquant:group=32,residual=48", "multiple of group"),
-        ("xquant:k_share_from=-1", "layer index"),
+        ("xquant:k_share_from=-1", "k_share_from=-1 is not an integer >= 0, or none"),
         ("xquant:bits=2", "unknown option"),
     ]:
         with pytest.raises(MethodSpecError, match=match) as e:
