@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,44 @@ WIKITEXT_CALIBRATION = "wikitext-2/valid.txt"
 
 class MissingDataError(RuntimeError):
     """A dataset is neither in the local mirror nor reachable on the hub (one-line message)."""
+
+
+class DataFileError(MissingDataError):
+    """A local data file is there but unusable (not JSON lines, empty, a row without a field the task
+    reads): one line naming the file, the line and what is wrong."""
+
+
+def jsonl_rows(path: Path, what: str) -> dict[int, dict[str, Any]]:
+    """The rows of the JSON-lines file ``path`` by line number (from 1; blank lines skipped).
+    ``DataFileError`` (``what`` names the dataset) for a line that is not a JSON object or no rows."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows: dict[int, dict[str, Any]] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            cut = "; the last line, cut short?" if n == len(lines) else ""
+            raise DataFileError(f"{what}: {path} line {n}: not JSON ({e.msg}, column {e.colno}){cut}") from None
+        if not isinstance(row, dict):
+            raise DataFileError(f"{what}: {path} line {n}: a JSON {type(row).__name__}, not an object (one row a line)")
+        rows[n] = row
+    if not rows:
+        raise DataFileError(f"{what}: {path} holds no rows (an empty file)")
+    return rows
+
+
+def require_fields(path: Path, rows: dict[int, dict[str, Any]], fields: Iterable[str], what: str) -> None:
+    """``DataFileError`` naming the first line of ``path`` whose row lacks one of ``fields`` (``what`` needs them)."""
+    fields = list(fields)
+    for n, row in rows.items():
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise DataFileError(
+                f"{what}: {path} line {n}: no field {', '.join(map(repr, missing))} ({what} needs "
+                f"{', '.join(fields)}; the row has {', '.join(row) or 'none'})"
+            )
 
 
 def resolve_data_dir(arg: str | Path | None) -> Path | None:
@@ -128,18 +167,20 @@ def calibration_windows(
 LONGBENCH_HUB = ("THUDM/LongBench", "Xnhyacinth/LongBench")
 
 
-def longbench_rows(dataset: str, data_dir: str | Path | None) -> list[dict[str, Any]]:
+def longbench_rows(dataset: str, data_dir: str | Path | None, fields: Iterable[str] = ()) -> list[dict[str, Any]]:
     """The ``test`` rows of one LongBench v1 dataset (``_id, dataset, language, input, context, answers,
     all_classes, length``): from ``<mirror>/longbench/<dataset>.jsonl`` when a mirror is given (argument
-    or ``$MOQAE_DATA_DIR``), else ``datasets.load_dataset(<hub>, dataset, split="test")``."""
+    or ``$MOQAE_DATA_DIR``), else ``datasets.load_dataset(<hub>, dataset, split="test")``. A mirror file
+    must be JSON lines, not empty, each row with ``fields`` (else ``DataFileError``)."""
     rel = f"longbench/{dataset}.jsonl"
     d = resolve_data_dir(data_dir)
     if d is not None:
         path = d / rel
         if not path.is_file():
             raise _longbench_missing(dataset, f"not found at {path}", rel)
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        rows = jsonl_rows(path, f"LongBench {dataset}")
+        require_fields(path, rows, fields, f"LongBench {dataset}")
+        return list(rows.values())
     error: Exception | None = None
     for repo in LONGBENCH_HUB:
         try:

@@ -24,6 +24,7 @@ model=smollm2-135m,method=kivi-2 --tasks piqa``. From Python, importing this mod
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 import time
@@ -42,6 +43,19 @@ from harness.interface import MethodConfig, MethodSpecError
 # --------------------------------------------------------------------------------------------
 # The model wrapper
 # --------------------------------------------------------------------------------------------
+
+
+def quiet_lm_eval() -> None:
+    """Keep what lm-eval logs while it builds models and tasks ("`pretrained` model kwarg is not of type
+    `str`", "Overwriting default num_fewshot", ...) off the terminal: the records stay in Python logging
+    (the ``lm_eval`` logger, for an application that configures handlers), but Python's last-resort
+    handler no longer prints them; ``datasets``' progress bars too (the harness shows its own progress)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    logger = logging.getLogger("lm_eval")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
 
 
 def _hflm():
@@ -201,15 +215,20 @@ class LMEval(Task):
         return local_task_manager(self.config.names, data_dir)
 
     def check_data(self, data_dir: Path | None) -> None:
-        """With a data folder, every task's local files (lm-eval's own task names checked too)."""
+        """With a data folder, every task's local files by their content, and lm-eval's own task names
+        (``tasks.lmeval_local.check_local_tasks``: each task is built, its first document rendered)."""
         if data_dir is not None:
-            with self.task_manager(data_dir):
-                pass
+            from tasks.lmeval_local import check_local_tasks
+
+            quiet_lm_eval()
+            with self.task_manager(data_dir) as (manager, written):
+                check_local_tasks(manager, written)
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         from lm_eval import simple_evaluate
 
         start = time.perf_counter()
+        quiet_lm_eval()
         lm = make_harness_lm(ctx.model, ctx.tokenizer, ctx.attached)
         with self.task_manager(ctx.data_dir) as (manager, written):
             out = simple_evaluate(
@@ -219,7 +238,6 @@ class LMEval(Task):
                 num_fewshot=self.config.num_fewshot,
                 limit=self.config.limit,
                 log_samples=True,
-                verbosity="ERROR",
             )
         metrics: dict[str, float] = {}
         for name in self.config.names:

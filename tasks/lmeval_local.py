@@ -21,7 +21,8 @@ For task ``T`` and a data folder ``D`` (``--data-dir``), the data come from, fir
    ``D/lm-eval/<file>.jsonl`` (llm-foundry's ``{"query", "choices", "gold"}`` rows). They name the
    file (relative to ``D/lm-eval``) and map its fields onto lm-eval's prompt in lm-eval's own Jinja.
 
-``write_local_tasks`` writes the YAMLs; ``local_task_manager`` is a TaskManager over them alone.
+``write_local_tasks`` writes the YAMLs; ``local_task_manager`` is a TaskManager over them alone;
+``check_local_tasks`` refuses files lm-eval cannot evaluate (by their content) before any model loads.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from harness.data import MissingDataError
+from harness.data import DataFileError, MissingDataError, jsonl_rows, require_fields
 from harness.interface import MethodSpecError
 
 SHIPPED_DIR = Path(__file__).parent / "lmeval_yaml"
@@ -152,6 +153,50 @@ def write_local_tasks(names: list[str], data_dir: Path, out_dir: Path) -> dict[s
     for name, cfg in tasks.items():
         (out_dir / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return tasks
+
+
+def read_fields(config: dict[str, Any]) -> list[str] | None:
+    """The document fields lm-eval's task ``config`` (functions resolved) reads: the variables of its
+    Jinja templates, a template that is a bare name being that field (lm-eval's rule); None where Python
+    code reads the documents (``process_docs``, ``process_results``, a ``!function`` template)."""
+    from jinja2 import meta
+    from lm_eval.utils import env
+
+    keys = ["doc_to_text", "doc_to_target", "doc_to_choice"]
+    keys += ["doc_to_decontamination_query"] if config.get("should_decontaminate") else []
+    if config.get("process_docs") or config.get("process_results") or any(callable(config.get(k)) for k in keys):
+        return None
+    fields: list[str] = []
+    for value in (config.get(k) for k in keys):
+        if isinstance(value, str):  # an int, a list or a dict of choices reads no field
+            fields += [value] if value.isidentifier() else sorted(meta.find_undeclared_variables(env.parse(value)))
+    return list(dict.fromkeys(fields))
+
+
+def check_local_tasks(manager: Any, written: dict[str, dict[str, Any]]) -> None:
+    """``DataFileError`` (one line) for a task whose local files lm-eval cannot evaluate. Each ``.jsonl``
+    file: JSON objects, one a line, at least one, every row with the fields the task reads
+    (:func:`read_fields`; where Python code reads them, the fields of the first row). Then the task is
+    built as lm-eval builds it, which loads every file and renders the first document."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for name, cfg in written.items():
+        what = f"lmeval {name}"
+        fields = read_fields(load_yaml(manager.task_index[name].yaml_path))
+        files = [Path(p) for p in cfg["dataset_kwargs"]["data_files"].values()]
+        for path in files:
+            if path.suffix == ".jsonl":
+                rows = jsonl_rows(path, what)
+                require_fields(path, rows, next(iter(rows.values())) if fields is None else fields, what)
+        try:
+            manager.load([name])
+        except Exception as e:  # datasets' and lm-eval's errors: the innermost cause says what is wrong
+            cause: BaseException = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise DataFileError(
+                f"{what}: lm-eval cannot evaluate {', '.join(map(str, files))}: {type(cause).__name__}: {cause}"
+            ) from e
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +48,14 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from harness.data import MissingDataError, longbench_rows
+from harness.data import DataFileError, MissingDataError, longbench_rows
 from harness.evaluation import Task, TaskContext
 from harness.integration import generate
 from harness.interface import MethodConfig, MethodSpecError
 from tasks.longbench.metrics import sample_score
 from tasks.longbench.prompts import (
     DATASET2MAXLEN,
+    DATASET2METRIC,
     DATASET2PROMPT,
     DATASETS,
     GROUPS,
@@ -127,6 +129,14 @@ class LongBenchConfig(MethodConfig):
 # --------------------------------------------------------------------------------------------
 # Prompt construction
 # --------------------------------------------------------------------------------------------
+
+
+def row_fields(dataset: str) -> list[str]:
+    """The fields of a row this task reads: its prompt template's, ``answers``, and ``all_classes``
+    where the metric is ``classification`` (``_id`` is optional: it only matches checkpointed samples)."""
+    template = [name for _, name, _, _ in string.Formatter().parse(DATASET2PROMPT[dataset]) if name]
+    classes = ["all_classes"] if DATASET2METRIC[dataset] == "classification" else []
+    return [*dict.fromkeys(template), "answers", *classes]
 
 
 def fill_template(dataset: str, sample: dict[str, Any]) -> str:
@@ -245,12 +255,15 @@ class LongBench(Task):
         return kw
 
     def check_data(self, data_dir: Path | None) -> None:
-        """Every dataset the spec names is readable, else one error naming all that are not."""
+        """Every dataset the spec names is readable, else one error naming all that are not; a local
+        file that is not JSON lines, empty, or with a row lacking a field read is refused at once."""
         names = expand_datasets(self.config.tasks)
         missing: dict[str, MissingDataError] = {}
         for ds in names:
             try:
-                longbench_rows(ds, data_dir)
+                longbench_rows(ds, data_dir, row_fields(ds))
+            except DataFileError:
+                raise
             except MissingDataError as e:
                 missing[ds] = e
         if len(missing) == 1:
