@@ -345,8 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MethodSpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    from harness.data import MissingDataError
-    from harness.models import ModelLoadError
+    from harness.errors import MissingDataError, ModelLoadError  # no torch: a bad profile fails before it
 
     try:
         return args.fn(args)

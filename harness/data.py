@@ -20,14 +20,12 @@ from typing import Any
 
 import torch
 
+from harness.errors import MissingDataError
+
 DATA_DIR_ENV = "MOQAE_DATA_DIR"
 WIKITEXT_HUB = ("wikitext", "wikitext-2-raw-v1")
 WIKITEXT_TEST = "wikitext-2-raw/wiki.test.raw"
 WIKITEXT_CALIBRATION = "wikitext-2/valid.txt"
-
-
-class MissingDataError(RuntimeError):
-    """A dataset is neither in the local mirror nor reachable on the hub (one-line message)."""
 
 
 class DataFileError(MissingDataError):

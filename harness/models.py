@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from harness.errors import ModelLoadError
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -76,10 +78,6 @@ MODEL_ALIASES: dict[str, str] = {
 
 # a Hugging Face hub id: "name" or "owner/name" (letters, digits, "_", "-", ".")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-class ModelLoadError(RuntimeError):
-    """The model spec could not be loaded (a one-line message naming the accepted forms)."""
 
 
 def _accepted() -> str:

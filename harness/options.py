@@ -31,7 +31,7 @@ from functools import cache
 from typing import Annotated, Any, Union
 
 import annotated_types as at
-from pydantic import AfterValidator, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, TypeAdapter, ValidationError
 
 from harness.registry import MethodSpecError
 
@@ -64,6 +64,17 @@ class ParsedText:
 
 
 Text = Annotated[str, FreeText()]
+#: a non-empty string, surrounding blanks removed (a model, a method spec)
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1), FreeText("a non-empty string")]
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str | int | float) and not isinstance(value, bool) else value
+
+
+def Listed(item: Any) -> Any:  # noqa: N802 - used as a type
+    """A non-empty list of ``item`` (a TOML array); one value alone is read as a list of one."""
+    return Annotated[list[item], BeforeValidator(_as_list), Field(min_length=1)]
 
 
 def OneOf(*values: Any) -> Any:  # noqa: N802 - used as a type
@@ -106,10 +117,13 @@ class OptionType:
     nullable: bool = False
     text: str = ""  # FreeText / ParsedText: what the string is
     parsed: bool = False
+    item: OptionType | None = None  # kind "list": its items' declaration (a scalar is read as a list of one)
 
     def describe(self) -> str:
         """``an integer >= 1``, ``a number in [0, 1]``, ``one of 2, 4, 8``, ``true or false`` ..."""
-        if self.choices is not None:
+        if self.kind == "list" and self.item is not None:
+            text = f"a {'non-empty ' if self.lo else ''}list of items each {self.item.describe()}"
+        elif self.choices is not None:
             text = "one of " + ", ".join(str(c) for c in self.choices)
         elif self.kind == "bool":
             text = "true or false"
@@ -130,8 +144,10 @@ class OptionType:
 
     def problem(self) -> str:
         """Why this declaration does not type an option ("" when it does)."""
+        if self.kind == "list":
+            return f"items: {self.item.problem()}" if self.item is not None and self.item.problem() else ""
         if self.kind not in ("bool", "int", "float", "str"):
-            return "not a bool, int, float or str"
+            return "not a bool, int, float, str or a list of them"
         if self.kind in ("int", "float") and self.choices is None and self.lo is None and self.hi is None:
             return f"{self.kind} without a range (Annotated[{self.kind}, Field(ge=...)], PositiveInt, OneOf(...))"
         if self.kind == "str" and self.choices is None and not self.text:
@@ -161,6 +177,13 @@ def option_type(annotation: Any) -> OptionType:
             tp = args[0]
         else:
             break
+    if typing.get_origin(tp) is list and len(typing.get_args(tp)) == 1:
+        out = OptionType("list", nullable=nullable, item=option_type(typing.get_args(tp)[0]))
+        for m in meta:  # the list's length bound (Field(min_length=1)) stands in for its range
+            for c in getattr(m, "metadata", None) or [m]:
+                if isinstance(c, at.MinLen):
+                    out.lo = c.min_length
+        return out
     kind = tp.__name__ if tp in (bool, int, float, str) else ""
     out = OptionType(kind, nullable=nullable)
     for m in meta:
@@ -221,10 +244,10 @@ def check_options(cls: type, values: dict[str, Any], owner: str, spelled: dict[s
         raise MethodSpecError(_one_line(e, declared, values, owner, spelled or {})) from None
 
 
-def check_config(config: Any, owner: str) -> Any:
-    """An already built config checked the same way (a config made in Python, not from a spec)."""
+def check_config(config: Any, owner: str, spelled: dict[str, str] | None = None) -> Any:
+    """An already built config checked the same way (a config made in Python, from flags, not a spec)."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    return check_options(type(config), fields, owner)
+    return check_options(type(config), fields, owner, spelled)
 
 
 def _one_line(e: ValidationError, declared: dict[str, OptionType], values: dict, owner: str, spelled: dict) -> str:
@@ -238,6 +261,6 @@ def _one_line(e: ValidationError, declared: dict[str, OptionType], values: dict,
     t = declared[name]
     cause = err.get("ctx", {}).get("error")
     if t.parsed and isinstance(cause, Exception):  # the parser's own one line says what is wrong
-        said = " ".join(str(cause).split())
-        return said if said.startswith(f"{owner}:") else f"{owner}: option {shown}: {said}"
+        said = " ".join(str(cause).split()).removeprefix(f"{owner}: ")
+        return f"{owner}: option {shown}: {said}"
     return f"{owner}: option {shown} is not {t.describe()}"

@@ -45,15 +45,29 @@ when a cell finishes. Profile file format::
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
 
 from harness.builtins import REFERENCE_METHOD
+from harness.options import (
+    FreeText,
+    Listed,
+    Name,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OneOf,
+    PositiveInt,
+    Text,
+    check_options,
+)
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 RUN_OPTIONS = ("seqlen", "max_windows", "limit", "max_length")
@@ -104,63 +118,88 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
-def _check_keys(where: str, table: dict[str, Any], accepted: tuple[str, ...]) -> None:
+#: the dtype names ``harness.models.parse_dtype`` reads (any case), here without importing torch
+DTYPE_NAMES = ("fp16", "float16", "bf16", "bfloat16", "fp32", "float32")
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+# The schema of a profile file: every key with its type and range (``harness.options``), checked
+# table by table before anything is imported or loaded.
+
+
+@dataclass
+class RunTable:
+    """A ``[[run]]`` table; the task options (seqlen ...) are checked again by each task's own config."""
+
+    tasks: Listed(Name)
+    methods: Listed(Name)
+    name: Text = ""
+    minutes: NonNegativeFloat | None = None  # measured wall time of the stage (the dry run's estimate)
+    seqlen: Annotated[int, Field(ge=2)] | None = None
+    max_windows: PositiveInt | None = None
+    limit: PositiveInt | None = None
+    max_length: NonNegativeInt | None = None
+
+
+@dataclass
+class ProfileTable:
+    """The ``[profile]`` table."""
+
+    methods: Listed(Name)
+    contexts: Listed(PositiveInt)
+    batches: Listed(PositiveInt) = field(default_factory=lambda: [1])
+    new_tokens: PositiveInt = 32
+    repeats: PositiveInt = 3
+    models: Listed(Name) | None = None
+    reference: Name = REFERENCE_METHOD
+    minutes: NonNegativeFloat | None = None
+
+
+@dataclass
+class ProfileFile:
+    """The file's top-level keys (``run``, ``profile`` and ``prepare`` are checked table by table)."""
+
+    models: Listed(Name)
+    name: Text = ""
+    description: Text = ""
+    calibration_windows: PositiveInt | None = None
+    device: Annotated[str, FreeText("a device: cpu, cuda, cuda:1 ...")] | None = None
+    dtype: Annotated[OneOf(*DTYPE_NAMES), BeforeValidator(_lower)] | None = None
+    estimate_machine: Text = ""
+
+
+TABLES = ("run", "profile", "prepare")
+
+
+def _table(cls: type, where: str, table: Any) -> Any:
+    """``table`` (a dict from TOML) as ``cls``: unknown keys, types and ranges refused in one line."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a table, got {table!r}")
+    accepted = [f.name for f in dataclasses.fields(cls)] + (list(TABLES) if cls is ProfileFile else [])
     unknown = sorted(set(table) - set(accepted))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
-
-
-def _str_list(where: str, value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-        raise ValueError(f"{where}: expected a non-empty list of strings, got {value!r}")
-    return [v.strip() for v in value]
-
-
-def _int_list(where: str, value: Any) -> list[int]:
-    if isinstance(value, int):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and v >= 1 for v in value):
-        raise ValueError(f"{where}: expected a non-empty list of integers >= 1, got {value!r}")
-    return value
-
-
-def _minutes(where: str, table: dict[str, Any]) -> float | None:
-    value = table.get("minutes")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"{where}: minutes must be a number >= 0, got {value!r}")
-    return float(value)
+    return check_options(cls, {k: v for k, v in table.items() if k not in TABLES}, where)
 
 
 def parse_profile(data: dict[str, Any], name: str = "profile", path: Path | None = None) -> Profile:
     where = str(path or name)
-    _check_keys(where, data, ("name", "description", "models", "calibration_windows", "device", "dtype", "run",
-                              "profile", "prepare", "estimate_machine"))  # fmt: skip
+    top = _table(ProfileFile, where, data)
     runs = []
+    if not isinstance(data.get("run") or [], list):
+        raise ValueError(f"{where}: [[run]] holds a list of tables, got {data['run']!r}")
     for i, r in enumerate(data.get("run") or []):
-        w = f"{where} [[run]] #{i + 1}"
-        _check_keys(w, r, ("name", "tasks", "methods", "minutes", *RUN_OPTIONS))
-        tasks = _str_list(f"{w} tasks", r.get("tasks"))
-        runs.append(RunStage(str(r.get("name") or tasks[0]), tasks, _str_list(f"{w} methods", r.get("methods")),
-                             {k: r[k] for k in RUN_OPTIONS if k in r}, _minutes(w, r)))  # fmt: skip
+        t = _table(RunTable, f"{where} [[run]] #{i + 1}", r)
+        options = {k: getattr(t, k) for k in RUN_OPTIONS if getattr(t, k) is not None}
+        runs.append(RunStage(t.name or t.tasks[0], t.tasks, t.methods, options, t.minutes))
     prof = None
     if "profile" in data:
-        p = data["profile"]
-        _check_keys(f"{where} [profile]", p, ("methods", "contexts", "batches", "new_tokens", "repeats", "models",
-                                              "reference", "minutes"))  # fmt: skip
-        prof = ProfileStage(
-            _str_list(f"{where} [profile] methods", p.get("methods")),
-            _int_list(f"{where} [profile] contexts", p.get("contexts")),
-            _int_list(f"{where} [profile] batches", p.get("batches", [1])),
-            int(p.get("new_tokens", 32)),
-            int(p.get("repeats", 3)),
-            _str_list(f"{where} [profile] models", p["models"]) if "models" in p else None,
-            str(p.get("reference", REFERENCE_METHOD)),
-            _minutes(f"{where} [profile]", p),
-        )
+        p = _table(ProfileTable, f"{where} [profile]", data["profile"])
+        prof = ProfileStage(p.methods, p.contexts, p.batches, p.new_tokens, p.repeats, p.models, p.reference,
+                            p.minutes)  # fmt: skip
     prepare = data.get("prepare") or {}
     if not isinstance(prepare, dict) or not all(isinstance(v, dict) for v in prepare.values()):
         raise ValueError(f"{where}: [prepare] holds one table per method, e.g. [prepare.NAME] with its options")
@@ -173,21 +212,18 @@ def parse_profile(data: dict[str, Any], name: str = "profile", path: Path | None
             raise ValueError(f"{where} [prepare.{method}]: {e}") from None
     if not runs and prof is None:
         raise ValueError(f"{where}: no [[run]] and no [profile]: nothing to reproduce")
-    cw = data.get("calibration_windows")
-    if cw is not None and (not isinstance(cw, int) or cw < 1):
-        raise ValueError(f"{where}: calibration_windows must be an integer >= 1, got {cw!r}")
     return Profile(
-        name=str(data.get("name") or name),
-        models=_str_list(f"{where} models", data.get("models")),
+        name=top.name or name,
+        models=top.models,
         runs=runs,
         profile=prof,
         prepare=prepare,
-        calibration_windows=cw,
-        device=data.get("device") or None,
-        dtype=data.get("dtype") or None,
-        description=str(data.get("description", "")),
+        calibration_windows=top.calibration_windows,
+        device=top.device or None,
+        dtype=top.dtype or None,
+        description=top.description,
         path=path,
-        estimate_machine=str(data.get("estimate_machine", "")),
+        estimate_machine=top.estimate_machine,
     )
 
 
@@ -621,11 +657,11 @@ def reproduce(
     profile's own cost estimate; load and compute nothing. ``executor`` (``harness.ray_executor``):
     every run stage's cells are submitted to it before any is waited on; the profile stage, which
     times the methods, runs here afterwards, alone."""
+    t0 = time.perf_counter()
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)  # before torch: a bad file fails fast
     from harness.reports import write_report
     from harness.runner import invocation
 
-    t0 = time.perf_counter()
-    prof = profile if isinstance(profile, Profile) else load_profile(profile)
     out = Path(out or Path("results/reproduce") / prof.name)
     report_dir = Path(report or Path("reports/reproduce") / prof.name)
     models = models or prof.models

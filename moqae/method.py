@@ -426,8 +426,12 @@ class MoQAE(KVCacheMethod):
         unknown = sorted(set(options) - set(cls.prepare_keys))
         if unknown:
             raise MethodSpecError(
-                f"[prepare.moqae]: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(cls.prepare_keys)}"
+                f"moqae: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(cls.prepare_keys)}"
             )
+        from harness.options import check_options
+        from moqae.train import TrainConfig
+
+        check_options(TrainConfig, options, "moqae")  # each key's type and range, as `train` has them
 
     def needs_prepare(self) -> bool:
         return not self.config.ckpt
@@ -438,6 +442,7 @@ class MoQAE(KVCacheMethod):
         so that its run records keep their keys), an unfinished training resumes."""
         from harness.integration import model_info
         from harness.models import model_id
+        from harness.options import check_options
         from moqae.train import RouterTrainer, TrainConfig
 
         self.check_prepare_options(ctx.options)
@@ -456,7 +461,7 @@ class MoQAE(KVCacheMethod):
         new_spec = spec + ("," if ":" in spec else ":") + f"ckpt={ckpt}"
         if ckpt.exists():
             return Prepared(new_spec, cell, ckpt, reused=True)
-        cfg = TrainConfig(lam=lam, method=base, **ctx.options)
+        cfg = check_options(TrainConfig, {**ctx.options, "lam": lam, "method": base}, "[prepare.moqae]")
         ctx.log(f"== prepare: {cell} on {ctx.model} ({cfg.steps} steps x {cfg.seqlen} tokens) -> {ckpt}")
         trainer = RouterTrainer(lm, tok, cfg, data_dir=ctx.data_dir, out=where)
         dev = next(lm.parameters()).device

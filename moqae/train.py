@@ -62,34 +62,53 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from harness.data import calibration_windows
 from harness.files import check_writable_dir
 from harness.integration import AttachedMethod, forward
 from harness.interface import build_method
+from harness.options import (
+    Fraction,
+    FreeText,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OneOf,
+    PositiveFloat,
+    PositiveInt,
+    check_config,
+)
 from moqae.method import MoQAE, model_signature, save_router_checkpoint
 
 
 @dataclass
 class TrainConfig:
-    lam: float = 0.5
-    steps: int = 200
-    seqlen: int = 512
-    windows: int = 64  # distinct calibration windows, cycled
-    lr: float = 1e-2
-    estimator: str = "gumbel"  # gumbel | reinforce | paper
-    tau: float = 1.0  # Gumbel-softmax temperature
-    horizon: int = 4  # chunks after a chunk whose ΔNLL is attributed to it (reinforce)
-    nll_weight: float = 1.0  # nats of ΔNLL per unit of the memory term's scale (reinforce)
-    nll_scale: str = "chunk"  # chunk: model term per routing decision (N x mean NLL); token: mean NLL
-    seed: int = 0
-    save_every: int = 10
-    method: str = "moqae"  # base spec: experts, chunk, share, freeze_first ...
+    lam: Fraction = 0.5
+    steps: PositiveInt = 200
+    seqlen: Annotated[int, Field(ge=2)] = 512
+    windows: PositiveInt = 64  # distinct calibration windows, cycled
+    lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1e-2
+    estimator: OneOf("gumbel", "reinforce", "paper") = "gumbel"
+    tau: PositiveFloat = 1.0  # Gumbel-softmax temperature
+    horizon: PositiveInt = 4  # chunks after a chunk whose ΔNLL is attributed to it (reinforce)
+    nll_weight: NonNegativeFloat = 1.0  # nats of ΔNLL per unit of the memory term's scale (reinforce)
+    # chunk: model term per routing decision (N x mean NLL); token: mean NLL
+    nll_scale: OneOf("chunk", "token") = "chunk"
+    seed: NonNegativeInt = 0
+    save_every: PositiveInt = 10
+    method: Annotated[str, FreeText("a moqae spec (moqae:chunk=64,share=1)")] = "moqae"  # experts, chunk, share ...
 
+    #: the names ``python -m moqae train`` gives the options (its error lines use them)
+    flags: ClassVar[dict[str, str]] = {"lam": "--lambda", "nll_scale": "--nll-scale"}
+
+
+#: the options ``python -m moqae train`` takes as flags (the others are names in its error lines as they are)
+TRAIN_FLAGS = ("lam", "steps", "seqlen", "windows", "lr", "estimator", "seed", "method", "nll_scale")
 
 STATE_FORMAT = "moqae-train-state/2"
 STATE_KEYS = ("routers", "optimizer", "step", "history", "baseline", "generator", "train_config")
@@ -98,18 +117,7 @@ STATE_KEYS = ("routers", "optimizer", "step", "history", "baseline", "generator"
 def check_train_args(cfg: TrainConfig, out: str | Path | None = None) -> None:
     """ValueError (one line) for a configuration that cannot train, or an ``out`` that is not a folder
     where files can be written (a file, a read-only mount: ``harness.files.check_writable_dir``)."""
-    if cfg.nll_scale not in ("chunk", "token"):
-        raise ValueError(f"nll_scale={cfg.nll_scale!r}; accepted: chunk, token")
-    if cfg.estimator not in ("gumbel", "reinforce", "paper"):
-        raise ValueError(f"estimator={cfg.estimator!r}; accepted: gumbel, reinforce, paper")
-    for name, least in (("steps", 1), ("seqlen", 2), ("windows", 1), ("save_every", 1), ("horizon", 1)):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < least:
-            raise ValueError(f"{name}={value!r} must be an integer >= {least}")
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
-        raise ValueError(f"lr={cfg.lr!r} must be a positive number")
-    if not 0.0 <= cfg.lam <= 1.0:
-        raise ValueError(f"lambda={cfg.lam!r} must be in [0, 1]")
+    check_config(cfg, "moqae train", {k: TrainConfig.flags.get(k, "--" + k.replace("_", "-")) for k in TRAIN_FLAGS})
     if out is not None:
         check_writable_dir(out, f"--out {out}", "name a writable folder")
 

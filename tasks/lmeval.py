@@ -31,7 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 
@@ -39,6 +39,7 @@ from harness.data import resolve_data_dir
 from harness.evaluation import Task, TaskContext
 from harness.integration import AttachedMethod, cache_kwargs, forward
 from harness.interface import MethodConfig, MethodSpecError
+from harness.options import FreeText, NonNegativeInt, PositiveInt
 
 # --------------------------------------------------------------------------------------------
 # The model wrapper
@@ -153,9 +154,10 @@ def register_with_lm_eval() -> None:
 
 @dataclass
 class LMEvalConfig(MethodConfig):
-    tasks: str = "piqa,arc_easy,hellaswag"
-    limit: int | None = None  # first N documents per task
-    num_fewshot: int = 0
+    # lm-eval task names, comma-separated (checked against lm-eval's index with the data, before the model loads)
+    tasks: Annotated[str, FreeText("lm-eval task names, comma-separated")] = "piqa,arc_easy,hellaswag"
+    limit: PositiveInt | None = None  # first N documents per task
+    num_fewshot: NonNegativeInt = 0
 
     positional: ClassVar[str] = "tasks"
 
@@ -166,10 +168,6 @@ class LMEvalConfig(MethodConfig):
     def validate(self) -> None:
         if not self.names:
             raise MethodSpecError("lmeval: no tasks; write lmeval:piqa,arc_easy,hellaswag")
-        if self.limit is not None and self.limit < 1:
-            raise MethodSpecError(f"lmeval: limit={self.limit} must be >= 1")
-        if self.num_fewshot < 0:
-            raise MethodSpecError(f"lmeval: num_fewshot={self.num_fewshot} must be >= 0")
 
 
 def result_metrics(name: str, results: dict[str, Any]) -> dict[str, float]:

@@ -41,7 +41,7 @@ def test_bad_profiles_say_what_is_wrong(tmp_path):
         parse_profile({"models": ["m"], "run": run, "prepare": {"fp16": {"steps": 2}}})
     with pytest.raises(ValueError, match=r"unknown method 'nosuch'"):
         parse_profile({"models": ["m"], "run": run, "prepare": {"nosuch": {}}})
-    with pytest.raises(ValueError, match=r"minutes must be a number >= 0, got 'soon'"):
+    with pytest.raises(ValueError, match=r"\[\[run\]\] #1: option minutes=soon is not a number >= 0, or none"):
         parse_profile({"models": ["m"], "run": [{"tasks": ["wikitext2"], "methods": ["fp16"], "minutes": "soon"}]})
     bad = tmp_path / "bad.toml"
     bad.write_text("models = [")

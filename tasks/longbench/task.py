@@ -52,6 +52,7 @@ from harness.data import DataFileError, MissingDataError, longbench_rows
 from harness.evaluation import Task, TaskContext
 from harness.integration import generate
 from harness.interface import MethodConfig, MethodSpecError
+from harness.options import NonNegativeInt, Parsed, PositiveInt
 from tasks.longbench.metrics import sample_score
 from tasks.longbench.prompts import (
     DATASET2MAXLEN,
@@ -111,18 +112,17 @@ def append_checkpoint(path: Path | None, sample: dict[str, Any]) -> None:
 
 @dataclass
 class LongBenchConfig(MethodConfig):
-    tasks: str = "kivi8"  # datasets and/or groups (all, e, kivi8), comma-separated
-    limit: int | None = None  # first N samples of each dataset; None = all
-    max_length: int = 0  # prompt token budget (middle truncation); 0 = model window - new tokens - chat wrapper
+    # datasets and/or groups (all, e, kivi8), comma-separated
+    tasks: Parsed(expand_datasets, "LongBench datasets or groups (all, e, kivi8)") = "kivi8"
+    limit: PositiveInt | None = None  # first N samples of each dataset; None = all
+    # prompt token budget (middle truncation); 0 = model window - new tokens - chat wrapper
+    max_length: NonNegativeInt = 0
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template where the protocol does
 
     positional: ClassVar[str] = "tasks"
 
     def validate(self) -> None:
-        expand_datasets(self.tasks)
-        if self.limit is not None and self.limit < 1:
-            raise MethodSpecError(f"longbench: limit={self.limit} must be >= 1")
-        if self.max_length < 0 or self.max_length == 1:
+        if self.max_length == 1:
             raise MethodSpecError(f"longbench: max_length={self.max_length} must be 0 (automatic) or >= 2")
 
 
