@@ -72,6 +72,15 @@ def test_example_plugin_lists_runs_and_reports(example_installed, tmp_path, stor
     assert "entry point of keep64-int3 (keep64_int3:Keep64Int3)" in " ".join(lines[i : i + 3])
     assert any(line.split()[:1] == ["kivi-2"] for line in lines)  # the built-ins are still there
 
+    # its options are typed and checked as the built-ins' are: one line, exit 2, before any model loads
+    bad = _harness("run", "--methods", "keep64-int3:bits=5", "--out", str(tmp_path / "bad"), cwd=tmp_path)
+    assert (bad.returncode, bad.stderr.strip()) == (2, "error: keep64-int3: option bits=5 is not one of 2, 3, 4, 8")
+    code = ("from harness.interface import METHODS; from harness.options import untyped_options; "
+            "print(untyped_options(METHODS.entry('keep64-int3').cls.config_class))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ""}
+    typed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert typed.stdout.strip() == "[]", typed.stderr[-2000:]
+
     data, out, rep = _wikitext_dir(tmp_path / "data"), tmp_path / "results", tmp_path / "report"
     run = _harness("run", "--methods", "fp16,keep64-int3,keep64-int3:keep=8,bits=2", "--tasks", "wikitext2",
                    "--seqlen", "64", "--max-windows", "2", "--model", str(stories_dir), "--data-dir", str(data),
