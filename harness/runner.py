@@ -39,6 +39,7 @@ from harness.models import (
     ModelLoadError,
     check_fits_context,
     check_model_source,
+    config_context_length,
     context_length,
     default_dtype,
     is_random_weights,
@@ -223,6 +224,7 @@ def check_run(
     problems = preflight(method_objs, task_objs, model, data)
     if problems:
         raise MissingDataError(" | ".join(problems))
+    check_context(task_objs, config_context_length(model), model)  # from the config; the loaded model's again
     return method_objs, task_objs, data, dev
 
 

@@ -229,11 +229,14 @@ def _run(world, out: Path, *methods: str, seqlen: int = 64, **kw):
 
 
 @pytest.mark.slow
-def test_window_longer_than_context_is_refused(world):
+def test_window_longer_than_context_is_refused(world, monkeypatch):
+    """Refused from the model's config, before its weights load (and again once loaded, for a hub id)."""
+    import harness.runner
     from harness.interface import MethodSpecError
     from harness.models import context_length, load_model
 
     context = context_length(load_model(str(world["model"]))[0])
+    monkeypatch.setattr(harness.runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(MethodSpecError, match=f"longer than the context .* \\({context}\\)"):
         _run(world, world["tmp"] / "o", "fp16", seqlen=context + 1)
     assert not list((world["tmp"] / "o").glob("*.json")) if (world["tmp"] / "o").exists() else True

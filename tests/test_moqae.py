@@ -212,7 +212,7 @@ def test_gumbel_loss_weighs_nll_per_routing_decision(stories, data_dir, tmp_path
     tr.attached.detach()
     s = 8.0 if scale == "chunk" else 1.0  # chunk=8 in _trainer's method spec
     assert rec["loss"] == pytest.approx(0.3 * s * rec["nll"] + 0.7 * rec["routed_bits"] / 16, rel=1e-5)
-    with pytest.raises(ValueError, match="nll_scale"):
+    with pytest.raises(ValueError, match="--nll-scale=window is not one of chunk, token"):
         _trainer(stories, data_dir, tmp_path / "bad", nll_scale="window")
 
 
