@@ -41,6 +41,7 @@ BUILTIN_METHODS: dict[str, str] = {
 BUILTIN_TASKS: dict[str, str] = {
     "wikitext2": "tasks.wikitext2:WikiText2",
     "longbench": "tasks.longbench.task:LongBench",
+    "niah": "tasks.niah:NIAH",
     "lmeval": "tasks.lmeval:LMEval",
 }
 
