@@ -51,7 +51,8 @@ def out_of_range(t: OptionType) -> Any | None:
         step = 1 if t.kind == "int" else 0.5
         if t.lo is not None:
             return t.lo if t.lo_open else t.lo - step
-        return t.hi if t.hi_open else t.hi + step
+        if t.hi is not None:
+            return t.hi if t.hi_open else t.hi + step
     if t.kind == "str" and t.parsed:
         return "%nonsense%"  # no parser of a spec option reads this
     if t.kind == "str" and t.text == "a non-empty string":
