@@ -62,8 +62,7 @@ def plot_heatmaps(recs: list[dict[str, Any]], path: Path, title: str) -> Path | 
 
     lengths = sorted({length for r in recs for length, _ in grid_of(r)})
     depths = sorted({depth for r in recs for _, depth in grid_of(r)})
-    cmap = LinearSegmentedColormap.from_list("needle", list(COLORS))
-    cmap.set_bad("0.85")  # a cell the record lacks
+    cmap = LinearSegmentedColormap.from_list("needle", list(COLORS)).with_extremes(bad="0.85")  # bad: no cell
     n = len(recs)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
