@@ -233,3 +233,14 @@ def test_bad_input_is_one_line_exit_2(spec, said, stories_dir, tmp_path, capsys,
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_chat_template_wraps_the_prompt_within_the_length(tok, monkeypatch):
+    template = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    monkeypatch.setattr(tok, "chat_template", template, raising=False)
+    chat = build_task("niah:depths=2,lengths=300,repeats=1").prompts(tok, [300], 512)
+    plain = build_task("niah:depths=2,lengths=300,repeats=1,chat=false").prompts(tok, [300], 512)
+    for c, p in zip(chat, plain, strict=True):
+        assert c.text.startswith("<|user|>" + INSTRUCTION) and c.text.endswith(QUESTION + "<|assistant|>")
+        assert c.ids == tok(c.text, add_special_tokens=False).input_ids and len(c.ids) <= 300
+        assert c.key == p.key and p.text.startswith(INSTRUCTION) and c.sentences <= p.sentences
