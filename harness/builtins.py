@@ -43,6 +43,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "longbench": "tasks.longbench.task:LongBench",
     "niah": "tasks.niah:NIAH",
     "lmeval": "tasks.lmeval:LMEval",
+    "ruler": "tasks.ruler.task:RULER",
 }
 
 METHOD_GROUP = "moqae_harness.methods"
