@@ -204,6 +204,13 @@ def test_cli_run_two_methods_same_prompts(long_stories, tmp_path, capsys):
         assert [s["task"] for s in side] == ["niah_single_1", "fwe"] and all("output" in s for s in side)
     assert records[0]["ruler"]["prompts_sha1"] == records[1]["ruler"]["prompts_sha1"]
 
+    # the report's RULER section: the average per length beside the nominal bits, and each task per length
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "README.md").read_text()
+    assert "## RULER" in md and "average per length" in md and "RULER at 1024 tokens" in md
+    fp16 = next(r for r in records if r["method"] == "fp16")["metrics"]
+    assert f"| fp16 | 16.00 | {fp16['avg@1024']:.2f} | {fp16['average']:.2f} |" in md
+
 
 def test_shards_merge_to_one_pass(long_stories):
     from harness.models import load_model

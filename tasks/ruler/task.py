@@ -233,6 +233,7 @@ class RULER(Task):
     shardable = True
     refuses_random_weights = True
     config_class = RULERConfig
+    report_sections = ("tasks.ruler.report:RULER_SECTION",)
 
     def task_names(self) -> list[str]:
         return expand_tasks(self.config.tasks)
