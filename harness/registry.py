@@ -317,7 +317,7 @@ def parse_spec(spec: str, positional: str | None = None) -> tuple[str, dict[str,
                 )
             opts[key.strip()] = value.strip()
     if bare:
-        opts[positional] = ",".join([*bare, opts[positional]] if positional in opts else bare)
+        opts[positional] = ",".join([opts[positional], *bare] if positional in opts else bare)  # as written
     return name.strip(), opts
 
 
