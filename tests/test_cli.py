@@ -154,5 +154,6 @@ def test_list_and_module_entry_point():
 def test_bare_items_follow_the_positional_option_in_the_order_written():
     from harness.registry import parse_spec
 
-    assert parse_spec("niah:lengths=1024,2048,4096,depths=5", "lengths")[1] == {"lengths": "1024,2048,4096", "depths": "5"}
+    opts = parse_spec("niah:lengths=1024,2048,4096,depths=5", "lengths")[1]
+    assert opts == {"lengths": "1024,2048,4096", "depths": "5"}
     assert parse_spec("longbench:trec,samsum,limit=2", "tasks")[1] == {"tasks": "trec,samsum", "limit": "2"}
