@@ -614,7 +614,12 @@ def preflight_profile(
             problems.append(str(e))
     problems = list(dict.fromkeys(problems))
     if problems:
-        raise MissingDataError(f"profile {prof.name} cannot run here: " + " | ".join(problems))
+        offline = (
+            ""
+            if prof.name == "offline"
+            else (" | with no data or network, the offline profile runs: MOQAE_PROFILE=offline nox -s reproduce")
+        )
+        raise MissingDataError(f"profile {prof.name} cannot run here: " + " | ".join(problems) + offline)
 
 
 def report_folder(report_dir: Path, files: list[Path], log: Any = print) -> Path:

@@ -158,7 +158,7 @@ CASES = [
     (
         "reproduce-no-data",
         ["reproduce", "--profile", "smoke", "--data-dir", "{tmp}/nodata", "--out", "{tmp}/o", "--report", "{tmp}/r"],
-        "cannot run here",
+        "the offline profile runs: MOQAE_PROFILE=offline nox -s reproduce",
     ),  # fmt: skip
     ("reproduce-out-file", ["reproduce", "--profile", "smoke", "--out", "{file}", "--report", "{tmp}/r"], "is a file"),
     (
