@@ -184,3 +184,14 @@ def test_dry_run_estimates_the_cost_left_from_the_profiles_minutes(tmp_path, sto
     lines.clear()
     reproduce(prof, out=out, report=tmp_path / "rep", data_dir=data_dir, progress=False, log=lines.append, dry_run=True)
     assert "no estimate for profile" in lines[-1]
+
+
+def test_offline_profile_needs_no_data(tmp_path, capsys):
+    """Every stage of `offline` is generated or embedded: its dry run passes the preflight with no data."""
+    from harness.cli import main
+
+    prof = load_profile("offline")
+    assert {t.split(":")[0] for r in prof.runs for t in r.tasks} == {"niah", "ruler"} and prof.profile is not None
+    argv = ["reproduce", "--profile", "offline", "--data-dir", str(tmp_path / "nodata"), "--dry-run"]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r")]) == 0, capsys.readouterr()
+    assert "6 to compute (dry run)" in capsys.readouterr().out
