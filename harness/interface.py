@@ -98,6 +98,9 @@ class MemoryReport:
     key and value elements appended (set by ``HarnessCache.memory``; 0 for a store's own report).
     ``reserved_bytes``: capacity allocated ahead of the tokens (``harness.storage.TokenBuffer``'s
     spare), held but storing no token; reported beside the bytes, never in ``total_bytes`` or the bits.
+    ``quantized_elements`` / ``fp_elements``: the elements counted as held as codes / as floats (set by
+    ``harness.storage.held_memory`` from the tensors held); ``as_dict`` gives them only where they
+    account for every element (a store that counts ``elements`` itself reports them as None: unknown).
     """
 
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
@@ -105,6 +108,8 @@ class MemoryReport:
     elements: int = 0
     nonfinite_kv: int = 0
     reserved_bytes: int = 0
+    quantized_elements: int = 0
+    fp_elements: int = 0
 
     def add(self, category: str, nbytes: int) -> None:
         if category not in CATEGORIES:
@@ -118,6 +123,8 @@ class MemoryReport:
         self.elements += other.elements
         self.nonfinite_kv += other.nonfinite_kv
         self.reserved_bytes += other.reserved_bytes
+        self.quantized_elements += other.quantized_elements
+        self.fp_elements += other.fp_elements
         return self
 
     @property
@@ -133,6 +140,7 @@ class MemoryReport:
         return 8.0 * self.total_bytes / self.elements if self.elements else 0.0
 
     def as_dict(self) -> dict[str, Any]:
+        counted = self.quantized_elements + self.fp_elements == self.elements
         return {
             "bytes": dict(self.bytes),
             "total_bytes": self.total_bytes,
@@ -141,6 +149,8 @@ class MemoryReport:
             "effective_bits": self.effective_bits,
             "nonfinite_kv": self.nonfinite_kv,
             "reserved_bytes": self.reserved_bytes,
+            "quantized_elements": self.quantized_elements if counted else None,
+            "fp_elements": self.fp_elements if counted else None,
         }
 
 

@@ -32,11 +32,11 @@ def held_memory(t: QuantizedTensor | torch.Tensor | None) -> MemoryReport:
     if isinstance(t, QuantizedTensor):
         r.add("codes", t.code_bytes)
         r.add("scales", t.meta_bytes)
-        r.elements = t.numel
+        r.elements = r.quantized_elements = t.numel
         r.payload_bits = float(t.numel * t.bits)
     elif t is not None:
         r.add("fp_tokens", tensor_bytes(t))
-        r.elements = t.numel()
+        r.elements = r.fp_elements = t.numel()
         r.payload_bits = float(t.numel() * t.element_size() * 8)
     return r
 
