@@ -1,7 +1,8 @@
 """Report sections: what a task or a method adds to a report, and the core's own sections.
 
 A ``Section`` has a title (its ``##`` heading), an order (sections are written by it: the core's
-profiling section is 50, failed cells 90; the built-in tasks and methods use 10-60) and a
+scorecard is 0 (``harness.reports.scorecard``), profiling 50, failed cells 90; the built-in tasks and
+methods use 10-60) and a
 ``build(data)`` that returns ``(intro text, tables)`` from the report's ``ReportData``; a section
 that returns neither is listed under "No records for". ``legacy`` (optional) returns Markdown for
 the compact ``results.md``. A task or method class declares its sections by name::
@@ -97,7 +98,7 @@ def collect_sections(res: Results) -> tuple[list[Section], list[str]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Core sections: profiling, failed cells
+# Core sections: profiling, failed cells (the scorecard: harness.reports.scorecard)
 # --------------------------------------------------------------------------------------------
 
 
@@ -231,7 +232,10 @@ def _failed(data: ReportData) -> tuple[str, list[Table]]:
 
 PROFILING = Section("Profiling", _profiling, order=50)
 FAILED = Section("Failed cells", _failed, order=90, hide_empty=True)
-CORE_SECTIONS = (PROFILING, FAILED)
+
+from harness.reports.scorecard import SCORECARD  # noqa: E402 - it builds on Section and _profile_groups above
+
+CORE_SECTIONS = (SCORECARD, PROFILING, FAILED)
 
 
 # --------------------------------------------------------------------------------------------
