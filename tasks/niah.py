@@ -68,9 +68,11 @@ from tqdm.auto import tqdm
 from harness.data import MissingDataError
 from harness.evaluation import Task, TaskContext
 from harness.integration import generate
-from harness.interface import MethodConfig, MethodSpecError
+from harness.interface import MethodConfig
 from harness.options import NonNegativeInt, Parsed, PositiveInt, Text
-from tasks.longbench.task import append_checkpoint, apply_chat, encode_prompt, eos_ids
+from tasks import common
+from tasks.common import append_checkpoint
+from tasks.longbench.task import apply_chat, encode_prompt, eos_ids
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -87,18 +89,7 @@ _MAX_WORDS = 64
 
 def parse_lengths(spec: str) -> list[int]:
     """``"1024,2048"`` -> ``[1024, 2048]`` (ascending, distinct); ``""`` -> ``[]`` (from the model)."""
-    out = []
-    for item in (part.strip() for part in str(spec).replace(";", ",").split(",")):
-        if not item:
-            continue
-        try:
-            value = int(item)
-        except ValueError:
-            raise MethodSpecError(f"niah: length {item!r} is not an integer; e.g. lengths=1024,2048") from None
-        if value < 1:
-            raise MethodSpecError(f"niah: length {value} must be >= 1")
-        out.append(value)
-    return sorted(set(out))
+    return common.parse_lengths(spec, "niah")
 
 
 def _normalize_lengths(spec: str) -> str:
@@ -161,19 +152,6 @@ def score_answer(key: str, output: str) -> tuple[float, float]:
 def depth_values(n: int) -> list[float]:
     """``n`` depths in percent, evenly spaced from 0 to 100 (one depth: 50)."""
     return [50.0] if n == 1 else [100.0 * i / (n - 1) for i in range(n)]
-
-
-def default_lengths(context: int | None) -> list[int]:
-    """1024, 2048, 4096, ... up to ``context``, the context itself last; under 1024 the context alone."""
-    if not context:
-        raise ValueError("niah: the model config has no max_position_embeddings; give lengths=...")
-    out, n = [], 1024
-    while n <= context:
-        out.append(n)
-        n *= 2
-    if not out or out[-1] != context:
-        out.append(context)
-    return out
 
 
 def sentences(text: str) -> list[str]:
@@ -328,7 +306,7 @@ class NIAH(Task):
     def lengths(self, ctx: TaskContext) -> list[int]:
         from harness.models import context_length
 
-        return parse_lengths(self.config.lengths) or default_lengths(context_length(ctx.model))
+        return parse_lengths(self.config.lengths) or common.default_lengths(context_length(ctx.model), "niah")
 
     def uses_chat(self, tokenizer: Any) -> bool:
         return self.config.chat and bool(getattr(tokenizer, "chat_template", None))
@@ -377,7 +355,7 @@ class NIAH(Task):
         )
         if eos:
             gen_kw["eos_token_id"] = eos
-        finished = _read_checkpoint(ctx.checkpoint)
+        finished = common.read_checkpoint(ctx.checkpoint, lambda s: (s["length"], s["depth_index"], s["repeat"]))
         samples: list[dict[str, Any]] = []
         bar = tqdm(total=len(todo), desc=f"niah {ctx.attached.method.label}", disable=not ctx.progress, leave=False)
         for p in todo:
@@ -467,17 +445,3 @@ class NIAH(Task):
             "prompts_sha1": prompts_sha1,
             "eval_seconds": sum(part["eval_seconds"] for part in parts),
         }
-
-
-def _read_checkpoint(path: Path | None) -> dict[tuple[int, int, int], dict[str, Any]]:
-    """Prompts an interrupted run finished, keyed by (length, depth index, repeat); a torn line is ignored."""
-    if path is None or not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        try:
-            s = json.loads(line)
-            out[(s["length"], s["depth_index"], s["repeat"])] = s
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return out

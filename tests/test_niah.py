@@ -18,11 +18,11 @@ from harness.evaluation import TaskContext, build_task
 from harness.integration import AttachedMethod
 from harness.interface import build_method
 from harness.registry import MethodSpecError
+from tasks.common import default_lengths
 from tasks.niah import (
     INSTRUCTION,
     NOISE,
     QUESTION,
-    default_lengths,
     depth_values,
     exact_score,
     make_key,
@@ -63,8 +63,8 @@ def test_options_lengths_and_depths():
         with pytest.raises(MethodSpecError, match=said):
             build_task(bad)
     assert depth_values(1) == [50.0] and depth_values(2) == [0.0, 100.0] and depth_values(5)[2] == 50.0
-    assert default_lengths(512) == [512] and default_lengths(4096) == [1024, 2048, 4096]
-    assert default_lengths(6000) == [1024, 2048, 4096, 6000]
+    assert default_lengths(512, "niah") == [512] and default_lengths(4096, "niah") == [1024, 2048, 4096]
+    assert default_lengths(6000, "niah") == [1024, 2048, 4096, 6000]
     assert build_task("niah:lengths=256,1024").tokens_needed() == 1024 and build_task("niah").tokens_needed() is None
     assert build_task("niah:lengths=256,repeats=3,depths=4").shard_units() == 12
 

@@ -37,8 +37,6 @@ Choices where the official script has no equivalent:
 
 from __future__ import annotations
 
-import json
-import os
 import string
 import time
 from dataclasses import dataclass
@@ -53,6 +51,7 @@ from harness.evaluation import Task, TaskContext
 from harness.integration import generate
 from harness.interface import MethodConfig, MethodSpecError
 from harness.options import NonNegativeInt, Parsed, PositiveInt
+from tasks.common import append_checkpoint, read_checkpoint
 from tasks.longbench.metrics import sample_score
 from tasks.longbench.prompts import (
     DATASET2MAXLEN,
@@ -84,30 +83,6 @@ def expand_datasets(spec: str) -> list[str]:
     if not names:
         raise MethodSpecError("longbench: no dataset given; e.g. longbench:trec,samsum or longbench:kivi8")
     return list(dict.fromkeys(names))
-
-
-def read_checkpoint(path: Path | None) -> dict[tuple[str, int], dict[str, Any]]:
-    """Samples finished by an interrupted run, keyed by (dataset, index); a torn last line is ignored."""
-    if path is None or not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        try:
-            s = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        out[(s["dataset"], s["index"])] = s
-    return out
-
-
-def append_checkpoint(path: Path | None, sample: dict[str, Any]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @dataclass
@@ -296,7 +271,8 @@ class LongBench(Task):
         todo = todo[index * len(todo) // count : (index + 1) * len(todo) // count]
         samples: list[dict[str, Any]] = []
         start = time.perf_counter()
-        finished = read_checkpoint(ctx.checkpoint)  # samples a crashed run already finished
+        # samples a crashed run already finished
+        finished = read_checkpoint(ctx.checkpoint, lambda s: (s["dataset"], s["index"]))
         bar = tqdm(total=len(todo), desc=f"longbench {ctx.attached.method.label}", disable=not ctx.progress,
                    leave=False)  # fmt: skip
         settings: dict[str, tuple[bool, int, dict[str, Any]]] = {}

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from harness.evaluation import Task, TaskContext
 from harness.integration import generate
 from harness.interface import MethodConfig, MethodSpecError
 from harness.options import NonNegativeInt, Parsed, PositiveInt, Text
+from tasks import common
 from tasks.ruler.generate import (
     ALL_TASKS,
     CONFIGS,
@@ -91,28 +91,11 @@ def expand_tasks(spec: str) -> list[str]:
 
 def parse_lengths(spec: str) -> list[int]:
     """``"4096/8192"`` (``,`` and ``;`` also separate) -> [4096, 8192]; ``""`` -> [] (automatic)."""
-    out: list[int] = []
-    for part in spec.replace(";", "/").replace(",", "/").split("/"):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            value = int(part)
-        except ValueError:
-            raise MethodSpecError(f"ruler: length {part!r} is not an integer") from None
-        if value < 1:
-            raise MethodSpecError(f"ruler: length {value} is not >= 1")
-        out.append(value)
-    return sorted(dict.fromkeys(out))
+    return common.parse_lengths(spec, "ruler")
 
 
-def default_lengths(context: int) -> list[int]:
-    """The powers of two from 1024 up to ``context``; ``[context]`` for a model shorter than that."""
-    out, n = [], MIN_DEFAULT_LENGTH
-    while n <= context:
-        out.append(n)
-        n *= 2
-    return out or [context]
+def default_lengths(context: int | None) -> list[int]:
+    return common.default_lengths(context, "ruler")
 
 
 @dataclass
@@ -199,29 +182,6 @@ def prompt_sha1(sample: Sample) -> str:
     return hashlib.sha1((sample.input + "\x00" + sample.answer_prefix).encode("utf-8")).hexdigest()
 
 
-def read_checkpoint(path: Path | None) -> dict[tuple[str, int, int], dict[str, Any]]:
-    if path is None or not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        try:
-            s = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        out[(s["task"], s["length"], s["index"])] = s
-    return out
-
-
-def append_checkpoint(path: Path | None, sample: dict[str, Any]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # --------------------------------------------------------------------------------------------
 # The task
 # --------------------------------------------------------------------------------------------
@@ -248,10 +208,7 @@ class RULER(Task):
             return given
         from harness.models import context_length
 
-        context = context_length(model) if model is not None else None
-        if not context:
-            raise ValueError("ruler: the model config has no max_position_embeddings; give lengths=...")
-        return default_lengths(context)
+        return default_lengths(context_length(model) if model is not None else None)
 
     def units(self, lengths: list[int]) -> list[tuple[str, int, int]]:
         """(task, length, index) of every sample: lengths, then tasks, then samples."""
@@ -287,7 +244,7 @@ class RULER(Task):
         lengths = self.lengths(ctx.model)
         todo = self.units(lengths)
         todo = todo[index * len(todo) // count : (index + 1) * len(todo) // count]
-        finished = read_checkpoint(ctx.checkpoint)
+        finished = common.read_checkpoint(ctx.checkpoint, lambda s: (s["task"], s["length"], s["index"]))
         samples: list[dict[str, Any]] = []
         start = time.perf_counter()
         bar = tqdm(total=len(todo), desc=f"ruler {ctx.attached.method.label}", disable=not ctx.progress, leave=False)
@@ -333,7 +290,7 @@ class RULER(Task):
                     "kv": cache.memory().as_dict(),
                 }
             )
-            append_checkpoint(ctx.checkpoint, samples[-1])
+            common.append_checkpoint(ctx.checkpoint, samples[-1])
             bar.update(1)
         bar.close()
         info = self.info(chat, lengths)
