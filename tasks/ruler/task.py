@@ -23,7 +23,7 @@ Apache License 2.0: the generators (``tasks.ruler.generate``: ``scripts/data/syn
 
 Options: ``tasks`` (names, or ``all`` = 13, ``offline`` = all but qa_1 and qa_2), ``lengths``
 (``/``-separated in a spec since ``,`` separates options there: ``lengths=4096/8192``; default: the powers
-of two from 1024 up to the model's context, or the context itself when shorter), ``samples``, ``seed``,
+of two from 1024 up to the model's context, then the context itself where it is not one of them), ``samples``, ``seed``,
 ``haystack`` (``noise``: RULER's noise sentences stand in for the Paul Graham essays of the essay tasks;
 a text file: its words in RULER's essay layout), ``chat``.
 
