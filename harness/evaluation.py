@@ -10,7 +10,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -18,6 +18,9 @@ from harness import registry as _registry
 from harness.integration import AttachedMethod
 from harness.interface import MethodConfig
 from harness.registry import Variant
+
+if TYPE_CHECKING:
+    from harness.reports.scorecard import ScorecardColumn
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Task(ABC):
     variants: ClassVar[dict[str, Variant]] = {}
     #: report sections for this task's records, as ``"module:object"`` names of ``harness.reports.Section``
     report_sections: ClassVar[tuple[str, ...]] = ()
+    #: the column this task's records give the report's scorecard (None: none)
+    scorecard: ClassVar[ScorecardColumn | None] = None
     #: a model with random weights (``*-shape`` aliases) is refused: its quality numbers mean nothing
     refuses_random_weights: ClassVar[bool] = False
     #: its evaluation calls ``method.see_window`` for oracle methods (``KVCacheMethod.oracle``)

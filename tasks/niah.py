@@ -70,6 +70,7 @@ from harness.evaluation import Task, TaskContext
 from harness.integration import generate
 from harness.interface import MethodConfig
 from harness.options import NonNegativeInt, Parsed, PositiveInt, Text
+from harness.reports.scorecard import ScorecardColumn
 from tasks import common
 from tasks.common import append_checkpoint
 from tasks.longbench.task import apply_chat, encode_prompt, eos_ids
@@ -288,6 +289,7 @@ class NIAH(Task):
     name = "niah"
     description = "needle in a haystack: the passkey test (longctx_bench) on a depth x length grid"
     report_sections = ("tasks.niah_report:NEEDLE",)
+    scorecard = ScorecardColumn("needle", "exact", "{:.1f}", means="the mean exact match over the grid", order=40)
     shardable = True
     config_class = NIAHConfig
 

@@ -38,6 +38,7 @@ from harness.evaluation import Task, TaskContext
 from harness.integration import forward
 from harness.interface import MethodConfig, MethodSpecError
 from harness.options import NonNegativeInt, PositiveInt
+from harness.reports.scorecard import ScorecardColumn
 
 
 @dataclass
@@ -91,6 +92,9 @@ class WikiText2(Task):
     supports_oracles = True
     shardable = True
     report_sections = ("tasks.wikitext2_report:PERPLEXITY",)
+    scorecard = ScorecardColumn(
+        "WikiText-2", "ppl", "{:+.2f} %", means="the change of the perplexity", versus_reference=True, order=10
+    )
     config_class = WikiText2Config
     _ids_cache: dict[tuple[int, str], torch.Tensor] = {}
 

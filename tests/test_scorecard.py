@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.evaluation import Task
 from harness.interface import KVCacheMethod, MemoryReport, MethodConfig, ReportStyle
 from harness.reports import ReportData, load_results, write_report
-from harness.reports.scorecard import SCORECARD, quantized_share, scorecard_tables
+from harness.reports.scorecard import SCORECARD, ScorecardColumn, quantized_share, scorecard_tables
 from harness.reports.sections import CORE_SECTIONS
 
 N = 1000  # K/V elements of every hand-made cache
@@ -234,6 +235,42 @@ def test_a_method_quantizing_nothing_anywhere_is_not_passed_as_low_bit(tmp_path)
     assert rows["kivi-2"]["nominal bits"] == "16.00 = fp16 (nothing quantized)"
     assert rows["kivi-2"]["WikiText-2 PPL Δ vs fp16"] == "+0.00 % = fp16 (nothing quantized)"
     assert rows["fp16"]["nominal bits"] == "16.00"
+
+
+class _PlugTask(Task):
+    """A plugin-like task: the report reads its registry name and its declared column."""
+
+    name = "plug-task-sc"
+    description = "a plugin task"
+    scorecard = ScorecardColumn("plug score", "hits", "{:.1f}", means="hits per 100 probes", order=35)
+
+    def evaluate(self, ctx):
+        raise NotImplementedError
+
+
+def test_a_task_declares_its_column_and_the_core_names_none(plug, tmp_path):
+    from harness.evaluation import TASKS
+    from harness.reports import scorecard
+
+    source = Path(scorecard.__file__).read_text()
+    for task in ("wikitext2", "longbench", "ruler", "niah", "needle", "RULER"):
+        assert f'"{task}"' not in source  # the columns come from the task classes
+    TASKS.register("plug-task-sc")(_PlugTask)
+    try:
+        recs = [r for r in _records() if r["task"] in ("longbench", "niah")]
+        recs += [
+            _record("fp16", "fp16", {}, "plug-task-sc", {"n": 4}, {"hits": 75.0}, _kv(16, 16, 0)),
+            _record("int4", "int", {"bits": 4}, "plug-task-sc", {"n": 4}, {"hits": 50.0}, _kv(4, 4.5, N)),
+        ]
+        t, rows = _table(_write(tmp_path / "runs", recs), tmp_path / "out")
+    finally:
+        TASKS.unregister("plug-task-sc")
+    # ordered by the declared order: LongBench (20), the plugin's (35), needle (40)
+    assert [h for h in t.header if h.split()[0] in ("LongBench", "plug", "needle")] == [
+        "LongBench average", "plug score hits", "needle exact"]  # fmt: skip
+    assert rows["int4"]["plug score hits"] == "50.0" and rows["kivi-2"]["plug score hits"] == "—"
+    assert "- *plug score*: `plug-task-sc:n=4` (float32, cpu), 2 records: hits per 100 probes." in t.intro
+    assert rows["int4"]["nominal bits"] == "4.00 (plug score)"  # its first task with a record
 
 
 def test_scorecard_comes_first_in_the_report(plug, tmp_path):

@@ -19,9 +19,10 @@ use several, the most common one, and the intro says which and what was left out
 cache held nothing quantized (KIVI on prompts shorter than its full-precision window) says so in its
 cells ("= fp16 (nothing quantized)") instead of passing as a low-bit result.
 
-The core names no method and no task class: the tasks appear here as data keys (their registry names
-and metric names, as ``harness.builtins`` allows), the methods only as the references of
-``harness.builtins``.
+The core names no method and no task: each task class declares its column
+(``Task.scorecard``, a ``harness.evaluation.ScorecardColumn``: title, metric, format, order), read
+here for the tasks of the records, so a plugin task gets its column as a built-in one does; the
+methods appear only as the references of ``harness.builtins``.
 """
 
 from __future__ import annotations
@@ -41,15 +42,40 @@ from harness.reports.records import fmt, group_records, plural, suffix, task_con
 from harness.reports.sections import ReportData, Section, _profile_groups
 from harness.reports.table import Table
 
-#: the tasks the scorecard reads, as data: (registry name, title, metric, format) — a metric name
-#: ending in "@" is a prefix (RULER's ``avg@4096`` ...: one column per length found in the records);
-#: ``ppl`` is shown as its change against the reference method's
-TASKS: tuple[tuple[str, str, str, str], ...] = (
-    ("wikitext2", "WikiText-2", "ppl", "{:+.2f} %"),
-    ("longbench", "LongBench", "average", "{:.2f}"),
-    ("ruler", "RULER", "avg@", "{:.2f}"),
-    ("niah", "needle", "exact", "{:.1f}"),
-)
+
+@dataclass(frozen=True)
+class ScorecardColumn:
+    """The column(s) a task's records give the report's scorecard (``harness.reports.scorecard``).
+
+    ``metric`` is a key of the record's ``metrics``; one ending in ``@`` is a prefix (RULER's
+    ``avg@4096`` ...: one column per length found in the records). ``versus_reference``: shown as the
+    change in % against the reference method's value on the same protocol (perplexity). ``order``
+    places the column (the built-in tasks use 10-40); the first task column with a record also gives a
+    row its nominal and effective bits.
+    """
+
+    title: str  # the column's heading
+    metric: str
+    format: str = "{:.2f}"
+    means: str = ""  # what the number is, for the scorecard's intro ("the mean exact match over the grid")
+    versus_reference: bool = False
+    order: int = 50
+
+
+def declared_columns(records: list[dict[str, Any]]) -> list[tuple[str, ScorecardColumn]]:
+    """(task name, its column) for each task of the records whose class declares a scorecard column,
+    in the columns' order (a task that is not installed gives none)."""
+    from harness.evaluation import TASKS
+
+    out = []
+    for name in dict.fromkeys(r["key"]["task"] for r in records):
+        try:
+            column = getattr(TASKS.entry(name).cls, "scorecard", None)
+        except Exception:  # noqa: BLE001 - a task not installed: no column of its own
+            continue
+        if isinstance(column, ScorecardColumn):
+            out.append((name, column))
+    return sorted(out, key=lambda tc: (tc[1].order, tc[0]))
 
 
 def _references() -> tuple[str, tuple[str, ...]]:
@@ -103,14 +129,20 @@ class Protocol:
     """The records of one task (one model) a column reads: the most common option set."""
 
     task: str
-    title: str
-    metric: str
-    spec_format: str
+    column: ScorecardColumn
     cfg: dict[str, Any]
     dtype: str
     device: str
     records: list[dict[str, Any]]
     others: list[tuple[str, int]] = field(default_factory=list)  # (protocol, records) left out
+
+    @property
+    def title(self) -> str:
+        return self.column.title
+
+    @property
+    def metric(self) -> str:
+        return self.column.metric
 
     @property
     def spec(self) -> str:
@@ -140,10 +172,9 @@ def _has_metric(rec: dict[str, Any], metric: str) -> bool:
     return any(k.startswith(metric) for k in m) if metric.endswith("@") else m.get(metric) is not None
 
 
-def choose_protocol(
-    records: list[dict[str, Any]], task: str, title: str, metric: str, spec_format: str = "{:.2f}"
-) -> Protocol | None:
+def choose_protocol(records: list[dict[str, Any]], task: str, column: ScorecardColumn) -> Protocol | None:
     """The records of ``task`` (main rows only) with the most common (task options, dtype, device)."""
+    metric = column.metric
     recs = [r for r in records if r["key"]["task"] == task and not ablation_options(r) and _has_metric(r, metric)]
     if not recs:
         return None
@@ -151,7 +182,7 @@ def choose_protocol(
     groups = group_records(recs, key)
     (cfg, dtype, device), chosen = groups[0]
     others = [(protocol_spec(task, *k, markdown=True), len(g)) for k, g in groups[1:]]
-    return Protocol(task, title, metric, spec_format, cfg, dtype, device, sorted(chosen, key=method_sort_key), others)
+    return Protocol(task, column, cfg, dtype, device, sorted(chosen, key=method_sort_key), others)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +262,7 @@ def scorecard_table(data: ReportData, model: str, index: int) -> Table | None:
     records = [r for r in data.records if r["model"] == model]
     ref_name = data.reference
     exempt = {ref_name, *_references()[1]}
-    protocols = [p for t in TASKS if (p := choose_protocol(records, *t)) is not None]
+    protocols = [p for t, c in declared_columns(records) if (p := choose_protocol(records, t, c)) is not None]
     profile = pick_profile(data.profile_rows, model, ref_name)
     if not protocols and profile is None:
         return None
@@ -269,7 +300,8 @@ def scorecard_table(data: ReportData, model: str, index: int) -> Table | None:
     for p in protocols:
         for metric in p.metrics():
             columns.append((p, metric))
-            header.append(f"{p.title} PPL Δ vs {ref_name}" if p.metric == "ppl" else f"{p.title} {metric}")
+            versus = f"{p.title} {metric} Δ vs {ref_name}".replace(" ppl ", " PPL ")
+            header.append(versus if p.column.versus_reference else f"{p.title} {metric}")
     if profile is not None:
         at = f"({profile.context} tokens)"
         header += [f"decode step × {dec} {at}", f"KV bytes × {ref_name} {at}"]
@@ -278,7 +310,7 @@ def scorecard_table(data: ReportData, model: str, index: int) -> Table | None:
     header.append("held quantized % (" + " / ".join(p.title for p in protocols) + ")")
 
     table_rows, csv_rows = [], []
-    first_task = TASKS[0][0]
+    first_task = protocols[0].task if protocols else ""
     for row in ordered:
         base = {"model": model, "method": row.name, "spec": row.spec, "family": row.family}
 
@@ -314,15 +346,15 @@ def scorecard_table(data: ReportData, model: str, index: int) -> Table | None:
                 continue
             note = nothing_quantized_note(r, exempt)
             value = r["metrics"].get(metric)
-            if p.metric == "ppl":
+            if p.column.versus_reference:
                 ref = ref_recs[p.task]
-                ref_ppl = None if ref is None else ref["metrics"].get("ppl")
-                change = 100.0 * (value / ref_ppl - 1.0) if value is not None and ref_ppl else None
-                text = fmt(change, p.spec_format)
-                put("ppl", value, r, p.spec)
-                put("ppl_change_pct", change, r, p.spec, reference=ref_name)
+                ref_value = None if ref is None else ref["metrics"].get(metric)
+                change = 100.0 * (value / ref_value - 1.0) if value is not None and ref_value else None
+                text = fmt(change, p.column.format)
+                put(metric, value, r, p.spec)
+                put(f"{metric}_change_pct", change, r, p.spec, reference=ref_name)
             else:
-                text = fmt(value, p.spec_format)
+                text = fmt(value, p.column.format)
                 put(f"{p.task} {metric}", value, r, p.spec)
             cells.append(text + (f" {note}" if note and text != "—" else ""))
         if profile is not None:
@@ -362,22 +394,18 @@ def _intro(protocols: list[Protocol], ref_recs: dict[str, Any], ref_name: str, p
     lines = [
         "One row per method in the methods' own order (ablation variants are in their method's own section); "
         "every cell from the records present, — where none. *Nominal / effective bits*: of the method's "
-        f"{TASKS[0][1]} record (else of its first task with a record, named in the cell). Each column reads one "
+        f"{protocols[0].title if protocols else 'first task'} record (else of its first task with a record, named in "
+        "the cell). Each column reads one "
         "protocol:",
         "",
     ]
     for p in protocols:
-        what = {
-            "ppl": "the change of the perplexity against "
-            + (
-                f"{ref_name}'s ({fmt(ref_recs[p.task]['metrics'].get('ppl'), '{:.4f}')})"
-                if ref_recs.get(p.task)
-                else f"{ref_name}'s (no {ref_name} record: —)"
-            ),
-            "average": "the average score over the datasets",
-            "avg@": "the average over RULER's tasks at each length",
-            "exact": "the mean exact match over the grid",
-        }.get(p.metric, p.metric)
+        what = p.column.means or p.metric
+        if p.column.versus_reference:
+            ref = ref_recs.get(p.task)
+            what += f" against {ref_name}'s " + (
+                f"({fmt(ref['metrics'].get(p.metric), '{:.4f}')})" if ref else f"(no {ref_name} record: —)"
+            )
         extra = ""
         windows = sorted({r.get("windows") for r in p.records if r.get("windows")})
         if windows:

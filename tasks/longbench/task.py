@@ -51,6 +51,7 @@ from harness.evaluation import Task, TaskContext
 from harness.integration import generate
 from harness.interface import MethodConfig, MethodSpecError
 from harness.options import NonNegativeInt, Parsed, PositiveInt
+from harness.reports.scorecard import ScorecardColumn
 from tasks.common import append_checkpoint, read_checkpoint
 from tasks.longbench.metrics import sample_score
 from tasks.longbench.prompts import (
@@ -205,6 +206,7 @@ class LongBench(Task):
     name = "longbench"
     description = "LongBench v1 (21 datasets; groups all, e, kivi8): official prompts, truncation, metrics"
     report_sections = ("tasks.longbench.report:LONGBENCH",)
+    scorecard = ScorecardColumn("LongBench", "average", "{:.2f}", means="the average score over the datasets", order=20)
     shardable = True
     config_class = LongBenchConfig
 

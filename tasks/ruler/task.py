@@ -50,6 +50,7 @@ from harness.evaluation import Task, TaskContext
 from harness.integration import generate
 from harness.interface import MethodConfig, MethodSpecError
 from harness.options import NonNegativeInt, Parsed, PositiveInt, Text
+from harness.reports.scorecard import ScorecardColumn
 from tasks import common
 from tasks.ruler.generate import (
     ALL_TASKS,
@@ -194,6 +195,9 @@ class RULER(Task):
     refuses_random_weights = True
     config_class = RULERConfig
     report_sections = ("tasks.ruler.report:RULER_SECTION",)
+    scorecard = ScorecardColumn(
+        "RULER", "avg@", "{:.2f}", means="the average over RULER's tasks at each length", order=30
+    )
 
     def task_names(self) -> list[str]:
         return expand_tasks(self.config.tasks)
