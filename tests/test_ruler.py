@@ -268,3 +268,124 @@ def test_bad_input_one_line_exit_2(spec, fragment, stories_dir, tmp_path, capsys
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- QA data
+
+SQUAD = {  # SQuAD v2.0 dev's layout: two articles, one unanswerable question
+    "version": "v2.0",
+    "data": [
+        {
+            "title": "A",
+            "paragraphs": [
+                {
+                    "context": "Tom has a red ball.",
+                    "qas": [
+                        {"question": "What colour is the ball?", "id": "1", "is_impossible": False,
+                         "answers": [{"text": "red", "answer_start": 10}, {"text": "red", "answer_start": 10}]},
+                        {"question": "What is Tom's dog?", "id": "2", "is_impossible": True, "answers": [],
+                         "plausible_answers": [{"text": "ball", "answer_start": 14}]},
+                    ],
+                },
+                {"context": "Anna likes cake.", "qas": [{"question": "What does Anna like?", "id": "3",
+                                                         "is_impossible": False,
+                                                         "answers": [{"text": "cake", "answer_start": 11}]}]},
+            ],
+        },
+        {"title": "B", "paragraphs": [{"context": "Ben sails a boat.", "qas": [
+            {"question": "What does Ben sail?", "id": "4", "is_impossible": False,
+             "answers": [{"text": "a boat", "answer_start": 10}, {"text": "boat", "answer_start": 12}]}]}]},
+    ],
+}  # fmt: skip
+HOTPOT = [  # hotpot_dev_distractor_v1.json's layout
+    {"_id": "a", "question": "Q1?", "answer": "yes", "type": "comparison", "level": "hard",
+     "supporting_facts": [["T1", 0]], "context": [["T1", ["s1 ", "s2"]], ["T2", ["x"]]]},
+    {"_id": "b", "question": "Q2?", "answer": "no", "type": "bridge", "level": "easy",
+     "supporting_facts": [["T3", 1]], "context": [["T2", ["x"]], ["T3", ["y ", "z"]]]},
+]  # fmt: skip
+
+
+def squad_hub_rows(data: dict) -> list[dict]:
+    """``rajpurkar/squad_v2`` validation rows, as its conversion writes them from the release file."""
+    return [
+        {"id": q["id"], "title": d["title"], "context": p["context"], "question": q["question"],
+         "answers": {"text": [a["text"] for a in q["answers"]],
+                     "answer_start": [a["answer_start"] for a in q["answers"]]}}
+        for d in data["data"] for p in d["paragraphs"] for q in p["qas"]
+    ]  # fmt: skip
+
+
+def hotpot_hub_rows(data: list[dict]) -> list[dict]:
+    """``hotpotqa/hotpot_qa`` distractor validation rows."""
+    return [
+        {"id": d["_id"], "question": d["question"], "answer": d["answer"], "type": d["type"], "level": d["level"],
+         "supporting_facts": {"title": [t for t, _ in d["supporting_facts"]],
+                              "sent_id": [i for _, i in d["supporting_facts"]]},
+         "context": {"title": [t for t, _ in d["context"]], "sentences": [s for _, s in d["context"]]}}
+        for d in data
+    ]  # fmt: skip
+
+
+def test_qa_readers_hand_cases_and_both_schemas_agree():
+    from tasks.ruler.qa import read_hotpotqa, read_hotpotqa_hub, read_squad, read_squad_hub
+
+    docs = ["Anna likes cake.", "Ben sails a boat.", "Tom has a red ball."]  # sorted
+    want = [
+        {"query": "What colour is the ball?", "outputs": ["red", "red"], "context": [2], "more_context": [0]},
+        {"query": "What does Anna like?", "outputs": ["cake"], "context": [0], "more_context": [2]},
+        {"query": "What does Ben sail?", "outputs": ["a boat", "boat"], "context": [1], "more_context": []},
+    ]
+    assert read_squad(SQUAD) == (want, docs)  # the unanswerable question is left out
+    assert read_squad_hub(squad_hub_rows(SQUAD)) == (want, docs)
+    docs = ["T1\ns1 s2", "T2\nx", "T3\ny z"]
+    want = [
+        {"query": "Q1?", "outputs": ["yes"], "context": [0, 1]},
+        {"query": "Q2?", "outputs": ["no"], "context": [1, 2]},
+    ]
+    assert read_hotpotqa(HOTPOT) == (want, docs)
+    assert read_hotpotqa_hub(hotpot_hub_rows(HOTPOT)) == (want, docs)
+
+
+def test_qa_tasks_run_from_the_original_file_and_from_hub_rows(long_stories, tmp_path, capsys):
+    data = tmp_path / "data" / "ruler"
+    data.mkdir(parents=True)
+    (data / "squad.json").write_text(json.dumps(SQUAD))  # qa_1: RULER's copy of the release file
+    rows = hotpot_hub_rows(HOTPOT)
+    (data / "hotpot_qa.distractor.validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = ["run", "--methods", "fp16", "--tasks", "ruler:qa_1,qa_2,lengths=1024,samples=2", "--model",
+            str(long_stories), "--out", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    (rec,) = [json.loads(p.read_text()) for p in out.rglob("*.json") if "ruler" in p.name]
+    assert rec["status"] == "done" and {"qa_1@1024", "qa_2@1024", "avg@1024"} <= set(rec["metrics"])
+    assert rec["ruler"]["qa_data"] == {
+        "qa_1": "squad.json (SQuAD v2.0 dev (dev-v2.0.json))",
+        "qa_2": "hotpot_qa.distractor.validation.jsonl (hub rows)",
+    }
+    side = [json.loads(line) for line in next(out.rglob(rec["samples_file"])).read_text().splitlines()]
+    assert [(s["task"], s["outputs"]) for s in side] == [
+        ("qa_1", ["red", "red"]), ("qa_1", ["cake"]), ("qa_2", ["yes"]), ("qa_2", ["no"])]  # fmt: skip
+    assert all(s["metric"] == "string_match_part" and s["length_tokens"] <= 1024 for s in side)
+
+
+def test_qa_absent_or_unreadable_is_one_line(stories_dir, tmp_path, capsys, monkeypatch):
+    import tasks.ruler.qa as qa
+
+    def offline(task):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(qa, "_hub_rows", offline)
+    monkeypatch.delenv("MOQAE_DATA_DIR", raising=False)
+    argv = ["run", "--methods", "fp16", "--tasks", "ruler:all,lengths=512", "--model", str(stories_dir), "--out",
+            str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("note:")]
+    assert len(err) == 1 and "qa_1, qa_2 need" in err[0] and "rajpurkar/squad_v2" in err[0], err
+    assert "hotpotqa/hotpot_qa/distractor" in err[0] and "hub unreachable" in err[0]
+    bad = tmp_path / "data" / "ruler"
+    bad.mkdir(parents=True)
+    (bad / "squad.json").write_text(json.dumps({"data": [{"title": "A"}]}))
+    assert main([*argv[:4], "ruler:qa_1,lengths=512", *argv[5:], "--data-dir", str(tmp_path / "data")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("note:")]
+    assert len(err) == 1 and "squad.json is not SQuAD v2.0 dev" in err[0] and "KeyError" in err[0], err
+    assert not (tmp_path / "o").exists()

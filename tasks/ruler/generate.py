@@ -37,7 +37,6 @@ What differs, and why:
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
@@ -657,60 +656,3 @@ def _zeta(alpha: float) -> float:
             return float(np.pi**2 / 6)
         n = 100000
         return float(sum(k**-alpha for k in range(1, n)) + n ** (1 - alpha) / (alpha - 1))
-
-
-# --------------------------------------------------------------------------------------------
-# QA data (scripts/data/synthetic/qa.py read_squad / read_hotpotqa)
-# --------------------------------------------------------------------------------------------
-
-QA_FILES = {"qa_1": "squad.json", "qa_2": "hotpotqa.json"}
-QA_SOURCES = {
-    "qa_1": "SQuAD v2.0 dev (dev-v2.0.json)",
-    "qa_2": "HotpotQA distractor dev (hotpot_dev_distractor_v1.json)",
-}
-
-
-def read_squad(data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    total_docs = sorted(set(p["context"] for d in data["data"] for p in d["paragraphs"]))
-    index = {c: i for i, c in enumerate(total_docs)}
-    qas = []
-    for d in data["data"]:
-        more = [index[p["context"]] for p in d["paragraphs"]]
-        for p in d["paragraphs"]:
-            for q in p["qas"]:
-                if not q["is_impossible"]:
-                    qas.append(
-                        {
-                            "query": q["question"],
-                            "outputs": [a["text"] for a in q["answers"]],
-                            "context": [index[p["context"]]],
-                            "more_context": [i for i in more if i != index[p["context"]]],
-                        }
-                    )
-    return qas, total_docs
-
-
-def read_hotpotqa(data: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    total_docs = sorted(set(f"{t}\n{''.join(p)}" for d in data for t, p in d["context"]))
-    index = {c: i for i, c in enumerate(total_docs)}
-    qas = [
-        {
-            "query": d["question"],
-            "outputs": [d["answer"]],
-            "context": [index[f"{t}\n{''.join(p)}"] for t, p in d["context"]],
-        }
-        for d in data
-    ]
-    return qas, total_docs
-
-
-@cache
-def load_qa(task: str, path: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """RULER's QA questions and documents from the original file RULER downloads
-    (``scripts/data/synthetic/json/download_qa_dataset.sh``)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    qas, docs = read_squad(data) if task == "qa_1" else read_hotpotqa(data)
-    if not qas:
-        raise ValueError(f"{path}: no answerable question")
-    return qas, docs

@@ -27,10 +27,12 @@ of two from 1024 up to the model's context, then the context itself where it is 
 ``haystack`` (``noise``: RULER's noise sentences stand in for the Paul Graham essays of the essay tasks;
 a text file: its words in RULER's essay layout), ``chat``.
 
-qa_1 / qa_2 read the files RULER downloads (``scripts/data/synthetic/json/download_qa_dataset.sh``), in
-their original schema, from the data folder: ``<data>/ruler/squad.json`` (SQuAD v2.0 dev,
-``dev-v2.0.json``) and ``<data>/ruler/hotpotqa.json`` (HotpotQA distractor dev,
-``hotpot_dev_distractor_v1.json``); without them the run is refused before the model loads.
+qa_1 / qa_2 read SQuAD v2.0 dev and HotpotQA distractor dev (``tasks.ruler.qa``): the files RULER
+downloads (``scripts/data/synthetic/json/download_qa_dataset.sh``) as ``<data>/ruler/squad.json`` and
+``<data>/ruler/hotpotqa.json``, or the hub's rows (``rajpurkar/squad_v2``, ``hotpotqa/hotpot_qa``
+distractor, ``validation``) as JSON lines beside them, or, without a data folder, from the hub; where
+none is found the run is refused in one line before the model loads. The record's ``ruler.qa_data`` names
+the source each read.
 """
 
 from __future__ import annotations
@@ -57,16 +59,14 @@ from tasks.ruler.generate import (
     CONFIGS,
     DEFAULT_SEED,
     GROUPS,
-    QA_FILES,
-    QA_SOURCES,
     Generator,
     Haystack,
     Sample,
     Tokens,
-    load_qa,
     tokens_to_generate,
 )
 from tasks.ruler.metrics import metric_name, sample_score
+from tasks.ruler.qa import load_qa, locate, missing_message
 
 MIN_DEFAULT_LENGTH = 1024
 
@@ -135,10 +135,6 @@ class RULERConfig(MethodConfig):
 _GENERATORS: dict[tuple, Generator] = {}
 
 
-def qa_path(task: str, data_dir: Path | None) -> Path | None:
-    return None if data_dir is None else Path(data_dir) / "ruler" / QA_FILES[task]
-
-
 def extra_words(data_dir: Path | None) -> list[str] | None:
     """RULER's ``json/english_words.json`` (cwe beyond the wonderwords words) where the data folder has it."""
     path = None if data_dir is None else Path(data_dir) / "ruler" / "english_words.json"
@@ -161,22 +157,10 @@ def generator(task: str, length: int, cfg: RULERConfig, tokens: Tokens, data_dir
         str(data_dir),
     )
     if ident not in _GENERATORS:
-        qa = None
-        if CONFIGS[task]["task"] == "qa":
-            path = qa_path(task, data_dir)
-            if path is None or not path.is_file():
-                raise MissingDataError(qa_missing([task]))
-            qa = load_qa(task, str(path))
+        qa = load_qa(task, data_dir)[0] if CONFIGS[task]["task"] == "qa" else None
         extra = extra_words(data_dir) if task == "cwe" else None
         _GENERATORS[ident] = Generator(task, length, cfg.seed, tokens, Haystack.load(cfg.haystack), qa, extra)
     return _GENERATORS[ident]
-
-
-def qa_missing(tasks: list[str]) -> str:
-    files = ", ".join(f"<data>/ruler/{QA_FILES[t]} ({QA_SOURCES[t]})" for t in tasks)
-    return (
-        f"ruler: {', '.join(tasks)} need{'s' if len(tasks) == 1 else ''} {files}; give --data-dir, or use ruler:offline"
-    )
 
 
 def prompt_sha1(sample: Sample) -> str:
@@ -218,19 +202,22 @@ class RULER(Task):
         """(task, length, index) of every sample: lengths, then tasks, then samples."""
         return [(t, n, i) for n in lengths for t in self.task_names() for i in range(self.config.samples)]
 
+    def qa_tasks(self) -> list[str]:
+        return [t for t in self.task_names() if CONFIGS[t]["task"] == "qa"]
+
     def check_data(self, data_dir: Path | None) -> None:
-        qa = [t for t in self.task_names() if CONFIGS[t]["task"] == "qa"]
-        missing = [t for t in qa if (p := qa_path(t, resolve_data_dir(data_dir))) is None or not p.is_file()]
-        if missing:
-            raise MissingDataError(qa_missing(missing))
-        for t in qa:
-            path = qa_path(t, resolve_data_dir(data_dir))
+        """qa_1 / qa_2 read (``tasks.ruler.qa.load_qa``); the ones absent are named in one line."""
+        data_dir = resolve_data_dir(data_dir)
+        missing = []
+        for t in self.qa_tasks():
             try:
-                load_qa(t, str(path))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise MissingDataError(
-                    f"ruler {t}: {path} is not {QA_SOURCES[t]} in its original JSON schema: {type(e).__name__}: {e}"
-                ) from None
+                load_qa(t, data_dir)
+            except MissingDataError:
+                if data_dir is not None and locate(t, data_dir) is not None:
+                    raise  # the file is there but not readable as either schema: its own message
+                missing.append(t)
+        if missing:
+            raise MissingDataError(missing_message(missing, data_dir))
 
     def evaluate(self, ctx: TaskContext) -> dict[str, Any]:
         return self.merge_shards([self.evaluate_shard(ctx, 0, 1)])
@@ -298,6 +285,9 @@ class RULER(Task):
             bar.update(1)
         bar.close()
         info = self.info(chat, lengths)
+        qa = {t: load_qa(t, data_dir)[1] for t in self.qa_tasks()}
+        if qa:
+            info["qa_data"] = qa
         return {"samples": samples, "ruler": info, "eval_seconds": time.perf_counter() - start}
 
     def info(self, chat: bool, lengths: list[int]) -> dict[str, Any]:
