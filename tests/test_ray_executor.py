@@ -115,6 +115,62 @@ def test_longbench_shards_merge_to_the_serial_record(cluster, tmp_path, stories_
     assert_no_torn_files(sharded)
 
 
+def long_context_copy(stories_dir: Path, folder: Path) -> Path:
+    """stories260K with a config that declares 1024 positions, as tests/test_ruler.py's ``long_stories``:
+    RULER's shortest length does not fit its 512 (RoPE runs past 512; quality is irrelevant)."""
+    import shutil
+
+    shutil.copytree(stories_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["max_position_embeddings"] = 1024
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("task", "shards", "fits"),
+    [("niah:lengths=256,depths=3,repeats=1,digits=3,chat=false", 2, 256),  # 3 prompts: shards of 1 and 2
+     ("ruler:niah_single_1,fwe,lengths=1024,samples=1", 2, 1024)],  # a sample of each generator: a shard each
+)  # fmt: skip
+def test_generated_long_context_tasks_shard_to_the_serial_record(cluster, tmp_path, stories_dir, task, shards, fits):
+    """niah and RULER generate their prompts on the worker: ``--shard-samples`` cells give the serial
+    run's metrics, per-sample outputs (but for the seconds each took), prompt SHA-1s and KV accounting."""
+    import torch
+
+    from harness.cli import main
+
+    model = stories_dir if task.startswith("niah") else long_context_copy(stories_dir, tmp_path / "stories1k")
+    serial, sharded = tmp_path / "serial", tmp_path / "sharded"
+    argv = ["run", "--methods", "int4", "--tasks", task, "--model", str(model), "--device", "cpu", "--no-progress"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count (--cpus-per-cell 1)
+    try:
+        assert main([*argv, "--out", str(serial)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # the module's cluster is running: the executor joins it (and leaves it running)
+    assert main([*argv, "--out", str(sharded), "--executor", "ray", "--shard-samples", str(shards)]) == 0
+    (path,) = serial.glob("*.json")
+    ref, rec = load_record(path), load_record(sharded / path.name)  # the same file name: the same key
+    assert ref["status"] == rec["status"] == "done" and "shards" not in ref
+    assert rec["shards"] == shards and sorted(w["shard"][0] for w in rec["worker"]) == list(range(shards))
+    assert rec["metrics"] == ref["metrics"] and rec["kv"] == ref["kv"] and rec["n_samples"] == ref["n_samples"]
+    if task.startswith("niah"):  # the prompts' SHA-1: niah's at the top of the record, RULER's in its info
+        assert rec["prompts_sha1"] == ref["prompts_sha1"] and rec["grid"] == ref["grid"]
+    else:
+        assert rec["ruler"]["prompts_sha1"] == ref["ruler"]["prompts_sha1"] and rec["ruler"] == ref["ruler"]
+
+    def samples(folder: Path) -> list[dict]:
+        lines = (folder / ref["samples_file"]).read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+    want = samples(serial)
+    assert samples(sharded) == want and len(want) == (3 if task.startswith("niah") else 2)
+    assert all(s["input_tokens"] <= fits and "output" in s for s in want)  # the prompts fit the model
+    assert len({s["prompt_sha1"] for s in want}) == len(want)
+    assert_no_torn_files(sharded)
+
+
 def test_reproduce_trains_the_router_as_a_ray_task_and_ships_it_to_the_cells(cluster, tmp_path, stories_dir,
                                                                              data_dir):  # fmt: skip
     """``reproduce`` with the executor: ``[prepare.moqae]`` trains stories260K's router in a Ray task, the
