@@ -210,6 +210,8 @@ def test_cli_run_two_methods_same_prompts(long_stories, tmp_path, capsys):
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "README.md").read_text()
     assert "## RULER" in md and "average per length" in md and "RULER at 1024 tokens" in md
+    assert "![RULER average against nominal KV bits" in md
+    assert (tmp_path / "report" / "ruler_vs_bits.png").stat().st_size > 0
     fp16 = next(r for r in records if r["method"] == "fp16")["metrics"]
     assert f"| fp16 | 16.00 | {fp16['avg@1024']:.2f} | {fp16['average']:.2f} |" in md
 
