@@ -34,7 +34,10 @@ after it); here ``quantize_prefill`` defaults to True so perplexity tables compa
 ``kivi:quantize_prefill=false`` reproduces KIVI's full-precision prefill.
 
 Options: ``bits`` (2 or 4; 8 accepted), ``group`` G (default 32), ``residual`` R (default 128,
-a multiple of G), ``quantize_prefill``. Variants ``kivi-2`` / ``kivi-4``.
+a multiple of G), ``quantize_prefill``, and ``key_bits`` / ``value_bits`` (0: ``bits``) for keys and
+values at different widths (KIVI's own code quantizes both at one ``k_bits = v_bits``; the split is
+the building block of KVTuner's per-layer pairs and of "Quantize What Counts", arXiv 2502.15075).
+Variants ``kivi-2`` / ``kivi-4`` and ``kivi-k4v2`` (4-bit keys, 2-bit values).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from typing import ClassVar
 
 import torch
 
+from baselines.uniform import SplitBits
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -65,8 +69,15 @@ class KIVIConfig(MethodConfig):
     group: PositiveInt = 32  # G: tokens per key range (per channel), channels per value range (per token)
     residual: PositiveInt = 128  # R: full-precision residual length; a multiple of G
     quantize_prefill: bool = True  # False = KIVI's own full-precision prefill attention
+    key_bits: SplitBits = 0  # 0 = bits
+    value_bits: SplitBits = 0  # 0 = bits
 
     aliases: ClassVar[dict[str, str]] = {"residual_length": "residual", "group_size": "group"}  # KIVI's names
+    keyed_if_set: ClassVar[tuple[str, ...]] = ("key_bits", "value_bits")
+
+    def widths(self) -> tuple[int, int]:
+        """(key bits, value bits)."""
+        return self.key_bits or self.bits, self.value_bits or self.bits
 
     def validate(self) -> None:
         if self.residual < self.group or self.residual % self.group:
@@ -84,7 +95,7 @@ class KIVIStore(WindowedPairStore):
     """
 
     def __init__(self, layer_idx: int, info: ModelInfo, config: KIVIConfig):
-        super().__init__(layer_idx, info, config.bits, config.bits, config.group)
+        super().__init__(layer_idx, info, *config.widths(), config.group)
         self.cfg = config  # k_fp: key buffer, < R tokens after a transition; v_fp: <= R values
 
     # ---- KIVI's transitions ------------------------------------------------------------------
@@ -116,10 +127,11 @@ class KIVI(KVCacheMethod):
     """KIVI (arXiv 2402.02750): per-channel keys, per-token values, fp16 residual window."""
 
     name = "kivi"
-    description = "KIVI: keys per channel, values per token, fp16 residual (options bits, group, residual)"
+    description = "KIVI: per-channel K, per-token V, fp16 residual (bits, key_bits, value_bits, group, residual)"
     variants = {
         "kivi-2": Variant("KIVI-2: 2-bit keys per channel / values per token, fp16 residual", bits=2),
         "kivi-4": Variant("KIVI-4: 4-bit keys per channel / values per token, fp16 residual", bits=4),
+        "kivi-k4v2": Variant("KIVI with 4-bit keys and 2-bit values (K4V2), fp16 residual", key_bits=4, value_bits=2),
     }
     report = ReportStyle("KIVI", "s", "C0", rank=30)
 
@@ -133,8 +145,9 @@ class KIVI(KVCacheMethod):
                 f"{self.label}: group={c.group} does not divide head_dim={info.head_dim} (value groups run "
                 f"along channels); accepted: divisors of {info.head_dim}"
             )
-        if info.head_dim * c.bits % 8:
-            raise MethodSpecError(f"{self.label}: head_dim={info.head_dim} cannot be bit-packed at {c.bits} bits")
+        for bits in set(c.widths()):
+            if info.head_dim * bits % 8:
+                raise MethodSpecError(f"{self.label}: head_dim={info.head_dim} cannot be bit-packed at {bits} bits")
 
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
         return KIVIStore(layer_idx, info, self.config)

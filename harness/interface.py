@@ -268,11 +268,14 @@ class MethodConfig:
     """Base config; each method subclasses it. ``validate`` raises MethodSpecError on bad values.
 
     ``aliases`` maps option names accepted on the command line to field names (``lambda`` -> ``lam``);
-    ``positional`` names the (str) field that bare spec items fill (``longbench:trec,samsum``).
+    ``positional`` names the (str) field that bare spec items fill (``longbench:trec,samsum``);
+    ``keyed_if_set`` names options added after records were written: at their default they are left
+    out of ``options()`` (the record key), so the older records keep their keys.
     """
 
     aliases: ClassVar[dict[str, str]] = {}
     positional: ClassVar[str | None] = None
+    keyed_if_set: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:  # noqa: B027
         pass
@@ -351,7 +354,12 @@ class KVCacheMethod(ABC):
         return {}
 
     def options(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.config)
+        """The config as the record key holds it (``keyed_if_set`` options only where not at their default)."""
+        values = dataclasses.asdict(self.config)
+        for f in dataclasses.fields(self.config):
+            if f.name in self.config.keyed_if_set and values[f.name] == f.default:
+                del values[f.name]
+        return values
 
     # ---- before a run (python -m harness reproduce) -------------------------------------------
     @classmethod

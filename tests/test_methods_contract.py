@@ -393,7 +393,10 @@ def test_builds_describes_and_round_trips(name):
     row = {d.name: d for d in METHODS.describe()}[name]
     assert not row.error, row.error
     assert row.description.strip() and "\n" not in row.description, f"{name}: {row.description!r}"
-    assert row.options == method.options()
+    assert row.options == dataclasses.asdict(method.config)  # `list` shows every option
+    # the record key: every option, but those added later (``keyed_if_set``) only where set
+    assert method.options() == {k: v for k, v in row.options.items() if k in method.options()}
+    assert set(row.options) - set(method.options()) <= set(method.config.keyed_if_set)
     json.dumps(method.options())  # goes into record keys as is
 
     spec = _spec(name)
