@@ -80,6 +80,7 @@ LOSSLESS: dict[str, tuple[str, float, str]] = {
     "fp16": ("", EXACT, "all"),
     "full": ("", ROUNDING, "all"),
     "kivi": ("residual=256", EXACT, "all"),
+    "polarquant": ("residual=256", EXACT, "all"),  # every key in its fp16 window, values fp16
     "moqae": ("chunk=128", EXACT, "all"),
     "moqae-oracle": ("chunk=128", EXACT, "all"),
     "mikv": ("ratio=1", ROUNDING, "all"),
