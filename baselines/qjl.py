@@ -365,7 +365,7 @@ class QJL(KVCacheMethod):
 
     name = "qjl"
     description = "QJL: keys as sign bits of a JL projection + fp16 norms (outlier channels apart), 2-bit values"
-    report = ReportStyle("QJL", ">", "#6a3d9a", rank=72)
+    report = ReportStyle("QJL", "<", "#6a3d9a", rank=72)
 
     config_class = QJLConfig
     decode_from_codes = True  # decode steps score from the sign bits (QJLStore.attend)

@@ -33,6 +33,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "kvmix": "baselines.kvmix:KVmix",
     "xquant": "baselines.xquant:XQuant",
     "alignedkv": "baselines.alignedkv:AlignedKV",
+    "qjl": "baselines.qjl:QJL",
     "polarquant": "baselines.polarquant:PolarQuant",
     "polarquant-33": "baselines.polarquant:PolarQuant",
     "polarquant-v4": "baselines.polarquant:PolarQuant",

@@ -81,6 +81,7 @@ LOSSLESS: dict[str, tuple[str, float, str]] = {
     "full": ("", ROUNDING, "all"),
     "kivi": ("residual=256", EXACT, "all"),
     "polarquant": ("residual=256", EXACT, "all"),  # every key in its fp16 window, values fp16
+    "qjl": ("buffer=256", EXACT, "all"),  # every key and value in its fp16 buffer
     "moqae": ("chunk=128", EXACT, "all"),
     "moqae-oracle": ("chunk=128", EXACT, "all"),
     "mikv": ("ratio=1", ROUNDING, "all"),
