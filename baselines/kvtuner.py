@@ -521,14 +521,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--data-dir", default=None, help="local data mirror (else $MOQAE_DATA_DIR, else the hub)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, ... (the search's forwards run there)")
+    s.add_argument("--dtype", default="fp32", help="the model's dtype (fp32, fp16, bf16)")
     s.add_argument("--out", default=None, help="JSON file (default: the shipped file for the model)")
     args = p.parse_args(argv)
     try:
         budgets = [float(b) for b in args.budget.split(",") if b.strip()]
         if not budgets or any(not 2 <= b <= 8 for b in budgets) or min(args.trials, args.groups, args.windows) < 1:
             raise ValueError("--budget values must lie in [2, 8]; --trials, --groups, --windows must be >= 1")
-        model, tok = load_model(args.model, device="cpu", dtype="fp32")
+        model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
         windows = calibration_windows(tok, args.data_dir, args.seqlen, args.windows, seed=args.seed)
+        windows = [w.to(next(model.parameters()).device) for w in windows]
         base = KVTunerConfig(scheme=args.scheme, zero_point=args.zero_point)
         info = model_info(model)
         out = Path(args.out) if args.out else CONFIG_DIR / f"{model_signature(info)}.json"
@@ -539,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     argv_used = sys.argv[1:] if argv is None else argv
     entry["command"] = "python -m baselines.kvtuner " + " ".join(shlex.quote(a) for a in argv_used)
     entry["calibration"] = {"split": "wikitext-2 calibration", "windows": args.windows, "seqlen": args.seqlen}
+    entry["device"], entry["dtype"] = args.device, args.dtype
     data = read_config_file(out) if out.exists() else {"format": CONFIG_FORMAT, "schemes": {}}
     data.update(model=model_id(args.model), signature=model_signature(info))
     data["schemes"][args.scheme] = entry  # this command's scheme replaced; the other scheme's entry stays
