@@ -20,8 +20,8 @@ the official presets write it), else from the searched configuration shipped for
 ``scheme``; none there is a one-line error naming the search command. The pairs are Python ints held by the
 method, not tensors of the cache, so ``memory()`` counts only the codes, scales/zeros and fp16 tokens.
 
-The offline search (``python -m baselines.kvtuner search``), as the paper's Sec. 5 and the official
-``search_optuna_adaptive.py`` do it:
+The offline search (``python -m baselines.kvtuner search``), as the paper and the official
+``search_optuna_adaptive.py`` describe it:
 
 1. Sensitivity: per layer l and candidate pair p of {8,4,2}², the relative attention-output error
    e[l, p] = ||softmax(q K̂ᵀ/√D) V̂ − softmax(q Kᵀ/√D) V|| / ||softmax(q Kᵀ/√D) V|| over the calibration
@@ -43,9 +43,12 @@ Differences from the official code, each a choice here:
   calibration windows (``harness.data.calibration_windows``, never the test split) with the prefill
   quantized (one forward per window would otherwise not see the cache at all).
 * The official repository ships the groupings and per-group candidate lists as hard-coded tables for six
-  models, not the code that made them; steps 1-3 follow the paper's description, and the error measure
-  (relative attention-output error) and the clustering algorithm (average linkage on log errors) are
-  ours. ``--groups`` (default 6: the official tables have 4-8 groups) sets the search space.
+  models, not the code that made them; steps 1-3 follow the paper's description (its abstract and a
+  secondary summary: Pareto pruning of pairs by bits and attention-output error, clustering of layers by
+  their errors; the full text was not at hand), and the error's exact form and the clustering algorithm
+  (average linkage on log errors) are ours. ``--groups`` (default 6: the official tables have 4-8 groups).
+* Prefill: the method's prefill attention reads the quantized cache by default, as every method here;
+  ``quantize_prefill=false`` gives the official full-precision prefill (``force_quant=False``).
 * The flexible cache of the official code re-quantizes the whole dequantized history each time its
   residual fills (and groups a prefill that is not a multiple of 32 tokens across channels); the KIVI
   store here quantizes each token group once, with KIVI's own window rules.
