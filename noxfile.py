@@ -26,8 +26,9 @@ def install(session: nox.Session, extras: str = "dev") -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The unit and end-to-end test suite (GPU-only tests skip without a GPU; the Ray executor's tests
-    start a real local Ray cluster on 127.0.0.1; the peer rows hf-quanto / hf-hqq need the [peers] extra)."""
-    install(session, "dev,ray,peers")
+    start a real local Ray cluster on 127.0.0.1; the peer rows hf-quanto / hf-hqq need the [peers] extra;
+    KVTuner's search needs the [search] extra)."""
+    install(session, "dev,ray,peers,search")
     session.run("pytest", "-q", "-ra", *session.posargs)
 
 

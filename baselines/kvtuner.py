@@ -431,7 +431,10 @@ def search(
     log: Any = None,
 ) -> dict[str, Any]:
     """Steps 1-4 of the module docstring on ``windows``; the scheme's entry of a configuration file."""
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise MethodSpecError("kvtuner search needs optuna: pip install 'moqae-harness[search]'") from None
 
     from harness.integration import model_info
 
@@ -508,6 +511,7 @@ def search(
 
 def main(argv: list[str] | None = None) -> int:
     from harness.data import MissingDataError, calibration_windows
+    from harness.files import write_text_atomic
     from harness.integration import model_info
     from harness.models import ModelLoadError, load_model, model_id
 
@@ -550,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     data.update(model=model_id(args.model), signature=model_signature(info))
     data["schemes"][args.scheme] = entry  # this command's scheme replaced; the other scheme's entry stays
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1) + "\n")
+    write_text_atomic(out, json.dumps(data, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -66,7 +66,10 @@ NAMES = METHODS.names()
 # --------------------------------------------------------------------------------------------
 
 #: options every run of the method needs on the test model: MoQAE ships no router for it
-SPEC_OPTIONS: dict[str, str] = {"moqae": "ckpt=random"}
+SPEC_OPTIONS: dict[str, str] = {
+    "moqae": "ckpt=random",
+    "kvtuner": "pairs=K8V4,K4V2,KV2,K2V4",  # the budgets need a searched file for the model; none for this one
+}
 
 #: settings that hold exactly fp16's K/V: (options, tolerance, which logits). KIVI with a residual
 #: longer than the sequence keeps every token fp16; MoQAE with a 128-token chunk keeps the frozen
