@@ -509,12 +509,8 @@ def search(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from harness.data import MissingDataError, calibration_windows
-    from harness.files import write_text_atomic
-    from harness.integration import model_info
-    from harness.models import ModelLoadError, load_model, model_id
-
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m baselines.kvtuner``'s arguments (``search``)."""
     p = argparse.ArgumentParser(prog="python -m baselines.kvtuner", description="KVTuner's offline search")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("search", help="search per-layer (key bits, value bits) pairs on the calibration split")
@@ -531,7 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="cpu", help="cpu, cuda, ... (the search's forwards run there)")
     s.add_argument("--dtype", default="fp32", help="the model's dtype (fp32, fp16, bf16)")
     s.add_argument("--out", default=None, help="JSON file (default: the shipped file for the model)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.data import MissingDataError, calibration_windows
+    from harness.files import write_text_atomic
+    from harness.integration import model_info
+    from harness.models import ModelLoadError, load_model, model_id
+
+    args = build_parser().parse_args(argv)
     try:
         budgets = [float(b) for b in args.budget.split(",") if b.strip()]
         if not budgets or any(not 2 <= b <= 8 for b in budgets) or min(args.trials, args.groups, args.windows) < 1:

@@ -17,7 +17,8 @@ from harness.models import (
 from moqae.train import RouterTrainer, TrainConfig, check_train_args, summarize
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m moqae``'s arguments: ``train``, ``oracle-check``, ``oracle-crossfit``."""
     p = argparse.ArgumentParser(prog="python -m moqae", description="MoQAE router training (LLM frozen)")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the routers on the calibration split; resumable")
@@ -54,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--split", choices=("parity", "halves"), default="parity", help="how the tokens are halved")
     x.add_argument("--shuffles", type=int, default=4, help="shuffled allocations per fold (the control)")
     x.add_argument("--out", default=None, help="JSON file for the windows and the summary")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "oracle-check":
         return _oracle_check(args, sys.argv[1:] if argv is None else argv)
     if args.command == "oracle-crossfit":
