@@ -65,7 +65,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from harness.from_codes import mix_from_codes
+from harness.from_codes import masked_scores, mix_from_codes
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -250,17 +250,6 @@ class PolarSeq:
 # --------------------------------------------------------------------------------------------
 
 
-def _masked(scores: torch.Tensor, mask: torch.Tensor | None, h_kv: int) -> torch.Tensor:
-    """A transformers attention mask ([B, 1 or H, 1, T], bool or additive) on scores [B, H_kv, R, T],
-    as ``harness.from_codes.decode_attention_over`` applies it."""
-    if mask is None:
-        return scores
-    b, _, r, t = scores.shape
-    m = mask[..., -1:, :t]
-    m = m.expand(b, h_kv * r, 1, t).reshape(b, h_kv, r, t) if m.shape[1] != 1 else m.reshape(b, 1, 1, t)
-    return scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.to(scores.dtype)
-
-
 class PolarQuantStore(LayerStore):
     """Keys [polar codes | fp16 window], values fp16 or [per-token codes | fp16 window] (same split)."""
 
@@ -332,7 +321,7 @@ class PolarQuantStore(LayerStore):
             parts.append(self.k_q.scores(qg))
         if self.k_fp.length:
             parts.append(torch.matmul(qg, self.k_fp.data.to(dt).transpose(-1, -2)))
-        p = torch.softmax(_masked(torch.cat(parts, dim=-1), mask, hk), dim=-1)  # [B, H_kv, R, T]
+        p = torch.softmax(masked_scores(torch.cat(parts, dim=-1), mask, hk), dim=-1)  # [B, H_kv, R, T]
         out, start = None, 0
         for v in held_parts([s for s in (self.v_q, self.v_fp) if s is not None]):
             n = v.shape[-2]

@@ -78,7 +78,7 @@ from typing import ClassVar
 
 import torch
 
-from harness.from_codes import _masked, mix_from_codes
+from harness.from_codes import masked_scores, mix_from_codes
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -323,7 +323,7 @@ class QJLStore(LayerStore):
             parts.append(self.key_scores(qg))
         if self.k_fp.length:
             parts.append(qg @ self.k_fp.data.float().transpose(-1, -2))
-        p = torch.softmax(_masked(torch.cat(parts, dim=-1), mask, h_kv), dim=-1)  # [B, H_kv, R, T]
+        p = torch.softmax(masked_scores(torch.cat(parts, dim=-1), mask, h_kv), dim=-1)  # [B, H_kv, R, T]
         out, start = 0, 0
         for v in (self.v_q.q, self.v_fp.data):
             if v is None:

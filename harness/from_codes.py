@@ -155,7 +155,7 @@ def mix_from_codes(p: torch.Tensor, v: QuantizedTensor) -> torch.Tensor:
     return out
 
 
-def _masked(scores: torch.Tensor, mask: torch.Tensor | None, h_kv: int) -> torch.Tensor:
+def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None, h_kv: int) -> torch.Tensor:
     """Apply a transformers attention mask ([B, 1 or H, 1, T] bool or additive) to scores [B, H_kv, R, T]."""
     if mask is None:
         return scores
@@ -187,7 +187,7 @@ def decode_attention_over(
         scores_from_codes(qg, k) if isinstance(k, QuantizedTensor) else torch.matmul(qg, k.to(dtype).transpose(-1, -2))
         for k in keys
     ]
-    scores = _masked(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1), mask, h_kv)
+    scores = masked_scores(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1), mask, h_kv)
     p = torch.softmax(scores, dim=-1)  # [B, H_kv, R, T]
     out, start = None, 0
     for v in values:
