@@ -61,7 +61,7 @@ def reproduce(session: nox.Session) -> None:
     the report in ``$MOQAE_REPORT`` (``reports/reproduce/<profile>/README.md``); re-running resumes
     where it stopped. Extra arguments go to the command, e.g. ``nox -s reproduce -- --models X``.
     """
-    install(session)
+    install(session, "dev,peers")  # the peer rows (hf-quanto) of the quick and full profiles
     profile = os.environ.get("MOQAE_PROFILE", "quick")
     name = os.path.splitext(os.path.basename(profile))[0]
     args = ["--profile", profile,
