@@ -20,7 +20,10 @@ def test_shipped_profiles_parse():
     assert quick.models == ["smollm2-135m"] and wt.options["max_windows"] >= 1
     assert set(PAPER_METHODS) <= set(wt.methods)
     assert {f"moqae:lam={x}" for x in (0.1, 0.3, 0.5, 0.7, 0.9)} <= set(wt.methods)
-    assert {r.tasks[0].split(":")[0] for r in quick.runs} == {"wikitext2", "longbench", "lmeval"}
+    tasks = {t.split(":")[0] for r in quick.runs for t in r.tasks}
+    assert tasks == {"wikitext2", "longbench", "lmeval", "niah", "ruler"}
+    retrieval = next(r for r in quick.runs if r.name == "retrieval")  # the seven methods
+    assert set(retrieval.methods) == {"fp16", "int4", "kivi-2", "kvquant-4b", "qoq", "moqae:lam=0.5", "hf-quanto"}
     assert quick.profile is not None and max(quick.profile.contexts) <= 2048 and not quick.prepare
     full = load_profile("full")
     assert "meta-llama/Llama-2-7b-hf" in full.models and full.prepare["moqae"]["steps"] == 200
