@@ -68,6 +68,9 @@ Where this differs from the official code (options where it is a choice):
   head_dim that G divides, m and m_o multiples of 8, m_o ≤ m.
 * ``outliers=0`` stores no outlier sketch, norm or index (the official kernel still writes all-zero
   outlier bits and zero norms).
+* The fp16 norms are held as ‖k‖ · 2^-e with e = ⌈log2 √d⌉ (a power of two: the same fp16 number as
+  the official ‖k‖ wherever that is a finite normal fp16, read back × 2^e in fp32), so that the norm of
+  any fp16 key (at most √d · 65504) stays finite; the official fp16 ‖k‖ overflows to inf beyond 65504.
 """
 
 from __future__ import annotations
@@ -157,6 +160,9 @@ def signs(packed: torch.Tensor) -> torch.Tensor:
     return unpack_to_float(packed, 1, torch.float32).mul_(2).sub_(1)
 
 
+FP16_MAX = torch.finfo(torch.float16).max
+
+
 class QJLStore(LayerStore):
     """One layer: QJL keys (sign sketches, fp16 norms, outlier indices) + fp16 key residual; values
     per token at ``value_bits`` + fp16 window. Shapes [B, H_kv, T, D]; sketches [B, H_kv, T, m/8]."""
@@ -171,8 +177,9 @@ class QJLStore(LayerStore):
         self.projection_held = method.projection(self.initial, info.head_dim, info.device) if owner else None
         self.sign_in = TokenBuffer()  # uint8 [B, H, Tq, m/8]
         self.sign_out = TokenBuffer()  # uint8 [B, H, Tq, m_o/8]
-        self.norm = TokenBuffer()  # fp16 [B, H, Tq, 1]: ‖k‖
-        self.norm_out = TokenBuffer()  # fp16 [B, H, Tq, 1]: ‖M_out⊙k‖
+        self.norm = TokenBuffer()  # fp16 [B, H, Tq, 1]: ‖k‖ · 2^-e
+        self.norm_out = TokenBuffer()  # fp16 [B, H, Tq, 1]: ‖M_out⊙k‖ · 2^-e
+        self.norm_shift = 2.0 ** -math.ceil(math.log2(math.sqrt(info.head_dim)))  # 2^-e: √d · 65504 fits fp16
         self.outlier_idx = TokenBuffer()  # uint8 [B, H, Tq/G, n_out]
         self.k_fp = FullPrecisionSeq()  # fp16 key residual, < B tokens after each append
         self.v_q = QuantizedSeq(self.cfg.value_bits, self.cfg.group, axis=-1)
@@ -200,7 +207,8 @@ class QJLStore(LayerStore):
         g = self.cfg.group
         kf = k.to(torch.float16).float()  # the official keys are fp16
         S = self.S.to(kf.device)  # noqa: N806
-        out: dict[str, torch.Tensor] = {"norm": kf.norm(dim=-1, keepdim=True).half()}  # torch.norm(key_states)
+        shift = self.norm_shift  # norms held in fp16 as ‖k‖ · 2^-e (module docstring)
+        out: dict[str, torch.Tensor] = {"norm": (kf.norm(dim=-1, keepdim=True) * shift).half()}
         if self.n_out:
             groups = kf.view(b, h, n // g, g, d)
             norms = groups.norm(dim=-2).half()  # [B, H, N, D]: key_states.norm(dim=-2), fp16
@@ -209,7 +217,7 @@ class QJLStore(LayerStore):
             mask = mask.unsqueeze(-2).expand(b, h, n // g, g, d).reshape(b, h, n, d)
             k_out = kf * mask
             out["idx"] = idx.to(torch.uint8)
-            out["norm_out"] = k_out.norm(dim=-1, keepdim=True).half()
+            out["norm_out"] = (k_out.norm(dim=-1, keepdim=True) * shift).half()
             out["sign_out"] = pack_bits((k_out @ S[: self.m_o].T) > 0, 1)  # [B, H, n, m_o/8]
             kf = kf * ~mask
         out["sign_in"] = pack_bits((kf @ S.T) > 0, 1)  # [B, H, n, m/8]
@@ -258,10 +266,10 @@ class QJLStore(LayerStore):
 
     def _norms(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(‖k_in‖, ‖k_out‖) fp32 [B, H, Tq, 1], as the score kernel forms them from the fp16 norms."""
-        norm = self.norm.value.float()
+        norm = self.norm.value.float() / self.norm_shift
         if not self.n_out:
             return norm, None
-        out = self.norm_out.value.float()
+        out = self.norm_out.value.float() / self.norm_shift
         return (norm.square() - out.square()).clamp_min(0).sqrt(), out
 
     def key_estimates(self) -> torch.Tensor | None:
@@ -280,6 +288,8 @@ class QJLStore(LayerStore):
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         k_hat = self.key_estimates()
+        if k_hat is not None and dtype == torch.float16:  # an estimate of a huge key may pass fp16's range
+            k_hat = k_hat.clamp(-FP16_MAX, FP16_MAX)
         parts = [p.to(dtype) for p in (k_hat, self.k_fp.read(dtype)) if p is not None]
         if not parts:
             empty = torch.zeros(self._batch or 0, self.info.n_kv_heads, 0, self.info.head_dim, dtype=dtype)

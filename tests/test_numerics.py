@@ -289,6 +289,10 @@ OVERRIDE: dict[tuple[str, str, str], float] = {  # (class name, case, "keys" / "
     ("alignedkv", "huge", "values"): 0.13,
     ("xquant", "huge", "keys"): 0.6,
     ("xquant", "huge", "values"): 0.6,
+    # PolarQuant: a constant pair's angle (π/4) is held as an fp16 minimum: 2.4e-4 relative [2.5e-4]
+    ("polarquant", "constant", "keys"): 1e-3,
+    # QJL: k̂ is an unbiased estimate from 1-bit sketches, not a reconstruction, whatever the input [0.25]
+    ("qjl", "constant", "keys"): 0.3,
 }
 ALIGNEDKV_TINY_ABS = 2.0**-17  # half the dropped low byte at fp16's subnormal exponent
 KVQUANT_SPARSE_HUGE_KEYS = 1e-3

@@ -85,7 +85,7 @@ def test_hand_computed_without_outliers():
     assert store.key_counts == (4, 0) and store.outlier_idx.n == 0
     assert store.sign_in.value[0, 0, :, 0].tolist() == [229] * 4
     norm = torch.tensor(14.0).sqrt().half()
-    assert torch.equal(store.norm.value[0, 0, :, 0], norm.expand(4))
+    assert torch.equal((store.norm.value[0, 0, :, 0] / store.norm_shift).half(), norm.expand(4))  # held × 2^-e
     k_hat = C / 8 * norm.float() * torch.tensor([1.0, -3.0, 3.0, -1.0])
     keys, _ = store.read(torch.float32)
     torch.testing.assert_close(keys[0, 0], k_hat.expand(4, 4))
@@ -105,7 +105,7 @@ def test_hand_computed_with_an_outlier_channel():
     assert store.sign_in.value[0, 0, :, 0].tolist() == [65] * 4
     assert store.sign_out.value[0, 0, :, 0].tolist() == [164] * 4
     norm = torch.tensor(14.0).sqrt().half().float()
-    assert store.norm_out.value.flatten().tolist() == [3.0] * 4
+    assert (store.norm_out.value.flatten() / store.norm_shift).tolist() == [3.0] * 4  # held × 2^-e
     n_in = (norm**2 - 9).sqrt()
     k_hat = torch.tensor([C / 8 * n_in, -3 * C / 8 * n_in, C / 8 * 3 * 3, -C / 8 * n_in])
     keys, _ = store.read(torch.float32)
@@ -250,8 +250,9 @@ def test_matches_the_official_key_and_value_quantizers():
     n = t // 32
     assert torch.equal(store.sign_in.value.view(b, h_kv, n, 32, -1), kq)
     assert torch.equal(store.sign_out.value.view(b, h_kv, n, 32, -1), koq)
-    assert torch.equal(store.norm.value.view(b, h_kv, n, 32), kn)
-    assert torch.equal(store.norm_out.value.view(b, h_kv, n, 32), on)
+    # held as ‖k‖ · 2^-e: a power of two, so the same fp16 numbers as the official norms
+    assert torch.equal((store.norm.value / store.norm_shift).half().view(b, h_kv, n, 32), kn)
+    assert torch.equal((store.norm_out.value / store.norm_shift).half().view(b, h_kv, n, 32), on)
     assert torch.equal(store.outlier_idx.value.sort(-1).values, oi.sort(-1).values)
 
     official = _official_scores(query, kq, koq, kn, on, oi, proj_dir_score)  # [B, H, T]
