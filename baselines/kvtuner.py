@@ -402,10 +402,10 @@ def cluster_layers(errors: torch.Tensor, kept: list[list[int]], n_groups: int) -
 
 
 def calibration_nll(model: torch.nn.Module, windows: Sequence[torch.Tensor], method: KVCacheMethod | None) -> float:
-    """Mean next-token NLL of ``windows`` (one forward each, through ``method``'s cache; None = no cache)."""
-    import torch.nn.functional as F
-
+    """Mean next-token NLL of ``windows`` (one forward each, through ``method``'s cache; None = no cache),
+    as the WikiText-2 task sums it (``tasks.wikitext2.window_nll``)."""
     from harness.integration import AttachedMethod, forward
+    from tasks.wikitext2 import window_nll
 
     total, count = 0.0, 0
     with torch.no_grad():
@@ -415,8 +415,8 @@ def calibration_nll(model: torch.nn.Module, windows: Sequence[torch.Tensor], met
             with AttachedMethod(model, method) as am:
                 logits = [forward(model, w, am.new_cache()).logits for w in windows]
     for lg, w in zip(logits, windows, strict=True):
-        total += F.cross_entropy(lg[0, :-1].float(), w[0, 1:], reduction="sum").item()
-        count += w.shape[1] - 1
+        nll, n = window_nll(lg, w)
+        total, count = total + nll, count + n
     return total / count
 
 
