@@ -76,7 +76,13 @@ decode rule acts in generation and in ``wikitext2:prefill_chunk=1`` (one token p
 Where the harness differs from the code: the store computes s itself (softmax of q·K̂ᵀ·scaling in
 fp32, rounded to fp16) over all tokens held, with no attention mask (batch rows are not padded
 in the harness; a sliding window is ignored for this estimate); the model then attends with its own
-kernel. The uint8 wrap of step 2 is not reproduced.
+kernel. The uint8 wrap of step 2 is not reproduced. Step 2 is per head here, as the paper describes
+it: each query head's own estimate ô against its KV head's maxima. The code (main at 080930a19626)
+is not: ``V_Cache_Class.decoding_compute`` (``extension/v_cache_file.py``) adds ``test_o_exp``
+[B, H, 1, D] to 15 − ``v_cache_exp_column_max`` [B, 1, H, D], which broadcasts to [B, H, H, D], and
+takes the min over D ([B, H, H, 1]); ``v_cache_compute`` (``extension/csrc/V_cache.cu``, batch stride
+``n_local_kv_heads``) then reads element b·H + h of that, which for the first batch row is head 0's
+estimate against head h's maxima, for every head h.
 
 Accounting. ``memory()`` holds exactly fp16's bytes for the K/V (split planes + fp16 tail, under
 ``fp_tokens``, 16 payload bits per element) plus the two exponent-maximum bytes per KV head and

@@ -1,9 +1,9 @@
 """KVmix: gradient-based layer importance-aware mixed-precision KV quantization (Li et al., AAAI 2026,
 arXiv 2506.08018).
 
-Official code: ``LfLab-AI/KVmix`` — ``myprofileKV.py`` (the profiler: ``profile_importance``,
-``classify_layers``, ``set_quant_bits``) and ``models/modeling_llama_KVmix.py`` (the cache and its
-recent-pivotal-context split). What this module does, and where the two differ, which it follows:
+Official code: ``LfLab-AI/KVmix``, read at commit 44e80fd8e610 — ``myprofileKV.py`` (the profiler:
+``profile_importance``, ``classify_layers``, ``set_quant_bits``) and ``models/modeling_llama_KVmix.py``
+(the cache and its recent-pivotal-context split). What this module does, and where the two differ, which it follows:
 
 * **Layer importance** (profiler). For every calibration prompt the LM loss L is back-propagated
   and each layer l scores s_K(l) = ‖∂L/∂W_k(l)‖₂ and s_V(l) = ‖∂L/∂W_v(l)‖₂ (Frobenius norms of the
@@ -34,7 +34,11 @@ recent-pivotal-context split). What this module does, and where the two differ, 
   3-bit codes really take 3 bits, 8 codes in 3 bytes). Not reproduced: the code's 3-bit *key*
   kernel packs groups of 11 tokens into one int32 (ten 3-bit codes and an eleventh clamped to
   2 bits, ``Kgroup_size = 11``), a packing artefact of its CUDA kernel; here 3-bit keys use G = 32
-  like every other bit-width. The code keeps fp32 scale/min; here fp16 as for every method.
+  like every other bit-width. Scale and minimum are fp16 here as there: the official kernels
+  (``quant_cuda/csrc/quantization_cuda.cu``, ``process_key_quantization_cuda`` /
+  ``process_value_quantization_cuda``) compute them in fp32 and cast both to fp16 on return when the
+  input is fp16, and its scripts load the models in fp16 (``pred_long_benchprofile.py``,
+  ``Inference-comparision.py``).
 * **Recent pivotal context (RPC)**: each layer keeps its newest tokens in an fp16 window; after every
   update (prefill or decode step), with n tokens in the window, the newest ⌊r·n⌋ stay fp16 and the
   oldest ⌊(n − ⌊r·n⌋)/G⌋·G are quantized (keys and values each with their own window, r and bits;
