@@ -287,7 +287,7 @@ class RayExecutor:
         ``reproduce``'s stages) has one Ray scheduling class (resources and function) and the cells
         queue in the order they were submitted. Made anew per stage (until this was changed), the quick profile's
         stages ran as separate queues: one worker ran all 4 shards of a LongBench cell in a row
-        while the other sat idle for 90 s at the end (measured; see README, Running on a cluster)."""
+        while the other sat idle for 90 s at the end (measured; see docs/cluster.md)."""
         if fn not in self._remotes:
             import ray
 

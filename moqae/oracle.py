@@ -154,7 +154,7 @@ class MoQAEOracle(MoQAE):
     name = "moqae-oracle"
     description = (
         "upper bound (sees the window): MoQAE's experts per chunk from the window's own NLL; budget, "
-        "estimate=first|measured, verify=N (a checked search; README: Does per-chunk mixing pay?)"
+        "estimate=first|measured, verify=N (a checked search; docs/results.md: Does per-chunk mixing pay?)"
     )
     report = ReportStyle("MoQAE oracle (upper bound)", "*", "C9", rank=91)
     report_sections = ("moqae.report:ANALYSIS",)

@@ -178,5 +178,5 @@ def crossfit_markdown(result: dict[str, Any]) -> str:
         f"`{result['method']}`, {result['verify']} checked moves per search, folds: {result['split']}.\n\n"
         + markdown_table(["allocation", "PPL", "vs uniform", "mean expert bits"], rows)
         + f"\n\nThe searches' own folds under their allocations: PPL {summary['cross_fit']['selection_ppl']:.4f}. "
-        "See README: *Does per-chunk mixing pay?*\n"
+        "See docs/results.md: *Does per-chunk mixing pay?*\n"
     )
