@@ -23,6 +23,7 @@ from baselines.kvtuner import (
     prune_pairs,
     quantize_integer_zero,
     search,
+    uniform_choices,
 )
 from harness.integration import AttachedMethod, forward
 from harness.interface import MethodSpecError, ModelInfo, build_method, method_names
@@ -186,6 +187,16 @@ def test_inter_layer_clustering_on_a_hand_table():
     assert cluster_layers(errors, kept, 6) == [[i] for i in range(6)]
 
 
+def test_uniform_choices_take_each_level_every_group_holds():
+    """Group 0 holds 8, 6, 4, 3, 2 bits; group 1 holds 8, 5, 4, 2: the shared levels 8, 4, 2, each group at
+    its own index of that level."""
+    t0 = parse_pairs("KV8,K8V4,KV4,K4V2,KV2")
+    t1 = parse_pairs("KV8,K8V2,KV4,KV2")
+    assert uniform_choices([t0, t1]) == [[0, 0], [2, 2], [4, 3]]
+    assert uniform_choices([t0]) == [[0], [1], [2], [3], [4]]
+    assert uniform_choices([parse_pairs("KV8"), parse_pairs("KV4")]) == []
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model = tiny_random_model("llama", head_dim=32, num_hidden_layers=4, initializer_range=0.1)
@@ -197,20 +208,31 @@ def test_search_end_to_end_deterministic_within_budget(tiny):
     """The whole search on a 4-layer random model, 2 windows of 64 tokens, 10 NSGA-II trials per budget:
     the same seed gives the same file; every shipped pair list respects its budget and uses only its
     group's candidates; the shipped NLL is the calibration NLL of those pairs."""
+    from baselines.kvtuner import calibration_nll
+
     model, windows = tiny
     a = search(model, windows, [5.0, 3.0], trials=10, groups=2, seed=0)
     b = search(model, windows, [5.0, 3.0], trials=10, groups=2, seed=0)
     assert a == b
     assert len(a["groups"]) <= 2 and sorted(sum(a["groups"], [])) == [0, 1, 2, 3]
+    templates = [parse_pairs(",".join(t)) for t in a["templates"]]
     for key, entry in a["budgets"].items():
         pairs = parse_pairs(",".join(entry["pairs"]))
         assert len(pairs) == 4 and mean_bits(pairs) <= float(key) and entry["mean_bits"] == mean_bits(pairs)
         for group, template in zip(a["groups"], a["templates"], strict=True):
             assert len({pairs[i] for i in group}) == 1 and pair_name(pairs[group[0]]) in template
-        from baselines.kvtuner import calibration_nll
-
         m = KVTuner(KVTunerConfig(pairs=",".join(entry["pairs"])))
         assert calibration_nll(model, windows, m) == pytest.approx(entry["nll"], rel=1e-6)
+        # the uniform-bits configurations within the budget were tried first: the pick is no worse
+        uniform = [[t[c] for t, c in zip(templates, choice, strict=True)] for choice in uniform_choices(templates)]
+        uniform = [u for u in uniform if sum(k + v for k, v in u) / (2 * len(u)) <= float(key)]
+        assert uniform and entry["enqueued"] == [",".join(map(pair_name, dict.fromkeys(u))) for u in uniform]
+        for u in uniform:
+            layer_pairs = [u[next(g for g, ls in enumerate(a["groups"]) if i in ls)] for i in range(4)]
+            m = KVTuner(KVTunerConfig(pairs=",".join(map(pair_name, layer_pairs))))
+            assert entry["nll"] <= calibration_nll(model, windows, m) + 1e-9
+    plain = search(model, windows, [8.0], trials=2, groups=2, seed=0, enqueue_uniform=False)  # all feasible
+    assert plain["budgets"]["8"]["enqueued"] == [] and plain["enqueue_uniform"] is False
 
 
 def _write_config(path, pairs: list[str], budget: str = "4", scheme: str = "pertoken") -> None:
@@ -251,6 +273,39 @@ def test_shipped_configuration_lookup_and_its_one_line_error(tiny, tmp_path, mon
     m = build_method("kvtuner-3")
     with AttachedMethod(model, m):
         assert m.layer_pairs == [(4, 4)] * 4
+
+
+def test_record_key_follows_the_searched_pairs(tmp_path, monkeypatch):
+    """kvtuner-4's key holds a digest of the pairs it reads: a new search (other pairs at that budget and
+    scheme) gives a new record file; another budget's or scheme's entry and given pairs do not."""
+    import baselines.kvtuner as kt
+    from harness.evaluation import build_task
+    from harness.runner import record_key, record_path
+
+    monkeypatch.setattr(kt, "CONFIG_DIR", tmp_path)
+    task = build_task("wikitext2")
+
+    def key_of(spec: str) -> tuple[dict, str]:
+        key = record_key("m", "float32", "cpu", build_method(spec), task)
+        return key["method_config"], record_path(tmp_path, key, spec).name
+
+    _write_config(tmp_path / "llama-L4-D64.json", ["KV4"] * 4)
+    first, first_file = key_of("kvtuner-4")
+    assert len(first["searched"]) == 10 and key_of("kvtuner-4") == (first, first_file)
+    _write_config(tmp_path / "llama-L4-D64.json", ["KV4"] * 4, budget="3")  # budget 4's entry gone
+    assert key_of("kvtuner-4")[1] != first_file
+    _write_config(tmp_path / "llama-L4-D64.json", ["K8V4", "K4V2", "KV4", "KV4"])
+    second, second_file = key_of("kvtuner-4")
+    assert second["searched"] != first["searched"] and second_file != first_file
+    assert key_of("kvtuner-4") == key_of("kvtuner:budget=4")  # the variant is the spec
+    data = json.loads((tmp_path / "llama-L4-D64.json").read_text())
+    data["schemes"]["kivi"] = {"budgets": {"4": {"pairs": ["KV2"] * 4}}}
+    (tmp_path / "llama-L4-D64.json").write_text(json.dumps(data))
+    assert key_of("kvtuner-4") == (second, second_file)  # another scheme's entry: the same key
+    given = key_of("kvtuner:pairs=KV4")[0]
+    assert "searched" not in given and set(given) == set(second) - {"searched"}  # the key it always had
+    with pytest.raises(MethodSpecError, match="searched"):
+        build_method("kvtuner:searched=abc")  # not an option
 
 
 def test_search_command_writes_the_file_the_method_reads(stories_dir, data_dir, tmp_path):
