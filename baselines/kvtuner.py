@@ -190,8 +190,8 @@ class KVTunerConfig(MethodConfig):
     residual: PositiveInt = KIVI_GROUP  # kivi scheme: fp16 residual tokens (a multiple of group)
     quantize_prefill: bool = True  # False = the official full-precision prefill attention (force_quant=False)
     config: Text = ""  # a searched configuration file; "" = the one shipped for the model
-    # not an option: a digest of the searched pairs this spec reads (pairs=""), so a new search gives
-    # its records a new key instead of the runner reusing the old ones; "" where ``pairs`` are given
+    # computed, never read from a spec: a digest of the searched pairs this spec reads (pairs=""), so a
+    # new search gives its records a new key instead of the runner reusing old ones; "" with ``pairs``
     searched: str = field(init=False, default="")
 
     positional: ClassVar[str | None] = "pairs"

@@ -297,15 +297,14 @@ def test_record_key_follows_the_searched_pairs(tmp_path, monkeypatch):
     _write_config(tmp_path / "llama-L4-D64.json", ["K8V4", "K4V2", "KV4", "KV4"])
     second, second_file = key_of("kvtuner-4")
     assert second["searched"] != first["searched"] and second_file != first_file
-    assert key_of("kvtuner-4") == key_of("kvtuner:budget=4")  # the variant is the spec
+    assert key_of("kvtuner-4")[0] == key_of("kvtuner:budget=4")[0]  # the variant is the spec
     data = json.loads((tmp_path / "llama-L4-D64.json").read_text())
     data["schemes"]["kivi"] = {"budgets": {"4": {"pairs": ["KV2"] * 4}}}
     (tmp_path / "llama-L4-D64.json").write_text(json.dumps(data))
     assert key_of("kvtuner-4") == (second, second_file)  # another scheme's entry: the same key
     given = key_of("kvtuner:pairs=KV4")[0]
     assert "searched" not in given and set(given) == set(second) - {"searched"}  # the key it always had
-    with pytest.raises(MethodSpecError, match="searched"):
-        build_method("kvtuner:searched=abc")  # not an option
+    assert key_of("kvtuner-4:searched=abc")[0] == second  # always computed, never taken from the spec
 
 
 def test_search_command_writes_the_file_the_method_reads(stories_dir, data_dir, tmp_path):
