@@ -46,6 +46,7 @@ from typing import Annotated, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from harness.from_codes import decode_attention_over
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -59,8 +60,8 @@ from harness.interface import (
     ReportStyle,
 )
 from harness.options import Fraction, FreeText, NonNegativeInt, Parsed, PositiveInt
-from harness.quant import SUPPORTED_BITS, QuantizedTensor, fake_quantize, quantize
-from harness.storage import FullPrecisionSeq, held_memory
+from harness.quant import SUPPORTED_BITS, fake_quantize
+from harness.storage import FullPrecisionSeq, QuantizedSeq, Seq, held_parts
 from moqae.router import RouterBank, chunk_votes
 
 FP16_BITS = 16
@@ -177,37 +178,27 @@ def read_router_checkpoint(path: Path | str, max_bytes: int) -> dict[str, Any]:
     return state
 
 
-@dataclass
-class Chunk:
-    expert: int
-    k: QuantizedTensor | torch.Tensor  # [1, H, N, D] codes or fp16
-    v: QuantizedTensor | torch.Tensor
-
-
-def _read_parts(
-    parts: list[QuantizedTensor | torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Chunks of one expert ([1, H, N, D] each, same layout), concatenated along tokens and read."""
-    if isinstance(parts[0], QuantizedTensor):
-        return QuantizedTensor.cat(parts, dim=-2).dequantize(dtype, out=out)
-    x = torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
-    return x.to(dtype) if out is None else out.copy_(x)
-
-
 class MoQAEStore(LayerStore):
-    """Chunks of one layer, each stored by its expert, plus an fp16 buffer of the incomplete chunk."""
+    """One layer's history, held by expert: per batch row, each expert's chunks are one contiguous part
+    (fp16 ``FullPrecisionSeq``, or a ``QuantizedSeq`` pair: keys per channel over each chunk's tokens,
+    values per token), plus an fp16 buffer of the incomplete chunk. ``experts[row]`` lists the expert of
+    each complete chunk in token order: the position map from which ``read`` restores token order.
+    Decode attention (``attend``) needs no order: a softmax over the parts' scores is the attention
+    over the tokens in order, so each part is attended from its codes (``harness.from_codes``)."""
 
     def __init__(self, layer_idx: int, info: ModelInfo, method: MoQAE):
         super().__init__(layer_idx, info)
         self.method = method
         self.cfg = method.config
         self.bits = method.expert_bits
-        self.chunks: list[list[Chunk]] = []  # per batch row
+        self.experts: list[list[int]] = []  # per batch row: expert of each complete chunk, in token order
+        self.parts: list[dict[int, tuple[Seq, Seq]]] = []  # per batch row: expert -> (keys, values), chunk order
         self.buf_k = FullPrecisionSeq()
         self.buf_v = FullPrecisionSeq()
         self.votes: torch.Tensor | None = None  # [B, T_buf] token votes of buffered tokens (leaders)
         self.soft: torch.Tensor | None = None  # [B, T_buf, E] relaxed token weights (training only)
         self.leader = method.bank.leader(layer_idx) if method.bank is not None else layer_idx
+        self.device = info.device
 
     # ---- routing ---------------------------------------------------------------------------
     def _token_votes(self, obs: Observation) -> torch.Tensor:
@@ -234,34 +225,64 @@ class MoQAEStore(LayerStore):
             votes = probs.detach().argmax(dim=-1)
         return votes.to(torch.uint8)
 
-    def _decide(self, chunk_idx: int, votes: torch.Tensor | None) -> torch.Tensor:
-        """Expert index per batch row for chunk ``chunk_idx`` (RF, RS, forced decisions)."""
-        state = self.cache_state
+    def _decide(self, first: int, count: int, votes: torch.Tensor | None) -> torch.Tensor:
+        """Expert index per batch row of chunks ``first`` .. ``first + count - 1``: [B, count] (RF, RS,
+        forced decisions). Each chunk's decision is kept in the cache state as ("decision", leader, i)."""
+        state, b = self.cache_state, len(self.experts)
         forced = state.get("forced")  # training / analysis: {leader layer: [B, n_chunks]}
         if forced is not None and self.leader in forced:
-            chosen = forced[self.leader][:, chunk_idx]  # [B] (or [1]: one decision for every row)
-            return chosen.expand(len(self.chunks)) if chosen.numel() == 1 else chosen
-        key = ("decision", self.leader, chunk_idx)
-        if self.cfg.freeze_first and chunk_idx == 0:
-            state[key] = torch.full((len(self.chunks),), self.method.top_expert, dtype=torch.long)
-        elif self.layer_idx == self.leader:
-            state[key] = chunk_votes(votes, self.bits)
-        return state[key]
+            chosen = forced[self.leader][:, first : first + count]  # [B, count] (or [1, count]: every row)
+            return chosen.expand(b, count) if chosen.shape[0] == 1 else chosen
+        routed = None
+        if self.layer_idx == self.leader:
+            routed = chunk_votes(votes.view(b, count, -1), self.bits)  # [B, count]: each chunk's majority
+        for i in range(first, first + count):
+            key = ("decision", self.leader, i)
+            if self.cfg.freeze_first and i == 0:
+                state[key] = torch.full((b,), self.method.top_expert, dtype=torch.long)
+            elif routed is not None:
+                state[key] = routed[:, i - first]
+        return torch.stack([state[("decision", self.leader, i)] for i in range(first, first + count)], dim=1)
 
     # ---- storage ---------------------------------------------------------------------------
-    def _store(self, row: int, expert: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        bits = self.bits[expert]
-        if bits == FP16_BITS:
-            self.chunks[row].append(Chunk(expert, k.to(torch.float16), v.to(torch.float16)))
-            return
-        vg = self.cfg.value_group or self.info.head_dim
-        qk = quantize(k, bits, group=k.shape[-2], axis=-2)  # per channel over the chunk's tokens
-        qv = quantize(v, bits, group=vg, axis=-1)  # per token
-        self.chunks[row].append(Chunk(expert, qk, qv))
+    def _part(self, row: int, expert: int) -> tuple[Seq, Seq]:
+        """The (keys, values) containers of ``expert`` in batch row ``row``, made on first use."""
+        part = self.parts[row].get(expert)
+        if part is None:
+            bits = self.bits[expert]
+            if (self.cache_state.get("train") or {}).get("relaxed"):
+                part = FullPrecisionSeq(None), FullPrecisionSeq(None)  # mixed reconstructions, with their graph
+            elif bits == FP16_BITS:
+                part = FullPrecisionSeq(), FullPrecisionSeq()
+            else:
+                vg = self.cfg.value_group or self.info.head_dim
+                part = QuantizedSeq(bits, self.cfg.chunk, axis=-2), QuantizedSeq(bits, vg, axis=-1)
+            self.parts[row] = dict(sorted({**self.parts[row], expert: part}.items()))  # parts in expert order
+        return part
 
-    def _store_relaxed(self, chunk_idx: int, experts: torch.Tensor, k, v, train: dict) -> None:
+    def _keep(self, row: int, experts: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append complete chunks of one row (k, v [1, H, len(experts)·N, D], fp16) to their experts'
+        parts: one gather and one quantization per expert, whatever the number of chunks (the ranges
+        are per chunk, so the codes equal chunk-by-chunk quantization)."""
+        n = self.cfg.chunk
+        by_expert: dict[int, list[int]] = {}
+        for i, e in enumerate(experts):
+            by_expert.setdefault(e, []).append(i)
+        for e, idx in by_expert.items():
+            if len(idx) < len(experts) or k._base is not None:  # a part keeps a tensor of its own
+                tok = (torch.tensor(idx, device=k.device)[:, None] * n + torch.arange(n, device=k.device)).flatten()
+                ke, ve = k.index_select(-2, tok), v.index_select(-2, tok)
+            else:
+                ke, ve = k, v
+            ks, vs = self._part(row, e)
+            ks.append(ke)
+            vs.append(ve)
+        self.experts[row].extend(experts)
+
+    def _store_relaxed(self, chunk_idx: int, experts: torch.Tensor, k, v, train: dict) -> list[tuple]:
         """Training only: the chunk's K/V as Σ_e w_e·Q_e(x) with straight-through weights (forward value
-        = the chosen expert's reconstruction, gradient through the soft Gumbel weights)."""
+        = the chosen expert's reconstruction, gradient through the soft Gumbel weights). Returns the
+        chunk per row as (expert, k, v), for ``_keep_relaxed``."""
         key = ("weights", self.leader, chunk_idx)
         if key not in self.cache_state:
             hard = F.one_hot(experts, len(self.bits)).float()  # [B, E]
@@ -292,14 +313,22 @@ class MoQAEStore(LayerStore):
         wk = w.view(w.shape[0], 1, 1, 1, -1)  # [B, 1, 1, 1, E]
         mixed_k = (torch.stack(cands_k, dim=-1) * wk).sum(-1)
         mixed_v = (torch.stack(cands_v, dim=-1) * wk).sum(-1)
-        for row in range(k.shape[0]):
-            expert = int(experts[row])
-            self.chunks[row].append(Chunk(expert, mixed_k[row : row + 1], mixed_v[row : row + 1]))
+        return [(int(experts[row]), mixed_k[row : row + 1], mixed_v[row : row + 1]) for row in range(k.shape[0])]
+
+    def _keep_relaxed(self, row: int, chunks: list[tuple]) -> None:
+        """Append one row's relaxed chunks (expert, k, v) to their experts' parts: one concatenation
+        per expert (autograd-friendly; a part's first append keeps the tensor as it is)."""
+        for e in dict.fromkeys(c[0] for c in chunks):
+            ks, vs = self._part(row, e)
+            ks.append(torch.cat([c[1] for c in chunks if c[0] == e], dim=-2))
+            vs.append(torch.cat([c[2] for c in chunks if c[0] == e], dim=-2))
+        self.experts[row].extend(c[0] for c in chunks)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
         batch = keys.shape[0]
-        if not self.chunks:
-            self.chunks = [[] for _ in range(batch)]
+        if not self.experts:
+            self.experts, self.parts = [[] for _ in range(batch)], [{} for _ in range(batch)]
+            self.device = keys.device
         self.buf_k.append(keys)
         self.buf_v.append(values)
         routes = self.layer_idx == self.leader and self.cache_state.get("forced") is None
@@ -307,59 +336,90 @@ class MoQAEStore(LayerStore):
             new_votes = self._token_votes(obs)  # [B, T_new]
             self.votes = new_votes if self.votes is None else torch.cat([self.votes, new_votes], dim=-1)
         n = self.cfg.chunk
-        while self.buf_k.length >= n:
-            chunk_idx = len(self.chunks[0])
-            votes = None
-            if routes:
-                votes, self.votes = self.votes[:, :n], self.votes[:, n:]
-            experts = self._decide(chunk_idx, votes)
-            k, v = self.buf_k.take_front(n), self.buf_v.take_front(n)  # fp16 [B, H, N, D]
-            train = self.cache_state.get("train")
-            if train is not None and train.get("relaxed"):
-                self._store_relaxed(chunk_idx, experts, k.float(), v.float(), train)
-                continue
+        count = self.buf_k.length // n  # chunks completed by these tokens
+        if not count:
+            return
+        first = len(self.experts[0])
+        votes = None
+        if routes:
+            votes, self.votes = self.votes[:, : count * n], self.votes[:, count * n :]
+        experts = self._decide(first, count, votes)  # [B, count]
+        k, v = self.buf_k.take_front(count * n), self.buf_v.take_front(count * n)  # fp16 [B, H, count·N, D]
+        train = self.cache_state.get("train")
+        if train is not None and train.get("relaxed"):
+            pairs = zip(k.float().split(n, dim=-2), v.float().split(n, dim=-2), strict=True)
+            chunks = [self._store_relaxed(first + i, experts[:, i], kc, vc, train) for i, (kc, vc) in enumerate(pairs)]
             for row in range(batch):
-                self._store(row, int(experts[row]), k[row : row + 1].float(), v[row : row + 1].float())
+                self._keep_relaxed(row, [c[row] for c in chunks])
+            return
+        for row, row_experts in enumerate(experts.tolist()):
+            self._keep(row, row_experts, k if batch == 1 else k[row : row + 1], v if batch == 1 else v[row : row + 1])
+
+    def _positions(self, row: int) -> torch.Tensor:
+        """Token positions of row ``row``'s complete chunks in part order (parts by expert, each in chunk
+        order): the position map, made from ``experts[row]`` when needed (a tensor kept would be bytes
+        held beside the accounting)."""
+        n, experts = self.cfg.chunk, self.experts[row]
+        chunks = sorted(range(len(experts)), key=experts.__getitem__)  # stable: chunk order within an expert
+        return (torch.tensor(chunks, device=self.device)[:, None] * n + torch.arange(n, device=self.device)).flatten()
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[chunks in order | fp16 buffer] as [B, H, T, D]. The chunks of one expert are read
-        together (one concatenation of their codes, one dequantization, one indexed copy into
-        their token positions) rather than chunk by chunk, so the cost does not grow with the
-        number of chunks' small operations."""
-        n_chunks = len(self.chunks[0]) if self.chunks else 0
+        """[chunks in token order | fp16 buffer] as [B, H, T, D]: each part is read once and written
+        into its chunks' token positions (in place where one expert holds every chunk of the row)."""
+        n_chunks = len(self.experts[0]) if self.experts else 0
         if not n_chunks:
             return self.buf_k.read(dtype), self.buf_v.read(dtype)
         n, buf = self.cfg.chunk, self.buf_k.length
-        first = self.chunks[0][0].k
-        b, h = len(self.chunks), first.shape[1]
-        device = first.codes.device if isinstance(first, QuantizedTensor) else first.device
+        first = next(iter(self.parts[0].values()))[1]
+        ref = first.data if isinstance(first, FullPrecisionSeq) else first.q.codes
+        b, h = len(self.experts), ref.shape[1]
         shape = (b, h, n_chunks * n + buf, self.info.head_dim)
-        out_k = torch.empty(shape, dtype=dtype, device=device)
-        out_v = torch.empty(shape, dtype=dtype, device=device)
-        for row, row_chunks in enumerate(self.chunks):
-            by_expert: dict[int, list[int]] = {}
-            for i, c in enumerate(row_chunks):
-                by_expert.setdefault(c.expert, []).append(i)
-            for idx in by_expert.values():
-                for out, parts in ((out_k, [row_chunks[i].k for i in idx]), (out_v, [row_chunks[i].v for i in idx])):
+        out_k = torch.empty(shape, dtype=dtype, device=ref.device)
+        out_v = torch.empty(shape, dtype=dtype, device=ref.device)
+        for row in range(b):
+            pos, start = self._positions(row), 0
+            for ks, vs in self.parts[row].values():
+                length = ks.length
+                for out, seq in ((out_k, ks), (out_v, vs)):
                     target = out[row : row + 1]
-                    if len(idx) == n_chunks:  # one expert holds every chunk: write in place
-                        _read_parts(parts, dtype, target[..., : n_chunks * n, :])
+                    if length == n_chunks * n:  # one expert holds every chunk: write in place
+                        seq.read(dtype, out=target[..., :length, :])
                     else:
-                        tok = (torch.tensor(idx, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
-                        target.index_copy_(-2, tok, _read_parts(parts, dtype))
+                        target.index_copy_(-2, pos[start : start + length], seq.read(dtype))
+                start += length
         if buf:
             self.buf_k.read(dtype, out=out_k[..., n_chunks * n :, :])
             self.buf_v.read(dtype, out=out_v[..., n_chunks * n :, :])
         return out_k, out_v
 
+    def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+        """One decode step over [parts by expert | buffer], each attended from what it holds
+        (``harness.from_codes.decode_attention_over``), batch row by batch row (rows route their own
+        chunks). The mask's columns are put in the same order as the parts."""
+        b, out = query.shape[0], []
+        buf_k, buf_v = self.buf_k.data, self.buf_v.data
+        for row in range(b):
+            parts = self.parts[row].values() if self.experts else ()
+            keys, values = held_parts([p[0] for p in parts]), held_parts([p[1] for p in parts])
+            if buf_k is not None:
+                keys.append(buf_k if b == 1 else buf_k[row : row + 1])
+                values.append(buf_v if b == 1 else buf_v[row : row + 1])
+            m = mask if mask is None or mask.shape[0] == 1 else mask[row : row + 1]
+            if m is not None and self.experts and len(self.parts[row]) > 1:
+                pos = self._positions(row)
+                t = pos.numel() + (0 if buf_k is None else buf_k.shape[-2])
+                tail = torch.arange(pos.numel(), t, device=pos.device)
+                m = m[..., -1:, :t].index_select(-1, torch.cat([pos, tail]))
+            out.append(decode_attention_over(query[row : row + 1], keys, values, scaling, m))
+        return out[0] if b == 1 else torch.cat(out, dim=0)
+
     def memory(self) -> MemoryReport:
         r = self.buf_k.memory()
         r += self.buf_v.memory()
-        for row_chunks in self.chunks:
-            for c in row_chunks:
-                for t in (c.k, c.v):
-                    r += held_memory(t)
+        for row_parts in self.parts:
+            for ks, vs in row_parts.values():
+                r += ks.memory()
+                r += vs.memory()
         if self.votes is not None:
             r.add("router", self.votes.numel() * self.votes.element_size())
         return r
@@ -367,9 +427,9 @@ class MoQAEStore(LayerStore):
     def stats(self) -> dict[str, list[float]]:
         """Chunks per expert in this layer (summed over the batch), experts in config order."""
         counts = [0] * len(self.bits)
-        for row_chunks in self.chunks:
-            for c in row_chunks:
-                counts[c.expert] += 1
+        for row in self.experts:
+            for e in row:
+                counts[e] += 1
         return {"expert_chunks": counts}
 
 
@@ -387,6 +447,7 @@ class MoQAE(KVCacheMethod):
 
     config_class = MoQAEConfig
     signals = frozenset({"block_input"})
+    decode_from_codes = True  # decode steps attend from the experts' parts (MoQAEStore.attend)
 
     def __init__(self, config: MoQAEConfig | None = None, name: str | None = None):
         super().__init__(config, name)

@@ -50,7 +50,9 @@ def test_decode_attention_over_equals_dequantize_then_attend(layout, bits):
     assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["int4", "kivi:bits=2,group=4,residual=8", "int:bits=2,group=4"])
+@pytest.mark.parametrize(
+    "spec", ["int4", "kivi:bits=2,group=4,residual=8", "int:bits=2,group=4", "moqae:ckpt=random,chunk=4,seed=2"]
+)
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_model_decode_from_codes_equals_dequantized_reads(spec, family, monkeypatch):
     model = tiny_random_model(family)

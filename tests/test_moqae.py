@@ -8,6 +8,9 @@ import torch
 from harness.integration import AttachedMethod, forward, generate, model_info
 from harness.interface import MethodSpecError, build_method
 from harness.models import tiny_random_model
+from harness.quant import quantize
+from harness.storage import FullPrecisionSeq
+from moqae.method import MoQAEStore
 from moqae.router import ChunkRouter, RouterBank, chunk_votes
 
 BITS = (16, 4, 2)
@@ -68,7 +71,7 @@ def test_routing_freezing_keeps_first_chunk_fp16(model):
             cache = am.new_cache()
             with torch.no_grad():
                 forward(model, ids, cache)
-        experts = [[c.expert for c in store.chunks[0]] for store in cache.stores]
+        experts = [store.experts[0] for store in cache.stores]
         for row in experts:
             assert row[1:] == [2] * 4
             assert row[0] == (0 if freeze else 2)
@@ -90,7 +93,7 @@ def test_routing_sharing_reuses_the_leader_decision_and_skips_other_routers(mode
         with torch.no_grad():
             forward(model, ids, cache)
     assert sorted(set(calls)) == [0, 3]
-    decisions = [[c.expert for c in store.chunks[0]] for store in cache.stores]
+    decisions = [store.experts[0] for store in cache.stores]
     assert decisions[0] == decisions[1] == decisions[2]
     assert decisions[3] == decisions[4] == decisions[5]
 
@@ -101,9 +104,9 @@ def test_decode_buffering_gives_prefill_decisions(model):
     _, prefill = _run(model, spec, ids)
     _, decode = _run(model, spec, ids, decode_steps=25)
     for a, b in zip(prefill.stores, decode.stores, strict=True):
-        assert [c.expert for c in a.chunks[0]] == [c.expert for c in b.chunks[0]]
+        assert a.experts[0] == b.experts[0]
         assert a.buf_k.length == b.buf_k.length == 40 % 8
-    mixed = {c.expert for s in prefill.stores for c in s.chunks[0]}
+    mixed = {e for s in prefill.stores for e in s.experts[0]}
     assert len(mixed) > 1, "the random router should pick more than one expert on this input"
 
 
@@ -113,9 +116,9 @@ def test_memory_equals_bytes_held_and_nominal_bits(model):
     info = model_info(model)
     held, payload, elements = 0, 0.0, 0
     for store in cache.stores:
-        for row in store.chunks:
-            for c in row:
-                for t in (c.k, c.v):
+        for row in store.parts:
+            for part in row.values():
+                for t in (seq.data if isinstance(seq, FullPrecisionSeq) else seq.q for seq in part):
                     if isinstance(t, torch.Tensor):
                         held += t.numel() * 2
                         payload += t.numel() * 16
@@ -216,18 +219,79 @@ def test_gumbel_loss_weighs_nll_per_routing_decision(stories, data_dir, tmp_path
         _trainer(stories, data_dir, tmp_path / "bad", nll_scale="window")
 
 
-def test_read_equals_chunk_by_chunk_reconstruction(model):
-    """read() groups chunks by expert; it must return exactly the chunks in order, then the buffer."""
+def _run_recording(model, spec, ids, decode_steps):
+    """``_run`` that also records the K/V each store was given (fp16, as its buffer holds them)."""
+    given: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    real = MoQAEStore.append
+
+    def spy(self, keys, values, obs):
+        given.setdefault(self.layer_idx, []).append((keys.half(), values.half()))
+        return real(self, keys, values, obs)
+
+    MoQAEStore.append = spy
+    try:
+        method, cache = _run(model, spec, ids, decode_steps)
+    finally:
+        MoQAEStore.append = real
+    return method, cache, {i: [torch.cat(x, dim=-2) for x in zip(*kv, strict=True)] for i, kv in given.items()}
+
+
+def test_read_equals_token_order_reconstruction(model):
+    """read() restores token order from the experts' parts: bit-identical to quantizing each chunk of
+    the K/V given by itself (keys per channel over the chunk, values per token), then the fp16 buffer."""
     ids = _ids(model, t=44, b=2, seed=2)
-    _, cache = _run(model, "moqae:ckpt=random,chunk=8,seed=4", ids, decode_steps=3)
+    method, cache, given = _run_recording(model, "moqae:ckpt=random,chunk=8,seed=4", ids, decode_steps=3)
     mixed = False
     for store in cache.stores:
         k, v = store.read(torch.float32)
-        for row, chunks in enumerate(store.chunks):
-            mixed |= len({c.expert for c in chunks}) > 1
-            ks = [c.k.float() if isinstance(c.k, torch.Tensor) else c.k.dequantize(torch.float32) for c in chunks]
-            vs = [c.v.float() if isinstance(c.v, torch.Tensor) else c.v.dequantize(torch.float32) for c in chunks]
-            want_k = torch.cat([*ks, store.buf_k.data[row : row + 1].float()], dim=-2)
-            want_v = torch.cat([*vs, store.buf_v.data[row : row + 1].float()], dim=-2)
-            assert torch.equal(k[row : row + 1], want_k) and torch.equal(v[row : row + 1], want_v)
+        keys, values = given[store.layer_idx]  # [B, H, 44, D] fp16
+        for row, experts in enumerate(store.experts):
+            mixed |= len(set(experts)) > 1
+            want_k, want_v = [], []
+            for i, e in enumerate(experts):
+                kc, vc = (x[row : row + 1, :, i * 8 : (i + 1) * 8].float() for x in (keys, values))
+                bits = method.expert_bits[e]
+                want_k.append(kc if bits == 16 else quantize(kc, bits, 8, axis=-2).dequantize())
+                want_v.append(vc if bits == 16 else quantize(vc, bits, kc.shape[-1], axis=-1).dequantize())
+            tail = len(experts) * 8
+            want_k.append(keys[row : row + 1, :, tail:].float())
+            want_v.append(values[row : row + 1, :, tail:].float())
+            assert torch.equal(k[row : row + 1], torch.cat(want_k, dim=-2))
+            assert torch.equal(v[row : row + 1], torch.cat(want_v, dim=-2))
     assert mixed, "the random router should mix experts within a row on this input"
+
+
+def test_attend_equals_dequantize_then_attend(model):
+    """attend() over the experts' parts (no token order) equals attention over read(), also with a
+    padding mask whose columns follow token order."""
+    ids = _ids(model, t=44, b=2, seed=2)
+    _, cache = _run(model, "moqae:ckpt=random,chunk=8,seed=4", ids, decode_steps=3)
+    g = torch.Generator().manual_seed(1)
+    for store in cache.stores:
+        k, v = store.read(torch.float32)  # [B, H_kv, T, D]
+        b, h_kv, t, d = k.shape
+        q = torch.randn(b, 3 * h_kv, 1, d, generator=g)
+        mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
+        mask[1, ..., :5] = False  # left padding of the second sequence
+        mask[0, ..., 9:12] = False  # masked tokens inside chunk 1 of the first
+        for m in (None, mask):
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=m, scale=0.25
+            )
+            assert torch.allclose(store.attend(q, 0.25, m), want, atol=1e-5)
+
+
+def test_decode_steps_attend_from_the_parts(model):
+    """Decode steps go through attend() and give the logits of dequantize-then-attend steps."""
+    ids = _ids(model, t=40, b=2, seed=5)
+    logits = {}
+    for from_codes in (True, False):
+        method = build_method("moqae:ckpt=random,chunk=8,share=2,seed=1")
+        with AttachedMethod(model, method, from_codes=from_codes) as am, torch.no_grad():
+            assert am.board.from_codes == from_codes
+            cache = am.new_cache()
+            out = [forward(model, ids[:, :20], cache).logits[:, -1]]
+            for t in range(20, 40):  # chunks complete during decode
+                out.append(forward(model, ids[:, t : t + 1], cache).logits[:, -1])
+        logits[from_codes] = torch.stack(out)
+    assert torch.allclose(logits[True], logits[False], atol=1e-4)
