@@ -227,13 +227,17 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)  # every row states the count it ran with (torch_threads)
+    threads = _int_list(args.threads) if args.threads else []
+    if any(t < 1 for t in threads):
+        raise ValueError(f"--threads {','.join(args.threads)}: thread counts must be integers >= 1")
+    if len(threads) == 1:
+        torch.set_num_threads(threads[0])  # every row states the count it ran with (torch_threads)
     reference, *also = split_specs([args.reference])
     rows = profile(
         split_specs(args.methods), args.model, contexts, batches, args.new_tokens, args.repeats,
         device=args.device, dtype=args.dtype, reference=reference, progress=not args.no_progress, on_row=save,
         compare_reads=args.compare_reads, also=also, interleave=not args.sequential,
+        threads=threads if len(threads) > 1 else None,
     )  # fmt: skip
     table = profile_table(rows, reference=reference, also=also)
     print(table)
@@ -320,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="profile one method after the other (each method's rounds back to back) instead of taking "
              "the methods' rounds in turn",
     )  # fmt: skip
-    prof.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's own)")
+    prof.add_argument(
+        "--threads", action="append",
+        help="comma-separated torch thread counts, all measured in this process (default: torch's own)",
+    )  # fmt: skip
     prof.add_argument("--device", default=None)
     prof.add_argument("--dtype", default=None)
     prof.add_argument("--out", default=None, help="folder for profile.json (+ .md, .png/.svg), or a .json path")

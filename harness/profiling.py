@@ -301,6 +301,11 @@ def profile_method(
     return rows
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def profile_interleaved(
     model: torch.nn.Module,
     jobs: Sequence[tuple[KVCacheMethod, bool | None]],
@@ -311,6 +316,7 @@ def profile_interleaved(
     seed: int = 0,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     tick: Callable[[], None] | None = None,
+    threads: Sequence[int | None] = (None,),
 ) -> list[dict[str, Any]]:
     """``profile_method`` for several (method, from_codes) jobs with their rounds interleaved: round
     r of every method runs before round r + 1 of any, each method attached for its round only.
@@ -321,7 +327,10 @@ def profile_interleaved(
     of charging it to whichever ran during it. A method that calibrates does so at each attach
     (untimed; the row's ``calibration_s`` is the first). ``on_row`` gets each setting's rows when
     it is done; the list returned is method by method, in ``jobs`` order. ``tick`` is called
-    after each method's round (progress)."""
+    after each method's round (progress). ``threads``: torch thread counts, each set before its
+    methods' rounds (``torch.set_num_threads``) and taken in turn with them, so that round r runs
+    every method at every count before round r + 1; None keeps the process's count. Each row
+    states its count (``torch_threads``)."""
     _check(contexts, batches, new_tokens, repeats)
     device = next(model.parameters()).device
     bases = []
@@ -333,32 +342,40 @@ def profile_interleaved(
             base["decode_from_codes"] = am.board.from_codes
             base["method_parameters"] = method_parameters(method)
         bases.append(base)
+    units = [(t, j) for t in threads for j in range(len(jobs))]  # (threads, job): what takes turns
     rows: list[list[dict[str, Any]]] = [[] for _ in jobs]
     kind = PeakMemory(device).kind
     for context in contexts:
         for batch in batches:
             ids = _prompt(model, context, batch, seed)
-            rounds: list[list[dict[str, Any]]] = [[] for _ in jobs]
-            peaks: list[int | None] = [None] * len(jobs)
-            failed: dict[int, dict[str, Any]] = {}
+            rounds: dict[tuple, list[dict[str, Any]]] = {u: [] for u in units}
+            peaks: dict[tuple, int | None] = dict.fromkeys(units)
+            counts: dict[tuple, int] = {}
+            failed: dict[tuple, dict[str, Any]] = {}
             for _ in range(repeats + 1):  # the first round of each method warms up and is not timed
-                for j, (method, from_codes) in enumerate(jobs):
-                    if j in failed:
+                for t, j in units:
+                    if (t, j) in failed:
                         continue
+                    method, from_codes = jobs[j]
+                    _set_threads(t)
+                    counts[t, j] = torch.get_num_threads()
                     try:
                         am, _ = _attach(model, method, from_codes, contexts, seed)
                         with am, PeakMemory(device) as peak:
-                            rounds[j].append(_one_round(model, am, ids, new_tokens))
+                            rounds[t, j].append(_one_round(model, am, ids, new_tokens))
                     except Exception as err:  # noqa: BLE001 - an OOM setting is a record, not a crash
-                        failed[j] = _out_of_memory_row(err, device)
+                        failed[t, j] = _out_of_memory_row(err, device)
                         continue
                     if peak.peak_bytes is not None:
-                        peaks[j] = max(peaks[j] or 0, peak.peak_bytes)
+                        peaks[t, j] = max(peaks[t, j] or 0, peak.peak_bytes)
                     if tick is not None:
                         tick()
-            for j, base in enumerate(bases):  # each setting's rows as soon as it is done (a crash keeps them)
-                row = {**base, "context": context, "batch": batch, "interleaved": True}
-                row.update(failed.get(j) or _summary(rounds[j][1:], rounds[j][-1], peaks[j], kind, batch, new_tokens))
+            for t, j in units:  # each setting's rows as soon as it is done (a crash keeps them)
+                row = {**bases[j], "context": context, "batch": batch, "interleaved": True}
+                if t is not None:
+                    row["torch_threads"] = counts[t, j]
+                runs = rounds[t, j]
+                row.update(failed.get((t, j)) or _summary(runs[1:], runs[-1], peaks[t, j], kind, batch, new_tokens))
                 rows[j].append(row)
                 if on_row is not None:
                     on_row(row)
@@ -387,10 +404,14 @@ COLUMNS = (
 
 
 def add_ratios(rows: list[dict[str, Any]], reference: str = REFERENCE, suffix: str = "_ratio") -> list[dict[str, Any]]:
-    """Add ``<key><suffix>`` = row / reference row of the same (context, batch) for each column."""
-    refs = {(r["context"], r["batch"]): r for r in rows if r["method"] == reference and r.get("status") == "done"}
+    """Add ``<key><suffix>`` = row / reference row of the same (context, batch, torch threads) for each column."""
+
+    def setting(r: dict[str, Any]) -> tuple:
+        return r.get("context"), r.get("batch"), r.get("torch_threads")
+
+    refs = {setting(r): r for r in rows if r["method"] == reference and r.get("status") == "done"}
     for r in rows:
-        ref = refs.get((r.get("context"), r.get("batch")))
+        ref = refs.get(setting(r))
         for key, *_ in COLUMNS:
             a, b = r.get(key), (ref or {}).get(key)
             r[f"{key}{suffix}"] = a / b if a is not None and b else None
@@ -411,19 +432,23 @@ def add_all_ratios(rows: list[dict[str, Any]], reference: str, also: Sequence[st
 
 def profile_table(rows: list[dict[str, Any]], reference: str = REFERENCE, also: Sequence[str] = ()) -> str:
     """Markdown table, one line per row, every figure followed by its ratio to ``reference``, and
-    each time also by its ratio to every method of ``also`` (e.g. transformers' ``dynamic``)."""
+    each time also by its ratio to every method of ``also`` (e.g. transformers' ``dynamic``). Rows
+    measured at several torch thread counts get a ``threads`` column after ``batch``."""
     from harness.reports.table import markdown_table
 
     add_all_ratios(rows, reference, also)
-    head = ["method", "context", "batch"]
+    by_threads = len({r.get("torch_threads") for r in rows}) > 1
+    head = ["method", "context", "batch"] + (["threads"] if by_threads else [])
     for key, title, *_ in COLUMNS:
         head += [title, f"× {reference}"] + ([f"× {o}" for o in also] if key in TIME_COLUMNS else [])
     head += ["own ms (prefill / step)", "added params"]
     lines = []
     for r in rows:
         cells = [r["method"], str(r["context"]), str(r["batch"])]
+        if by_threads:
+            cells.append(str(r.get("torch_threads")))
         if r.get("status") != "done":
-            lines.append(cells + [f"**{r.get('status')}**"] + ["—"] * (len(head) - 4))
+            lines.append(cells + [f"**{r.get('status')}**"] + ["—"] * (len(head) - len(cells) - 1))
             continue
         for key, _, unit, fmt in COLUMNS:
             v, q = r.get(key), r.get(f"{key}_ratio")
@@ -468,6 +493,7 @@ def profile(
     compare_reads: bool = False,
     also: Sequence[str] = (),
     interleave: bool = True,
+    threads: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Profile each method spec on one loaded model (alias, folder, hub id or a random ``*-shape``).
 
@@ -477,6 +503,9 @@ def profile(
     attends from its codes with dequantize-then-attend decode steps (``[dequantize]``).
     ``interleave`` (the default) takes the methods' rounds in turn (``profile_interleaved``);
     False profiles one method after the other, each with its rounds back to back.
+    ``threads`` (several torch thread counts): every setting at each count, in one process; each is
+    set before its rounds (interleaved with the methods' rounds, or before each method's rows when
+    sequential), and the process's count is restored at the end. None keeps the process's count.
     """
     from tqdm.auto import tqdm
 
@@ -500,21 +529,34 @@ def profile(
         if on_row is not None:
             on_row(row)
 
-    # One untimed, unrecorded prefill + decode step first: the process's one-time costs (thread
-    # pools, kernel caches, lazy initialisation) must not land in the first setting's figures.
-    with AttachedMethod(lm, build_method(reference)) as am, torch.no_grad():
-        cache = am.new_cache()
-        forward(lm, torch.zeros(1, min(contexts), dtype=torch.long, device=lm.device), cache, logits_to_keep=1)
-        forward(lm, torch.zeros(1, 1, dtype=torch.long, device=lm.device), cache, logits_to_keep=1)
-        del cache
-    jobs = [(m, None) for m in objs]
-    if compare_reads:
-        jobs += [(build_method(m.label), False) for m in objs if m.decode_from_codes]
-    if interleave:
-        total = len(jobs) * len(contexts) * len(batches) * (repeats + 1)
-        with tqdm(total=total, desc="profile rounds", disable=not progress) as bar:
-            done = profile_interleaved(lm, jobs, contexts, batches, new_tokens, repeats, on_row=tag, tick=bar.update)
-        return add_all_ratios(done, reference, refs[1:])  # method by method (``rows`` is setting by setting)
-    for m, from_codes in tqdm(jobs, desc="profile", disable=not progress):
-        profile_method(lm, m, contexts, batches, new_tokens, repeats, on_row=tag, from_codes=from_codes)
-    return add_all_ratios(rows, reference, refs[1:])
+    counts: list[int | None] = list(dict.fromkeys(threads)) if threads else [None]
+    before = torch.get_num_threads()
+    try:
+        # One untimed, unrecorded prefill + decode step first (at each thread count): the process's
+        # one-time costs (thread pools, kernel caches, lazy initialisation) must not land in the
+        # first setting's figures.
+        for t in counts:
+            _set_threads(t)
+            with AttachedMethod(lm, build_method(reference)) as am, torch.no_grad():
+                cache = am.new_cache()
+                forward(lm, torch.zeros(1, min(contexts), dtype=torch.long, device=lm.device), cache, logits_to_keep=1)
+                forward(lm, torch.zeros(1, 1, dtype=torch.long, device=lm.device), cache, logits_to_keep=1)
+                del cache
+        jobs = [(m, None) for m in objs]
+        if compare_reads:
+            jobs += [(build_method(m.label), False) for m in objs if m.decode_from_codes]
+        if interleave:
+            total = len(jobs) * len(counts) * len(contexts) * len(batches) * (repeats + 1)
+            with tqdm(total=total, desc="profile rounds", disable=not progress) as bar:
+                done = profile_interleaved(
+                    lm, jobs, contexts, batches, new_tokens, repeats, on_row=tag, tick=bar.update, threads=counts
+                )
+            return add_all_ratios(done, reference, refs[1:])  # method by method (``rows`` is setting by setting)
+        for m, from_codes in tqdm(jobs, desc="profile", disable=not progress):
+            for t in counts:
+                _set_threads(t)
+                profile_method(lm, m, contexts, batches, new_tokens, repeats, on_row=tag, from_codes=from_codes)
+        return add_all_ratios(rows, reference, refs[1:])
+    finally:
+        if threads:
+            torch.set_num_threads(before)

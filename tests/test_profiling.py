@@ -174,3 +174,37 @@ def test_plot_profile_writes_png_and_svg(tmp_path):
     assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.exists() for p in paths)
     assert paths[0].read_bytes()[:4] == b"\x89PNG"
     assert plot_profile([{**rows[0], "status": "oom"}], tmp_path / "none.png") == []
+
+
+def test_profile_cli_several_thread_counts(tmp_path):
+    """``--threads 1,2``: both counts in one process, rounds in turn, a row per count stating it,
+    ratios within a count, a ``threads`` column; the process's count is restored afterwards."""
+    import harness.profiling as prof
+
+    seen, real = [], prof._one_round
+
+    def spy(model, attached, ids, new_tokens):
+        seen.append((attached.method.label, torch.get_num_threads()))
+        return real(model, attached, ids, new_tokens)
+
+    threads = torch.get_num_threads()
+    argv = ["profile", "--methods", "int4", "--model", "tiny-llama", "--context", "16", "--new-tokens", "1"]
+    try:
+        prof._one_round = spy
+        rc = main([*argv, "--repeats", "1", "--out", str(tmp_path), "--reference", "fp16", "--threads", "1,2",
+                   "--no-progress"])  # fmt: skip
+    finally:
+        prof._one_round = real
+    assert rc == 0 and torch.get_num_threads() == threads
+    assert seen == [("fp16", 1), ("int4", 1), ("fp16", 2), ("int4", 2)] * 2  # warm-up round, timed round
+    rows = json.loads((tmp_path / "profile.json").read_text())["rows"]
+    assert [(r["method"], r["torch_threads"]) for r in rows] == [("fp16", 1), ("fp16", 2), ("int4", 1), ("int4", 2)]
+    fp16 = {r["torch_threads"]: r for r in rows if r["method"] == "fp16"}
+    for r in rows:
+        assert r["decode_step_s_ratio"] == r["decode_step_s"] / fp16[r["torch_threads"]]["decode_step_s"]
+    lines = (tmp_path / "profile.md").read_text().splitlines()
+    assert "| method | context | batch | threads | prefill ms |" in lines[2]
+    assert any(line.startswith("| int4 | 16 | 1 | 2 |") for line in lines)
+    single = profile_table([{**r, "torch_threads": 1} for r in rows if r["torch_threads"] == 1], reference="fp16")
+    assert "threads" not in single.splitlines()[0]  # one count: today's table
+    assert main([*argv, "--threads", "0,2"]) == 2
