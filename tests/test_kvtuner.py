@@ -307,6 +307,22 @@ def test_record_key_follows_the_searched_pairs(tmp_path, monkeypatch):
     assert key_of("kvtuner-4:searched=abc")[0] == second  # always computed, never taken from the spec
 
 
+def test_shipped_smollm2_configuration_is_the_documented_search():
+    """Each scheme's entry: 30 valid pairs per budget within it, the pick on its study's front, and the
+    search command the module docstring names."""
+    import baselines.kvtuner as kt
+
+    data = kt.read_config_file(kt.CONFIG_DIR / "llama-L30-D576.json")
+    doc = " ".join(kt.__doc__.replace("\\\n", " ").split())
+    assert "pertoken" in data["schemes"]
+    for scheme, entry in data["schemes"].items():
+        assert entry["command"] in doc and f"--scheme {scheme}" in entry["command"] and entry["enqueue_uniform"]
+        for budget, e in entry["budgets"].items():
+            pairs = parse_pairs(",".join(e["pairs"]))
+            assert len(pairs) == 30 and e["mean_bits"] == mean_bits(pairs) <= float(budget)
+            assert [round(e["mean_bits"], 4), round(e["nll"], 6)] in e["pareto_front"]
+
+
 def test_search_command_writes_the_file_the_method_reads(stories_dir, data_dir, tmp_path):
     """``python -m baselines.kvtuner search`` on stories260K (5 layers) and the calibration split, 6 trials."""
     out = tmp_path / "kvtuner.json"
