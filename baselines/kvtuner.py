@@ -65,13 +65,16 @@ Differences from the official code, each a choice here:
 * Mean bits counts code bits only ((k+v)/2 per layer, as the official ``tot_scale``), not scales or the
   fp16 residual; the records' nominal / effective bits count those.
 
-Search command for SmolLM2 (its output ships as ``baselines/kvtuner_configs/llama-L30-D576.json``)::
+Search commands for SmolLM2 (their output ships as ``baselines/kvtuner_configs/llama-L30-D576.json``)::
 
     python -m baselines.kvtuner search --model smollm2-135m --budget 4,3 --scheme pertoken \\
         --trials 8 --windows 8 --seqlen 512 --groups 6 --seed 0 --data-dir ../shared/data
+    python -m baselines.kvtuner search --model smollm2-135m --budget 4,3 --scheme kivi \\
+        --trials 8 --windows 8 --seqlen 512 --groups 6 --seed 0 --data-dir ../shared/data
 
-8 trials per budget (the enqueued uniform configurations among them; 25 minutes on two CPU cores shared
-with other runs): budget 4 picked K4V4 in every layer, budget 3 K2V4 in layer 0 and K4V2 elsewhere.
+8 trials per budget, the enqueued uniform configurations among them (about 25 minutes each on two CPU
+cores shared with other runs). Both schemes picked K4V4 in every layer at budget 4 and their 3-bit level
+at budget 3 (K2V4 or K4V2 per layer, as its group's candidates hold: pertoken K2V4 in layer 0 only).
 """
 
 from __future__ import annotations
