@@ -10,7 +10,8 @@ Algorithm (MoQAE, ACL 2025), per layer and per chunk of N tokens:
    first layer; only that layer's router runs.
 4. The chunk is stored by its expert: FP16, or INT-b with keys per channel over the chunk's tokens
    (the chunk is the key group) and values per token (group = head_dim, option ``value_group``),
-   asymmetric min-max from ``harness.quant``.
+   asymmetric min-max from ``harness.quant``. Each expert's chunks are kept as one contiguous part
+   (``MoQAEStore``); decode steps attend from the parts' codes (``harness.from_codes``).
 5. In decode, new tokens wait in an fp16 buffer until a chunk is complete; the buffer counts in the
    memory accounting. Token votes are computed as tokens arrive, so a chunk completed in decode gets
    the same decision as the same tokens would at prefill.
