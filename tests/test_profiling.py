@@ -208,3 +208,8 @@ def test_profile_cli_several_thread_counts(tmp_path):
     single = profile_table([{**r, "torch_threads": 1} for r in rows if r["torch_threads"] == 1], reference="fp16")
     assert "threads" not in single.splitlines()[0]  # one count: today's table
     assert main([*argv, "--threads", "0,2"]) == 2
+    # `python -m harness report` keeps both counts: one latency table per count, ratios within it
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "README.md").read_text()
+    for n in (1, 2):
+        assert f"Profile, latency: tiny-llama, cpu, float32, {n} torch thread(s)" in text

@@ -209,7 +209,7 @@ def pick_profile(rows: list[dict[str, Any]], model: str, kv_reference: str) -> P
     groups = [(g, grp) for g, grp in _profile_groups(rows) if g[0] == model]
     if not groups:
         return None
-    (_, device, dtype), grp = groups[0]
+    (_, device, dtype, _threads), grp = groups[0]
     done = [r for r in grp if r.get("status") == "done"]
     if not done:
         return None

@@ -105,8 +105,8 @@ def collect_sections(res: Results) -> tuple[list[Section], list[str]]:
 def _profile_groups(rows: list[dict[str, Any]]) -> list[tuple[tuple, list[dict[str, Any]]]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     seen: set[tuple] = set()
-    for r in rows:
-        g = (r.get("model", "?"), r.get("device", "?"), r.get("dtype", "?"))
+    for r in rows:  # one group per thread count too: `profile --threads 1,2` rows are compared within a count
+        g = (r.get("model", "?"), r.get("device", "?"), r.get("dtype", "?"), r.get("torch_threads") or 0)
         cell = (*g, r["method"], r["context"], r["batch"])
         if cell in seen:  # the same setting in two files: the first file read wins
             continue
@@ -128,12 +128,14 @@ def profile_tables(rows: list[dict[str, Any]], out: Path, reference: str) -> lis
     from harness.profiling import add_ratios
 
     tables = []
-    for gi, ((model, device, dtype), grp) in enumerate(_profile_groups(rows)):
+    groups = _profile_groups(rows)
+    by_threads = len({g[3] for g, _ in groups}) > 1
+    for gi, ((model, device, dtype, threads), grp) in enumerate(groups):
         ref = next((r["_reference"] for r in grp if r.get("_reference")), None) or reference
         add_ratios(grp, ref)
         first_seen = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in grp))}
         grp.sort(key=lambda r: (*label_sort_key(r["method"], first_seen), r["context"], r["batch"]))
-        where = f"{model}, {device}, {dtype}"
+        where = f"{model}, {device}, {dtype}" + (f", {threads} torch thread(s)" if by_threads else "")
         steps = sorted({r.get("new_tokens") for r in grp if r.get("new_tokens") is not None})
         reps = sorted({r.get("repeats") for r in grp if r.get("repeats") is not None})
         conditions = (
