@@ -10,8 +10,8 @@ from harness.interface import MethodSpecError, build_method
 from harness.models import tiny_random_model
 from harness.quant import quantize
 from harness.storage import FullPrecisionSeq
-from moqae.method import MoQAEStore
 from moqae.router import ChunkRouter, RouterBank, chunk_votes
+from moqae.store import MoQAEStore
 
 BITS = (16, 4, 2)
 
