@@ -277,6 +277,7 @@ class KVmix(KVCacheMethod):
     report = ReportStyle("KVmix", "p", "C8", rank=70)
 
     config_class = KVmixConfig
+    decode_from_codes = True  # decode steps attend from the codes (WindowedPairStore.attend)
 
     def __init__(self, config: KVmixConfig | None = None, name: str | None = None):
         super().__init__(config, name)

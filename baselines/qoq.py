@@ -106,6 +106,7 @@ class QoQ(KVCacheMethod):
     report = ReportStyle("QoQ", "^", "C4", rank=50)
 
     config_class = QoQConfig
+    decode_from_codes = True  # decode steps attend from the codes (SeqPairStore.attend), as int4
 
     def __init__(self, config: QoQConfig | None = None, name: str | None = None):
         super().__init__(config, name)

@@ -248,6 +248,7 @@ class XQuant(KVCacheMethod):
     report = ReportStyle("XQuant", "h", "C9", rank=70)
 
     config_class = XQuantConfig
+    decode_from_codes = True  # decode steps attend from the codes (KIVIStore.attend), borrowed codes too
 
     def check_model(self, info: ModelInfo) -> None:
         c = self.config

@@ -8,7 +8,8 @@ scales applied on the small side (the query, or the probabilities) and the zero-
 The math of each layout is in ``scores_from_codes`` / ``mix_from_codes``;
 ``harness.kernels.decode_attention_from_codes`` is the same computation behind the Triton kernel's
 signature, and ``decode_attention_reference`` the dequantize-then-attend reference. Shapes: B batch,
-H query heads, H_kv KV heads, R = H / H_kv, D head dim, G group, P = 8 / bits codes per byte.
+H query heads, H_kv KV heads, R = H / H_kv, D head dim, G group, P = 8 / bits codes per byte (1 for
+3-bit codes, unpacked in channel order).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 
 import torch
 
-from harness.quant import QuantizedTensor, unpack_planes
+from harness.quant import QuantizedTensor, unpack_3bit, unpack_planes
 
 _WORKSPACE = threading.local()
 WORKSPACE_MAX_BYTES = 64 * 2**20
@@ -42,13 +43,24 @@ def _workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return buf[:numel].view(shape)
 
 
+def planes_of(bits: int) -> int:
+    """P, the planes the codes of ``bits`` unpack into: codes per byte (8 / bits), or one plane in
+    channel order for 3-bit codes (8 codes in 3 bytes, ``harness.quant.pack_3bit``)."""
+    return 1 if bits == 3 else 8 // bits
+
+
 def _planes(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """Unpacked codes as floats minus the symmetric offset, by plane (``unpack_planes``), in the
     workspace: [B, H_kv, P, T, D/P], element [.., i, t, j] the code of channel P·j + i. Valid until
-    this thread's next ``_planes`` call."""
+    this thread's next ``_planes`` call. 3-bit codes: one plane, [B, H_kv, 1, T, D]."""
     *lead, t, m = qt.codes.shape
-    out = _workspace((*lead, 8 // qt.bits, t, m), dtype, qt.codes.device)
-    c = unpack_planes(qt.codes, qt.bits, dtype, out=out)
+    if qt.bits == 3:
+        c = unpack_3bit(qt.codes)  # [B, H_kv, T, D] uint8
+        out = _workspace((*lead, 1, t, c.shape[-1]), dtype, qt.codes.device)
+        c = out.copy_(c.unsqueeze(-3))
+    else:
+        out = _workspace((*lead, 8 // qt.bits, t, m), dtype, qt.codes.device)
+        c = unpack_planes(qt.codes, qt.bits, dtype, out=out)
     return c.sub_(2 ** (qt.bits - 1)) if qt.zero is None else c
 
 
@@ -89,7 +101,7 @@ def scores_from_codes(qg: torch.Tensor, k: QuantizedTensor) -> torch.Tensor:
     small side of the product. The codes come by plane (``unpack_planes``), so each product is a
     matmul batched over the P planes, summed over them (Σ_d = Σ_i Σ_j over d = P·j + i).
     """
-    dtype, per = qg.dtype, 8 // k.bits
+    dtype, per = qg.dtype, planes_of(k.bits)
     b, h, t, d = k.shape
     r, g = qg.shape[2], k.group
     c = _planes(k, dtype)  # [B, H_kv, P, T, D/P]
@@ -127,7 +139,7 @@ def mix_from_codes(p: torch.Tensor, v: QuantizedTensor) -> torch.Tensor:
     The codes come by plane (``unpack_planes``): one matmul batched over the planes, whose result
     [.., P, R, D/P] is put back in channel order.
     """
-    dtype, per = p.dtype, 8 // v.bits
+    dtype, per = p.dtype, planes_of(v.bits)
     b, h, t, d = v.shape
     r, g = p.shape[2], v.group
     c = _planes(v, dtype)  # [B, H_kv, P, T, D/P]

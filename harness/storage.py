@@ -231,8 +231,10 @@ def read_tokens(seqs: list[Seq], dtype: torch.dtype) -> torch.Tensor | None:
 
 def held_parts(seqs: list[Seq]) -> list[QuantizedTensor | torch.Tensor]:
     """What the non-empty sequences hold, in token order (codes or float tokens), for
-    ``harness.from_codes.decode_attention_over``."""
-    return [s.q if isinstance(s, QuantizedSeq) else s.data for s in seqs if s.length]
+    ``harness.from_codes.decode_attention_over``: a ``FullPrecisionSeq``'s tokens, any other
+    sequence's ``QuantizedTensor`` ``q`` (a ``QuantizedSeq``, or XQuant's codes borrowed from the
+    layer below)."""
+    return [s.data if isinstance(s, FullPrecisionSeq) else s.q for s in seqs if s.length]
 
 
 def cat_tokens(parts: list[torch.Tensor | None]) -> torch.Tensor:

@@ -31,7 +31,7 @@ def test_scores_and_mix_by_hand():
     assert mix_from_codes(p, k).tolist() == [[[[0.75, 1.5, 0.75, 1.5]]]]  # 0.25·token 0 + 0.75·token 1
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])  # 3-bit: KVmix's keys (8 codes in 3 bytes, one plane)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_decode_attention_over_equals_dequantize_then_attend(layout, bits):
     ak, gk, av, gv, sym = layout
@@ -51,16 +51,27 @@ def test_decode_attention_over_equals_dequantize_then_attend(layout, bits):
 
 
 @pytest.mark.parametrize(
-    "spec", ["int4", "kivi:bits=2,group=4,residual=8", "int:bits=2,group=4", "moqae:ckpt=random,chunk=4,seed=2"]
+    "spec",
+    [
+        "int4",
+        "kivi:bits=2,group=4,residual=8",
+        "int:bits=2,group=4",
+        "moqae:ckpt=random,chunk=4,seed=2",
+        "qoq",  # calibrated (SmoothAttention), per-token INT4 as int4
+        "kvmix:group=4,prompt_len=16,cache=false,important=0.5",  # calibrated K3V4 / K2V2 layers, fp16 windows
+        "xquant:group=4,residual=8,k_share_from=0,v_share_from=0",  # odd layers read the codes below
+    ],
 )
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_model_decode_from_codes_equals_dequantized_reads(spec, family, monkeypatch):
     model = tiny_random_model(family)
     ids = torch.randint(0, model.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
+    calibration = [torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))]
     logits = {}
     for from_codes in (True, False):
         method = build_method(spec)
         with AttachedMethod(model, method, from_codes=from_codes) as am, torch.no_grad():
+            am.calibrate(calibration)
             calls = []
             store_cls = type(method.new_layer_store(0, am.info))
             real = store_cls.attend
