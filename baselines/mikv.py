@@ -246,6 +246,7 @@ class MiKVStore(LayerStore):
         self.balancer: torch.Tensor | None = None  # [B, H_kv, 1, D] fp16, None = no balancing
         self.scored = 0  # queries of tokens [0, scored) are already in the scores
         self._batch: int | None = None
+        self._pos: tuple[torch.Tensor, torch.Tensor] | None = None  # positions(), kept up to date; None = unknown
 
     # ---- budget ------------------------------------------------------------------------------
     def budget(self, t: int) -> int:
@@ -265,10 +266,13 @@ class MiKVStore(LayerStore):
         return 0 if self.mask is None else self.mask.shape[-1]
 
     def positions(self, n_lo: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token positions of the low and high tiers, ([B, H, n_lo], [B, H, n_hi]), ascending per head."""
-        order = torch.argsort(self.mask.to(torch.uint8), dim=-1, stable=True)  # low first, each ascending
-        n_lo = self.low.length if n_lo is None else n_lo
-        return order[..., :n_lo], order[..., n_lo:]
+        """Token positions of the low and high tiers, ([B, H, n_lo], [B, H, n_hi]), ascending per head:
+        kept up to date by append and demotion, from the tier mask when unknown."""
+        if self._pos is None:
+            order = torch.argsort(self.mask.to(torch.uint8), dim=-1, stable=True)  # low first, each ascending
+            n_lo = self.low.length if n_lo is None else n_lo
+            self._pos = order[..., :n_lo], order[..., n_lo:]
+        return self._pos
 
     # ---- store -------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
@@ -286,6 +290,9 @@ class MiKVStore(LayerStore):
             self._tier_prefill(k, values, column_scores(probs, h))
             return
         self.high.append(k, values)  # new tokens are the most recent: high tier, position order kept
+        if self._pos is not None:
+            new_pos = torch.arange(self.length, self.length + n, device=keys.device).expand(b, h, n)
+            self._pos = self._pos[0], torch.cat([self._pos[1], new_pos], dim=-1)
         new_mask = torch.ones(b, h, n, dtype=torch.bool, device=keys.device)
         self.mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], dim=-1)
         zeros = torch.zeros(b, h, n, dtype=torch.float32, device=keys.device)
@@ -301,11 +308,18 @@ class MiKVStore(LayerStore):
         heavy = self.n_high(t) - w
         if heavy > 0:
             mask.scatter_(-1, scores[..., : t - w].topk(heavy, dim=-1).indices, True)
-        self.mask, self.scored = mask, t
+        self.mask, self.scored, self._pos = mask, t, None
         pos_lo, pos_hi = self.positions(n_lo=t - self.n_high(t))
         self.high.append(_take(k, pos_hi), _take(v, pos_hi))
         self.low.append(_take(k, pos_lo), _take(v, pos_lo))
         self.scores = scores.gather(-1, pos_hi)
+
+    def attention_needed(self, q_len: int, kv_len: int) -> bool:
+        """False when ``observe_attention`` would change nothing: every query already scored (the
+        prefill, scored at append) and the high tier within its budget (it is, right after tiering)."""
+        if self.mask is None:
+            return False
+        return kv_len != self.length or self.scored < kv_len or self.high.length > self.n_high(self.length)
 
     def observe_attention(self, queries: torch.Tensor, probs: torch.Tensor | None) -> None:
         if probs is None or self.mask is None:
@@ -345,8 +359,10 @@ class MiKVStore(LayerStore):
         self.mask.scatter_(-1, pos_dem, False)
         # merge into the low tier in position order
         self.low.append_encoded(self.low.encode(dk), self.low.encode(dv))
-        order = torch.argsort(torch.cat([pos_lo, pos_dem], dim=-1), dim=-1)
+        merged = torch.cat([pos_lo, pos_dem], dim=-1)
+        order = torch.argsort(merged, dim=-1)  # positions are distinct: one order
         self.low.select(order)
+        self._pos = merged.gather(-1, order), pos_hi.gather(-1, keep)
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, d = self._batch or 0, self.info.n_kv_heads, self.info.head_dim
@@ -356,16 +372,17 @@ class MiKVStore(LayerStore):
         out_v = torch.empty(b, h, t, d, dtype=dtype, device=dev)
         if t == 0:
             return out_k, out_v
-        pos_lo, pos_hi = self.positions()
-        for tier, pos in ((self.low, pos_lo), (self.high, pos_hi)):
-            k, v = tier.read(torch.float32 if self.balancer is not None else dtype)
+        base = (torch.arange(b * h, device=dev) * t).view(b, h, 1)  # first row of each head in [B·H·T, D]
+        rows_k, rows_v = out_k.view(-1, d), out_v.view(-1, d)
+        for tier, pos in zip((self.low, self.high), self.positions(), strict=True):
+            k, v = tier.read(torch.float32 if self.balancer is not None else dtype)  # [B, H, n, D]
             if k is None:
                 continue
-            index = pos.unsqueeze(-1).expand(*pos.shape, d)
-            if self.balancer is not None:
-                k = saturate(k / self.balancer.float(), dtype)  # undo the balancing: q·(k̃ / b) = (q / b)·k̃
-            out_k.scatter_(TOKEN_DIM, index, k.to(dtype))
-            out_v.scatter_(TOKEN_DIM, index, v.to(dtype))
+            rows = (pos + base).flatten()  # [B·H·n] rows of the tokens in token order
+            if self.balancer is not None:  # undo the balancing: q·(k̃ / b) = (q / b)·k̃ (k is a fresh fp32 copy)
+                k = saturate(k.div_(self.balancer.float()), dtype)
+            rows_k.index_copy_(0, rows, k.to(dtype).reshape(-1, d))
+            rows_v.index_copy_(0, rows, v.to(dtype).reshape(-1, d))
         return out_k, out_v
 
     def memory(self) -> MemoryReport:
@@ -387,6 +404,8 @@ class MiKVStore(LayerStore):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, index))
+        if self._pos is not None:
+            self._pos = tuple(p.index_select(0, index) for p in self._pos)
         self._batch = len(index)
 
 

@@ -189,6 +189,10 @@ class LayerStore(ABC):
         """Queries [B, H, Tq, D] (post-RoPE) and attention probabilities [B, H, Tq, Tk] of the
         forward that just read this layer (only delivered when the method asks for them)."""
 
+    def attention_needed(self, q_len: int, kv_len: int) -> bool:
+        """Whether ``observe_attention`` needs the probabilities of this forward (else it gets None)."""
+        return True
+
     def stats(self) -> dict[str, list[float]]:
         """Per-layer counters a method reports (e.g. MoQAE's chunks per expert); summed over windows."""
         return {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import wikitext_ppl
 
-from baselines.mikv import MiKVConfig, MiKVStore, balance_factors, column_scores
+from baselines.mikv import MiKVConfig, MiKVStore, balance_factors, column_scores, saturate
 from harness.integration import AttachedMethod, attention_probs, forward, generate, model_info
 from harness.interface import MethodSpecError, ModelInfo, Observation, build_method
 from harness.models import tiny_random_model
@@ -311,3 +311,61 @@ def test_chunked_prefill_reads_the_right_causal_mask(family):
         cache = am.new_cache()
         out = torch.cat([forward(model, ids[:, i : i + 16], cache).logits for i in range(0, 48, 16)], dim=1)
     assert torch.allclose(out, ref, atol=1e-4)
+
+
+def _argsort_positions(store: MiKVStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tier positions from the mask, as ``positions`` computed them before it kept them up to date."""
+    order = torch.argsort(store.mask.to(torch.uint8), dim=-1, stable=True)
+    return order[..., : store.low.length], order[..., store.low.length :]
+
+
+def _scatter_read(store: MiKVStore, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``read`` as it was before index_copy_ and cached positions (a copy of the old code)."""
+    b, h, d, t = store._batch, store.info.n_kv_heads, store.info.head_dim, store.length
+    out_k, out_v = torch.empty(b, h, t, d, dtype=dtype), torch.empty(b, h, t, d, dtype=dtype)
+    for tier, pos in zip((store.low, store.high), _argsort_positions(store), strict=True):
+        k, v = tier.read(torch.float32 if store.balancer is not None else dtype)
+        if k is None:
+            continue
+        index = pos.unsqueeze(-1).expand(*pos.shape, d)
+        if store.balancer is not None:
+            k = saturate(k / store.balancer.float(), dtype)
+        out_k.scatter_(-2, index, k.to(dtype))
+        out_v.scatter_(-2, index, v.to(dtype))
+    return out_k, out_v
+
+
+@pytest.mark.parametrize("spec", ["mikv", "mikv:high=8,low=4,ratio=0.4,quantize_prefill=false"])
+def test_prefill_probabilities_computed_once_and_outputs_unchanged(monkeypatch, spec):
+    """The attention hook skips the prefill's probabilities (the store computed them at append): the
+    logits of a prefill, a chunk of 8 and 10 decode steps, and every store's tiers and scores, equal a
+    run where the hook computes them for every forward; each read equals the old scatter read."""
+    import harness.integration.cache as cache_mod
+
+    model = tiny_random_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(5))
+
+    def run(always: bool) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, ...]], int]:
+        calls = []
+        with monkeypatch.context() as m:
+            if always:
+                m.setattr(MiKVStore, "attention_needed", lambda self, q_len, kv_len: True)
+            m.setattr(cache_mod, "attention_probs", lambda *a: calls.append(a[0].shape[-2]) or attention_probs(*a))
+            with AttachedMethod(model, build_method(spec)) as am, torch.no_grad():
+                cache = am.new_cache()
+                logits = [forward(model, ids[:, :40], cache).logits, forward(model, ids[:, 40:], cache).logits]
+                for _ in range(10):
+                    logits.append(forward(model, logits[-1][:, -1:].argmax(-1), cache).logits)
+                    for s in cache.stores:
+                        assert all(map(torch.equal, s.positions(), _argsort_positions(s)))
+                        assert all(map(torch.equal, s.read(torch.float32), _scatter_read(s, torch.float32)))
+        states = [(s.mask, s.scores, s.high.k.codes if s.cfg.high_bits < 16 else s.high.k) for s in cache.stores]
+        return logits, states, len(calls)
+
+    ref, ref_states, ref_calls = run(always=True)
+    out, states, n_calls = run(always=False)
+    n_layers = model.config.num_hidden_layers
+    assert (ref_calls, n_calls) == (12 * n_layers, 11 * n_layers)  # the prefill's probabilities: once, at append
+    assert all(map(torch.equal, out, ref))
+    for got, want in zip(states, ref_states, strict=True):
+        assert all(map(torch.equal, got, want))

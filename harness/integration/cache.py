@@ -341,9 +341,10 @@ def _harness_attention(module, query, key, value, attention_mask, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward as fn
     out = fn(module, query, key, value, attention_mask, **kwargs)
     if cache is not None and "attention" in signals:
+        store = cache.layers[module.layer_idx].store
         scaling = kwargs.get("scaling") or module.head_dim**-0.5
-        probs = attention_probs(query, key, attention_mask, scaling)
-        cache.layers[module.layer_idx].store.observe_attention(query, probs)
+        needed = store.attention_needed(query.shape[-2], key.shape[-2])
+        store.observe_attention(query, attention_probs(query, key, attention_mask, scaling) if needed else None)
     return out
 
 
