@@ -216,6 +216,14 @@ class _Tier:
             return None, None
         return self._decode(self.k, dtype), self._decode(self.v, dtype)
 
+    def read_into(self, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """Decode the tier into ``out_k``, ``out_v`` [B, H, n, D] (views, in their dtype), as ``read`` would."""
+        for x, out in ((self.k, out_k), (self.v, out_v)):
+            if isinstance(x, QuantizedTensor):
+                x.dequantize(out.dtype, out=out)
+            else:
+                out.copy_(x)
+
     def memory(self) -> MemoryReport:
         r = held_memory(self.k)
         r += held_memory(self.v)
@@ -372,17 +380,21 @@ class MiKVStore(LayerStore):
         out_v = torch.empty(b, h, t, d, dtype=dtype, device=dev)
         if t == 0:
             return out_k, out_v
-        base = (torch.arange(b * h, device=dev) * t).view(b, h, 1)  # first row of each head in [B·H·T, D]
-        rows_k, rows_v = out_k.view(-1, d), out_v.view(-1, d)
-        for tier, pos in zip((self.low, self.high), self.positions(), strict=True):
-            k, v = tier.read(torch.float32 if self.balancer is not None else dtype)  # [B, H, n, D]
-            if k is None:
-                continue
-            rows = (pos + base).flatten()  # [B·H·n] rows of the tokens in token order
-            if self.balancer is not None:  # undo the balancing: q·(k̃ / b) = (q / b)·k̃ (k is a fresh fp32 copy)
-                k = saturate(k.div_(self.balancer.float()), dtype)
-            rows_k.index_copy_(0, rows, k.to(dtype).reshape(-1, d))
-            rows_v.index_copy_(0, rows, v.to(dtype).reshape(-1, d))
+        # both tiers decoded side by side in tier order (low, then high), then one row permutation
+        work = torch.float32 if self.balancer is not None else dtype
+        tier_k = torch.empty(b, h, t, d, dtype=work, device=dev)  # [B, H, T, D] in tier order
+        tier_v = torch.empty(b, h, t, d, dtype=work, device=dev)
+        n_lo = self.low.length
+        for tier, part in ((self.low, slice(0, n_lo)), (self.high, slice(n_lo, t))):
+            if tier.length:
+                tier.read_into(tier_k[..., part, :], tier_v[..., part, :])
+        if self.balancer is not None:  # undo the balancing: q·(k̃ / b) = (q / b)·k̃
+            tier_k = saturate(tier_k.div_(self.balancer.float()), dtype)
+        tier_pos = torch.cat(self.positions(), dim=-1)  # [B, H, T] position of each tier-order slot
+        slot = torch.empty_like(tier_pos).scatter_(-1, tier_pos, torch.arange(t, device=dev).expand_as(tier_pos))
+        rows = (slot + (torch.arange(b * h, device=dev) * t).view(b, h, 1)).flatten()  # [B·H·T] source rows
+        torch.index_select(tier_k.to(dtype).view(-1, d), 0, rows, out=out_k.view(-1, d))
+        torch.index_select(tier_v.to(dtype).view(-1, d), 0, rows, out=out_v.view(-1, d))
         return out_k, out_v
 
     def memory(self) -> MemoryReport:

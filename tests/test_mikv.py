@@ -358,7 +358,8 @@ def test_prefill_probabilities_computed_once_and_outputs_unchanged(monkeypatch, 
                     logits.append(forward(model, logits[-1][:, -1:].argmax(-1), cache).logits)
                     for s in cache.stores:
                         assert all(map(torch.equal, s.positions(), _argsort_positions(s)))
-                        assert all(map(torch.equal, s.read(torch.float32), _scatter_read(s, torch.float32)))
+                        for dtype in (torch.float32, torch.float16):
+                            assert all(map(torch.equal, s.read(dtype), _scatter_read(s, dtype)))
         states = [(s.mask, s.scores, s.high.k.codes if s.cfg.high_bits < 16 else s.high.k) for s in cache.stores]
         return logits, states, len(calls)
 
