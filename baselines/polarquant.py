@@ -158,6 +158,16 @@ def polar_dequantize(cr: torch.Tensor, ct: torch.Tensor, meta: torch.Tensor, gro
     return torch.cat([r * torch.cos(phi), r * torch.sin(phi)], dim=-1).view(b, h, n, 2 * p)
 
 
+def _unpack_u8(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """``unpack_codes`` ([.., m] uint8 -> [.., m·8/bits] uint8 codes, little-end first), at 2 and 4 bits
+    with one scalar shift per position (no broadcast shift tensor: a few times faster on CPU)."""
+    if bits not in (2, 4):
+        return unpack_codes(packed, bits)
+    mask = 2**bits - 1
+    parts = [packed & mask] + [(packed >> s) & mask for s in range(bits, 8 - bits, bits)] + [packed >> 8 - bits]
+    return torch.stack(parts, dim=-1).flatten(-2)
+
+
 class PolarSeq:
     """Keys held in polar form: codes [B, H, T, C] uint8 (C bytes per token) and meta [B, H, T/G, 4·P]
     fp16 (``META_FIELDS`` × pairs), each in a ``TokenBuffer`` growing along its axis -2."""
@@ -199,27 +209,38 @@ class PolarSeq:
         k = polar_dequantize(*self.unpacked(), self.group)
         return k.to(dtype) if out is None else out.copy_(k)
 
+    def indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat table indices of the codes, i·2^rbits + c_r(j, i) and i·2^tbits + c_φ(j, i), [B, H_kv, T, P]
+        (int64, what ``torch.gather`` takes): unpacked to uint8, offset in int32, widened once."""
+        codes, p = self.codes.value, self.meta.value.shape[-1] // 4  # [B, H_kv, T, C] uint8
+        if self.index == "byte":
+            cr, ct = codes >> self.tbits, codes & (2**self.tbits - 1)
+        else:
+            nr = p * self.rbits // 8
+            cr, ct = _unpack_u8(codes[..., :nr], self.rbits), _unpack_u8(codes[..., nr:], self.tbits)
+        pair = torch.arange(p, dtype=torch.int32, device=codes.device)
+        return torch.add(cr, pair * 2**self.rbits).long(), torch.add(ct, pair * 2**self.tbits).long()
+
     def scores(self, qg: torch.Tensor) -> torch.Tensor:
         """q·k̂ from the codes through the lookup tables: qg [B, H_kv, R, D] (scaled queries of the R heads
         sharing a KV head) -> [B, H_kv, R, T]. Angle table LUT[.., g, i, t] = q_x·cos φ_t + q_y·sin φ_t
         (φ_t = m_φ + (t + ½)·s_φ), radius table R[.., g, i, t] = m_r + (t + ½)·s_r; score of token j in
-        group g: Σ_i LUT[g, i, c_φ(j, i)]·R[g, i, c_r(j, i)]."""
-        cr, ct, meta = self.unpacked()  # [B, H_kv, T, P], [B, H_kv, NG, 4, P]
-        b, h, t, p = cr.shape
+        group g: Σ_i LUT[g, i, c_φ(j, i)]·R[g, i, c_r(j, i)] (the products in place, summed over i)."""
+        ir, it = self.indices()  # [B, H_kv, T, P]
+        b, h, t, p = ir.shape
         r, g, ng, dt = qg.shape[2], self.group, t // self.group, qg.dtype
         lt, lr = 2**self.tbits, 2**self.rbits
-        m = meta.to(dt)
+        m = self.meta.value.unflatten(-1, (4, p)).to(dt)  # [B, H_kv, NG, 4, P]
         mid_t = torch.arange(lt, dtype=dt, device=qg.device) + 0.5
         mid_r = torch.arange(lr, dtype=dt, device=qg.device) + 0.5
         phi = m[:, :, :, 2, :, None] + mid_t * m[:, :, :, 3, :, None]  # [B, H_kv, NG, P, Lt]
         qx, qy = qg[..., :p, None], qg[..., p:, None]  # [B, H_kv, R, P, 1]
         lut = qx.unsqueeze(3) * torch.cos(phi).unsqueeze(2) + qy.unsqueeze(3) * torch.sin(phi).unsqueeze(2)
         rad = m[:, :, :, 0, :, None] + mid_r * m[:, :, :, 1, :, None]  # [B, H_kv, NG, P, Lr]
-        pair = torch.arange(p, device=qg.device)  # flat index i·L + code into the [P·L] tables
-        it = (pair * lt + ct).view(b, h, 1, ng, g * p).expand(b, h, r, ng, g * p)
+        it = it.view(b, h, 1, ng, g * p).expand(b, h, r, ng, g * p)
         angle = torch.gather(lut.reshape(b, h, r, ng, p * lt), -1, it)  # [B, H_kv, R, NG, G·P]
-        radius = torch.gather(rad.reshape(b, h, ng, p * lr), -1, (pair * lr + cr).view(b, h, ng, g * p))
-        out = (angle * radius.unsqueeze(2)).view(b, h, r, ng, g, p).sum(-1)  # [B, H_kv, R, NG, G]
+        radius = torch.gather(rad.reshape(b, h, ng, p * lr), -1, ir.view(b, h, ng, g * p))
+        out = angle.mul_(radius.unsqueeze(2)).view(b, h, r, ng, g, p).sum(-1)  # [B, H_kv, R, NG, G]
         return out.reshape(b, h, r, t)
 
     @property

@@ -12,8 +12,11 @@ import torch
 from conftest import append_kv, fp16_kv
 
 from baselines.polarquant import PolarQuantConfig, PolarQuantStore, polar_dequantize, polar_quantize
+from harness.from_codes import masked_scores, mix_from_codes
 from harness.integration import apply_rope
 from harness.interface import MethodSpecError, ModelInfo, build_method, method_names
+from harness.quant import unpack_codes
+from harness.storage import held_parts
 
 G, R = 4, 8
 INFO = ModelInfo("llama", 1, 4, 2, 8, 32, torch.float32, torch.device("cpu"))  # H_kv = 2, D = 8, 4 pairs
@@ -256,3 +259,112 @@ def test_memory_by_hand():
     store = _store(rbits=3, tbits=3, index="byte")  # the kernel's layout: a byte per pair even at 3 + 3 bits
     append_kv(store, *fp16_kv(21))
     assert store.memory().bytes["codes"] == 128 and store.memory().payload_bits == 256 * 4 + 416 * 16
+
+
+def _old_scores(seq, qg: torch.Tensor) -> torch.Tensor:
+    """``PolarSeq.scores`` as it was before the decode path was sped up (commit dbd5379), kept verbatim
+    (codes unpacked with ``unpack_codes`` and widened, flat indices added in int64, a new product tensor)."""
+    codes, meta = seq.codes.value, seq.meta.value
+    p = meta.shape[-1] // 4
+    if seq.index == "byte":
+        cr, ct = codes >> seq.tbits, codes & (2**seq.tbits - 1)
+    else:
+        nr = p * seq.rbits // 8
+        cr, ct = unpack_codes(codes[..., :nr], seq.rbits), unpack_codes(codes[..., nr:], seq.tbits)
+    cr, ct, meta = cr.long(), ct.long(), meta.unflatten(-1, (4, p))
+    b, h, t, p = cr.shape
+    r, g, ng, dt = qg.shape[2], seq.group, t // seq.group, qg.dtype
+    lt, lr = 2**seq.tbits, 2**seq.rbits
+    m = meta.to(dt)
+    mid_t = torch.arange(lt, dtype=dt, device=qg.device) + 0.5
+    mid_r = torch.arange(lr, dtype=dt, device=qg.device) + 0.5
+    phi = m[:, :, :, 2, :, None] + mid_t * m[:, :, :, 3, :, None]
+    qx, qy = qg[..., :p, None], qg[..., p:, None]
+    lut = qx.unsqueeze(3) * torch.cos(phi).unsqueeze(2) + qy.unsqueeze(3) * torch.sin(phi).unsqueeze(2)
+    rad = m[:, :, :, 0, :, None] + mid_r * m[:, :, :, 1, :, None]
+    pair = torch.arange(p, device=qg.device)
+    it = (pair * lt + ct).view(b, h, 1, ng, g * p).expand(b, h, r, ng, g * p)
+    angle = torch.gather(lut.reshape(b, h, r, ng, p * lt), -1, it)
+    radius = torch.gather(rad.reshape(b, h, ng, p * lr), -1, (pair * lr + cr).view(b, h, ng, g * p))
+    out = (angle * radius.unsqueeze(2)).view(b, h, r, ng, g, p).sum(-1)
+    return out.reshape(b, h, r, t)
+
+
+def _old_attend(store: PolarQuantStore, query: torch.Tensor, scaling: float, mask) -> torch.Tensor:
+    """``PolarQuantStore.attend`` as it was at commit dbd5379, on ``_old_scores``."""
+    b, h, _, d = query.shape
+    hk = store.info.n_kv_heads
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    dt = torch.float32 if half and query.device.type == "cpu" else query.dtype
+    qg = query.reshape(b, hk, h // hk, d).to(dt) * scaling
+    parts = []
+    if store.k_q.length:
+        parts.append(_old_scores(store.k_q, qg))
+    if store.k_fp.length:
+        parts.append(torch.matmul(qg, store.k_fp.data.to(dt).transpose(-1, -2)))
+    p = torch.softmax(masked_scores(torch.cat(parts, dim=-1), mask, hk), dim=-1)
+    out, start = None, 0
+    for v in held_parts([s for s in (store.v_q, store.v_fp) if s is not None]):
+        n = v.shape[-2]
+        pv = p[..., start : start + n]
+        o = mix_from_codes(pv, v) if not isinstance(v, torch.Tensor) else torch.matmul(pv, v.to(dt))
+        out = o if out is None else out + o
+        start += n
+    return out.reshape(b, h, 1, d).to(query.dtype)
+
+
+def _old_read_keys(store: PolarQuantStore) -> torch.Tensor:
+    """The quantized keys as ``read`` reconstructed them at commit dbd5379 (``unpack_codes``, then
+    ``polar_dequantize``)."""
+    seq = store.k_q
+    codes, meta = seq.codes.value, seq.meta.value
+    p = meta.shape[-1] // 4
+    if seq.index == "byte":
+        cr, ct = codes >> seq.tbits, codes & (2**seq.tbits - 1)
+    else:
+        nr = p * seq.rbits // 8
+        cr, ct = unpack_codes(codes[..., :nr], seq.rbits), unpack_codes(codes[..., nr:], seq.tbits)
+    return polar_dequantize(cr.long(), ct.long(), meta.unflatten(-1, (4, p)), seq.group)
+
+
+# (head_dim, rbits, tbits, index, value_bits, group, residual, batch, prefill tokens)
+BIT_IDENTICAL = [
+    (16, 4, 4, "packed", 16, G, R, 2, 19),
+    (16, 3, 3, "packed", 4, G, R, 2, 21),
+    (16, 2, 4, "packed", 2, G, R, 1, 16),
+    (16, 8, 2, "packed", 16, G, R, 1, 23),
+    (16, 3, 3, "byte", 16, G, R, 2, 19),
+    (16, 4, 4, "byte", 4, G, R, 1, 17),
+    (64, 4, 4, "packed", 16, 128, 128, 1, 1100),  # SmolLM2's head_dim and the code's G = R = 128
+    (64, 3, 3, "packed", 16, 128, 128, 1, 600),
+]
+
+
+@pytest.mark.parametrize("d,rbits,tbits,index,value_bits,group,residual,batch,t", BIT_IDENTICAL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_path_is_bit_identical_to_the_old_code(
+    d, rbits, tbits, index, value_bits, group, residual, batch, t, dtype
+):
+    """The sped-up ``attend`` (uint8 unpack with scalar shifts, int32 offsets, in-place products) gives
+    exactly (``torch.equal``) what the code at commit dbd5379 gave, on random stores across flushes of
+    the key buffer, with GQA and masks; ``read`` and ``memory`` too (published numbers must not move)."""
+    info = ModelInfo("llama", 1, 2 * 3, 3, d, 3 * d, torch.float32, torch.device("cpu"))
+    store = _store(info, rbits=rbits, tbits=tbits, index=index, value_bits=value_bits, group=group, residual=residual)
+    g = torch.Generator().manual_seed(rbits * 10 + tbits + d)
+    k = torch.randn(batch, 3, t, d, generator=g) * torch.rand(1, 1, 1, d, generator=g) * 4
+    append_kv(store, k, torch.randn(batch, 3, t, d, generator=g))
+    for step in range(group + 3 if group == G else 3):
+        append_kv(store, torch.randn(batch, 3, 1, d, generator=g), torch.randn(batch, 3, 1, d, generator=g))
+        q = (torch.randn(batch, 6, 1, d, generator=g) * 3).to(dtype)
+        mask = torch.rand(batch, 1, 1, store.seq_len, generator=g) > 0.2
+        for m in (None, mask, torch.where(mask, 0.0, -1e9)):
+            assert torch.equal(store.attend(q, 0.125, m), _old_attend(store, q, 0.125, m)), (step, m is None)
+    assert store.key_counts[0] > 0
+    nq = store.key_counts[0]
+    assert torch.equal(store.read(torch.float32)[0][..., :nq, :], _old_read_keys(store))
+    qg = torch.randn(batch, 3, 2, d, generator=g)
+    assert torch.equal(store.k_q.scores(qg), _old_scores(store.k_q, qg))
+    m = store.memory()
+    assert m.bytes["codes"] == batch * 3 * nq * (d // 2) * store.k_q.code_bits // 8 + (
+        0 if value_bits == 16 else batch * 3 * store.value_counts[0] * d * value_bits // 8
+    )
