@@ -106,8 +106,11 @@ class MiKVConfig(MethodConfig):
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Tokens ``idx`` [B, H, m] of ``x`` [B, H, n, X] (per head) -> [B, H, m, X]."""
-    return x.gather(TOKEN_DIM, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+    """Tokens ``idx`` [B, H, m] of ``x`` [B, H, n, X] (per head) -> [B, H, m, X], as whole rows."""
+    b, h, m = idx.shape
+    n, width = x.shape[TOKEN_DIM], x.shape[-1]
+    rows = (idx + (torch.arange(b * h, device=idx.device) * n).view(b, h, 1)).flatten()  # [B·H·m] in [B·H·n, X]
+    return x.reshape(b * h * n, width).index_select(0, rows).view(b, h, m, width)
 
 
 def _take_q(q: QuantizedTensor, idx: torch.Tensor) -> QuantizedTensor:

@@ -30,7 +30,7 @@ def _state(store: MiKVStore) -> dict[str, Any]:
     """A copy of ``store`` with one more token appended, its snapshot, the step's keys and probabilities."""
     if id(store) not in _STATE:
         g = torch.Generator().manual_seed(1)
-        s = MiKVStore(store.layer_idx, store.info, store.cfg, store.scaling)
+        s = type(store)(store.layer_idx, store.info, store.cfg, store.scaling)
         s.__dict__.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in store.__dict__.items()})
         for name in ("high", "low"):  # tiers: tensors are replaced, never written in place
             tier = getattr(store, name).__class__.__new__(getattr(store, name).__class__)
