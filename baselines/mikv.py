@@ -63,7 +63,7 @@ from typing import ClassVar
 
 import torch
 
-from harness.integration import attention_probs, attention_scaling
+from harness.integration import attention_scaling
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -134,6 +134,18 @@ def group_heads(x: torch.Tensor, n_kv_heads: int, reduce: str) -> torch.Tensor:
     b, h = x.shape[:2]
     g = x.reshape(b, n_kv_heads, h // n_kv_heads, *x.shape[2:])
     return g.sum(2) if reduce == "sum" else g.amax(2)
+
+
+def causal_probs(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``harness.integration.attention_probs(queries, keys, None, scaling)`` (causal softmax, fp32,
+    [B, H, Tq, Tk]) by the same operations, with the scaling and the causal bias applied in place:
+    two fewer [B, H, Tq, Tk] temporaries at prefill, the same numbers (torch.equal, tested)."""
+    n_rep = queries.shape[1] // keys.shape[1]
+    k = keys.repeat_interleave(n_rep, dim=1) if n_rep > 1 else keys  # [B, H, Tk, D]
+    scores = torch.matmul(queries.float(), k.float().transpose(-1, -2)).mul_(scaling)  # [B, H, Tq, Tk]
+    q_len, kv_len = scores.shape[-2:]
+    bias = torch.full((q_len, kv_len), float("-inf"), device=scores.device).triu_(kv_len - q_len + 1)  # 0 where j <= i
+    return torch.softmax(scores.add_(bias), dim=-1)
 
 
 def column_scores(probs: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
@@ -297,7 +309,7 @@ class MiKVStore(LayerStore):
         k = saturate(keys.float() * self.balancer.float(), torch.float16) if self.balancer is not None else keys
         if prefill and obs.queries is not None:
             # the prefill's attention, from the full-precision queries and keys, decides the tiers now
-            probs = attention_probs(obs.queries, keys, None, self.scaling)  # [B, H, T, T]
+            probs = causal_probs(obs.queries, keys, self.scaling)  # [B, H, T, T]
             self._tier_prefill(k, values, column_scores(probs, h))
             return
         self.high.append(k, values)  # new tokens are the most recent: high tier, position order kept

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import wikitext_ppl
 
-from baselines.mikv import MiKVConfig, MiKVStore, balance_factors, column_scores, saturate
+from baselines.mikv import MiKVConfig, MiKVStore, balance_factors, causal_probs, column_scores, saturate
 from harness.integration import AttachedMethod, attention_probs, forward, generate, model_info
 from harness.interface import MethodSpecError, ModelInfo, Observation, build_method
 from harness.models import tiny_random_model
@@ -370,3 +370,13 @@ def test_prefill_probabilities_computed_once_and_outputs_unchanged(monkeypatch, 
     assert all(map(torch.equal, out, ref))
     for got, want in zip(states, ref_states, strict=True):
         assert all(map(torch.equal, got, want))
+
+
+@pytest.mark.parametrize("t_q,t_k,n_rep", [(37, 37, 2), (5, 37, 3), (1, 37, 1)])
+def test_causal_probs_equal_attention_probs(t_q, t_k, n_rep):
+    """The store's in-place prefill probabilities are the harness's, bit for bit (inf and NaN too)."""
+    q, k = _rand(2, 2 * n_rep, t_q, 8, seed=7) * 4, _rand(2, 2, t_k, 8, seed=8) * 4
+    q[0, 0, 0, 0], k[1, 1, 3, 2], k[0, 0, -1, 1] = float("inf"), float("nan"), float("-inf")
+    want = attention_probs(q, k, None, 0.3)
+    assert torch.equal(causal_probs(q, k, 0.3).isnan(), want.isnan()) and want.isnan().any()
+    assert torch.equal(causal_probs(q, k, 0.3).nan_to_num(7.0), want.nan_to_num(7.0))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from method_parts import INFO, SCALING, observation, random_kv
 
-from baselines.mikv import MiKVStore, column_scores
+from baselines.mikv import MiKVStore, causal_probs, column_scores
 from harness.integration import attention_probs
 
 SPEC = "mikv"
@@ -87,7 +87,7 @@ def _prefill_inputs(store: MiKVStore) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def prefill_importance(store: MiKVStore, query: torch.Tensor) -> torch.Tensor:
     q, k, _ = _prefill_inputs(store)
-    return column_scores(attention_probs(q, k, None, SCALING), INFO.n_kv_heads)  # [1, H_kv, T]
+    return column_scores(causal_probs(q, k, SCALING), INFO.n_kv_heads)  # [1, H_kv, T], as the store's append
 
 
 def prefill_sdpa(store: MiKVStore, query: torch.Tensor) -> torch.Tensor:
