@@ -158,14 +158,18 @@ def polar_dequantize(cr: torch.Tensor, ct: torch.Tensor, meta: torch.Tensor, gro
     return torch.cat([r * torch.cos(phi), r * torch.sin(phi)], dim=-1).view(b, h, n, 2 * p)
 
 
-def _unpack_u8(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """``unpack_codes`` ([.., m] uint8 -> [.., m·8/bits] uint8 codes, little-end first), at 2 and 4 bits
-    with one scalar shift per position (no broadcast shift tensor: a few times faster on CPU)."""
+def _unpack_into(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """``unpack_codes`` written into ``out``: packed [.., m] uint8 -> out [.., m·8/bits] (an integer dtype).
+    At 2 and 4 bits one scalar shift per position, straight into ``out`` (no broadcast shift tensor, no
+    uint8 intermediate: a few times faster on CPU)."""
     if bits not in (2, 4):
-        return unpack_codes(packed, bits)
-    mask = 2**bits - 1
-    parts = [packed & mask] + [(packed >> s) & mask for s in range(bits, 8 - bits, bits)] + [packed >> 8 - bits]
-    return torch.stack(parts, dim=-1).flatten(-2)
+        out.copy_(unpack_codes(packed, bits))
+        return
+    o = out.unflatten(-1, (packed.shape[-1], 8 // bits))  # [.., m, 8/bits], code k of byte at bits·k
+    torch.bitwise_and(packed, 2**bits - 1, out=o[..., 0])
+    for k in range(1, 8 // bits - 1):
+        torch.bitwise_and(packed >> bits * k, 2**bits - 1, out=o[..., k])
+    torch.bitwise_right_shift(packed, 8 - bits, out=o[..., -1])
 
 
 class PolarSeq:
@@ -211,35 +215,52 @@ class PolarSeq:
 
     def indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat table indices of the codes, i·2^rbits + c_r(j, i) and i·2^tbits + c_φ(j, i), [B, H_kv, T, P]
-        (int64, what ``torch.gather`` takes): unpacked to uint8, offset in int32, widened once."""
+        (int64, what ``torch.gather`` takes): unpacked side by side into one int16 buffer (int32 past 2^15
+        table entries), offset there, each half widened once."""
         codes, p = self.codes.value, self.meta.value.shape[-1] // 4  # [B, H_kv, T, C] uint8
+        levels = (2**self.rbits, 2**self.tbits)
+        dt = torch.int16 if p * max(levels) <= 2**15 else torch.int32
+        idx = torch.empty(*codes.shape[:-1], 2 * p, dtype=dt, device=codes.device)  # [B, H_kv, T, 2P]: c_r | c_φ
         if self.index == "byte":
-            cr, ct = codes >> self.tbits, codes & (2**self.tbits - 1)
+            torch.bitwise_right_shift(codes, self.tbits, out=idx[..., :p])
+            torch.bitwise_and(codes, levels[1] - 1, out=idx[..., p:])
+        elif self.rbits == self.tbits:  # both halves in one pass (the bytes hold radius codes, then angle codes)
+            _unpack_into(codes, self.rbits, idx)
         else:
             nr = p * self.rbits // 8
-            cr, ct = _unpack_u8(codes[..., :nr], self.rbits), _unpack_u8(codes[..., nr:], self.tbits)
-        pair = torch.arange(p, dtype=torch.int32, device=codes.device)
-        return torch.add(cr, pair * 2**self.rbits).long(), torch.add(ct, pair * 2**self.tbits).long()
+            _unpack_into(codes[..., :nr], self.rbits, idx[..., :p])
+            _unpack_into(codes[..., nr:], self.tbits, idx[..., p:])
+        pair = torch.arange(p, dtype=dt, device=codes.device)
+        idx += torch.cat([pair * levels[0], pair * levels[1]])
+        return idx[..., :p].long(), idx[..., p:].long()
 
-    def scores(self, qg: torch.Tensor) -> torch.Tensor:
-        """q·k̂ from the codes through the lookup tables: qg [B, H_kv, R, D] (scaled queries of the R heads
-        sharing a KV head) -> [B, H_kv, R, T]. Angle table LUT[.., g, i, t] = q_x·cos φ_t + q_y·sin φ_t
-        (φ_t = m_φ + (t + ½)·s_φ), radius table R[.., g, i, t] = m_r + (t + ½)·s_r; score of token j in
-        group g: Σ_i LUT[g, i, c_φ(j, i)]·R[g, i, c_r(j, i)] (the products in place, summed over i)."""
-        ir, it = self.indices()  # [B, H_kv, T, P]
-        b, h, t, p = ir.shape
-        r, g, ng, dt = qg.shape[2], self.group, t // self.group, qg.dtype
+    def tables(self, qg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's lookup tables from the scaled queries qg [B, H_kv, R, D]: angle table
+        LUT[.., g, i, t] = q_x·cos φ_t + q_y·sin φ_t (φ_t = m_φ + (t + ½)·s_φ) [B, H_kv, R, NG, P·Lt] and
+        radius table R[.., g, i, t] = m_r + (t + ½)·s_r [B, H_kv, NG, P·Lr] (flat over (pair, level))."""
+        meta, dt = self.meta.value, qg.dtype  # [B, H_kv, NG, 4·P]
+        b, h, ng, p = *meta.shape[:3], meta.shape[-1] // 4
         lt, lr = 2**self.tbits, 2**self.rbits
-        m = self.meta.value.unflatten(-1, (4, p)).to(dt)  # [B, H_kv, NG, 4, P]
+        m = meta.unflatten(-1, (4, p)).to(dt)  # [B, H_kv, NG, 4, P]
         mid_t = torch.arange(lt, dtype=dt, device=qg.device) + 0.5
         mid_r = torch.arange(lr, dtype=dt, device=qg.device) + 0.5
         phi = m[:, :, :, 2, :, None] + mid_t * m[:, :, :, 3, :, None]  # [B, H_kv, NG, P, Lt]
         qx, qy = qg[..., :p, None], qg[..., p:, None]  # [B, H_kv, R, P, 1]
         lut = qx.unsqueeze(3) * torch.cos(phi).unsqueeze(2) + qy.unsqueeze(3) * torch.sin(phi).unsqueeze(2)
         rad = m[:, :, :, 0, :, None] + mid_r * m[:, :, :, 1, :, None]  # [B, H_kv, NG, P, Lr]
-        it = it.view(b, h, 1, ng, g * p).expand(b, h, r, ng, g * p)
-        angle = torch.gather(lut.reshape(b, h, r, ng, p * lt), -1, it)  # [B, H_kv, R, NG, G·P]
-        radius = torch.gather(rad.reshape(b, h, ng, p * lr), -1, ir.view(b, h, ng, g * p))
+        return lut.reshape(b, h, qg.shape[2], ng, p * lt), rad.reshape(b, h, ng, p * lr)
+
+    def scores(self, qg: torch.Tensor, indices: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """q·k̂ from the codes through the lookup tables (``tables``): qg [B, H_kv, R, D] (scaled queries of
+        the R heads sharing a KV head) -> [B, H_kv, R, T]; score of token j in group g:
+        Σ_i LUT[g, i, c_φ(j, i)]·R[g, i, c_r(j, i)] (products in place, summed over i). ``indices``:
+        ``self.indices()`` when the caller has them (tests/bench/parts_polarquant.py)."""
+        ir, it = self.indices() if indices is None else indices  # [B, H_kv, T, P]
+        b, h, t, p = ir.shape
+        r, g, ng = qg.shape[2], self.group, t // self.group
+        lut, rad = self.tables(qg)
+        angle = torch.gather(lut, -1, it.view(b, h, 1, ng, g * p).expand(b, h, r, ng, g * p))  # [B, H_kv, R, NG, G·P]
+        radius = torch.gather(rad, -1, ir.view(b, h, ng, g * p))  # [B, H_kv, NG, G·P]
         out = angle.mul_(radius.unsqueeze(2)).view(b, h, r, ng, g, p).sum(-1)  # [B, H_kv, R, NG, G]
         return out.reshape(b, h, r, t)
 
