@@ -76,12 +76,13 @@ Where this differs from the official code (options where it is a choice):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from harness.from_codes import masked_scores, mix_from_codes
+from harness.from_codes import _workspace, masked_scores, mix_from_codes
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -94,7 +95,7 @@ from harness.interface import (
     tensor_bytes,
 )
 from harness.options import NonNegativeInt, OneOf, PositiveInt
-from harness.quant import QuantizedTensor, pack_bits, unpack_to_float
+from harness.quant import QuantizedTensor, pack_bits
 from harness.storage import TOKEN_DIM, FullPrecisionSeq, QuantizedSeq, TokenBuffer
 
 SQRT_HALF_PI = math.sqrt(math.pi / 2)
@@ -155,12 +156,53 @@ def projection(d: int, m: int, rotate: bool, generator: torch.Generator) -> torc
     return p.T.contiguous()  # [m, d]
 
 
-def signs(packed: torch.Tensor) -> torch.Tensor:
-    """Packed sign bits [..., m/8] uint8 (coordinate 8i + j at bit j of byte i) -> ±1 fp32 [..., m]."""
-    return unpack_to_float(packed, 1, torch.float32).mul_(2).sub_(1)
+_SPREAD = sum(1 << 7 * k for k in range(1, 9))  # Σ_{k=1..8} 2^{7k}
+
+
+def pack_signs(positive: torch.Tensor) -> torch.Tensor:
+    """Sign bits bool [..., m] -> uint8 [..., m/8], coordinate 8i + j at bit j of byte i: the bytes of
+    ``pack_bits(positive, 1)``. The 8 bools of byte i read as one little-endian word w = Σ_j b_j·2^{8j};
+    w·Σ_{k=1..8} 2^{7k} (uint64, mod 2^64) holds b_j at bit 56 + j (its terms b_j·2^{8j+7k} fall on
+    distinct bits, so nothing carries): one multiply and shift per 8 coordinates."""
+    if sys.byteorder != "little" or positive.shape[-1] % 8:
+        return pack_bits(positive, 1)
+    words = positive.contiguous().view(torch.uint8).view(torch.uint64)  # [..., m/8]
+    return ((words * _SPREAD).view(torch.int64) >> 56).to(torch.uint8)
+
+
+_SIGN_ROWS: dict[torch.device, torch.Tensor] = {}
+
+
+def _sign_rows(device: torch.device) -> torch.Tensor:
+    """[256, 4] int64: row b holds the bytes of the 8 fp32 ±1 of byte b's bits (bit j -> float j)."""
+    if device not in _SIGN_ROWS:
+        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1  # [256, 8]
+        _SIGN_ROWS[device] = (bits.float() * 2 - 1).view(torch.int64).to(device)
+    return _SIGN_ROWS[device]
+
+
+def signs(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed sign bits [..., m/8] uint8 (coordinate 8i + j at bit j of byte i) -> ±1 fp32 [..., m].
+
+    One 32-byte row copied per byte from a 256-row table of the eight ±1 floats (moved as 4 int64, no
+    arithmetic on the floats): the floats of ``2 · unpack_to_float(packed, 1) − 1`` without its two passes
+    over them. ``out``: a contiguous fp32 tensor [..., m] to write into."""
+    *lead, nb = packed.shape
+    if out is None:
+        out = torch.empty(*lead, 8 * nb, dtype=torch.float32, device=packed.device)
+    rows = out.view(torch.int64).view(-1, 4)  # [N·m/8, 4]
+    torch.index_select(_sign_rows(packed.device), 0, packed.reshape(-1).to(torch.int32), out=rows)
+    return out
+
+
+def _scratch_signs(packed: torch.Tensor) -> torch.Tensor:
+    """``signs`` into this thread's reused workspace (``harness.from_codes``: a fresh multi-MiB tensor per
+    decode step can cost as much in page faults as the unpack itself), valid until its next use."""
+    return signs(packed, _workspace((*packed.shape[:-1], 8 * packed.shape[-1]), torch.float32, packed.device))
 
 
 FP16_MAX = torch.finfo(torch.float16).max
+CHUNK_BYTES = 2**20  # unpacked sign sketches per product in ``key_scores``: well inside a core's L2
 
 
 class QJLStore(LayerStore):
@@ -218,9 +260,9 @@ class QJLStore(LayerStore):
             k_out = kf * mask
             out["idx"] = idx.to(torch.uint8)
             out["norm_out"] = (k_out.norm(dim=-1, keepdim=True) * shift).half()
-            out["sign_out"] = pack_bits((k_out @ S[: self.m_o].T) > 0, 1)  # [B, H, n, m_o/8]
+            out["sign_out"] = pack_signs((k_out @ S[: self.m_o].T) > 0)  # [B, H, n, m_o/8]
             kf = kf * ~mask
-        out["sign_in"] = pack_bits((kf @ S.T) > 0, 1)  # [B, H, n, m/8]
+        out["sign_in"] = pack_signs((kf @ S.T) > 0)  # [B, H, n, m/8]
         return out
 
     def _keep_keys(self, k: torch.Tensor) -> None:
@@ -279,11 +321,11 @@ class QJLStore(LayerStore):
             return None
         S = self.S  # noqa: N806
         n_in, n_out = self._norms()
-        k_hat = (SQRT_HALF_PI / self.m) * n_in * (signs(self.sign_in.value) @ S)  # [B, H, Tq, D]
+        k_hat = (SQRT_HALF_PI / self.m) * n_in * (_scratch_signs(self.sign_in.value) @ S)  # [B, H, Tq, D]
         mask = self._masks(tq, k_hat.device)
         if mask is None:
             return k_hat
-        out = (SQRT_HALF_PI / self.m_o) * n_out * (signs(self.sign_out.value) @ S[: self.m_o])
+        out = (SQRT_HALF_PI / self.m_o) * n_out * (_scratch_signs(self.sign_out.value) @ S[: self.m_o])
         return torch.where(mask, out, k_hat)
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,26 +342,43 @@ class QJLStore(LayerStore):
 
     def key_scores(self, qg: torch.Tensor) -> torch.Tensor:
         """Scores of queries qg [B, H_kv, R, D] (fp32, scaled) against the quantized keys, from the sign
-        bits and the sketched query as ``calc_gqa_score_kernel``: [B, H_kv, R, Tq]."""
+        bits and the sketched query as ``calc_gqa_score_kernel``: [B, H_kv, R, Tq].
+
+        With outliers, the per-group products run over chunks of ``CHUNK_BYTES`` of unpacked ±1 sketches
+        (unpacked into the reused workspace, then multiplied while still in cache): each group's matmul
+        is the one of the whole batch, so the scores do not depend on the chunking."""
         S = self.S  # noqa: N806
         b, h, r, d = qg.shape
         tq, g = self.sign_in.n, self.cfg.group
         n = tq // g
         n_in, n_out = self._norms()  # [B, H, Tq, 1]
         q_s = qg @ S.T  # [B, H, R, m]: S q
-        sg = signs(self.sign_in.value).view(b, h, n, g, self.m)
         if not self.n_out:
-            score = (SQRT_HALF_PI / self.m) * n_in * (sg.view(b, h, tq, self.m) @ q_s.transpose(-1, -2))
+            sg = _scratch_signs(self.sign_in.value).view(b, h, tq, self.m)
+            score = (SQRT_HALF_PI / self.m) * n_in * (sg @ q_s.transpose(-1, -2))
             return score.transpose(-1, -2)
         idx = self.outlier_idx.value.long()  # [B, H, N, n_out]
         q_pick = qg.unsqueeze(2).expand(b, h, n, r, d).gather(-1, idx.unsqueeze(3).expand(b, h, n, r, self.n_out))
-        s_pick = S.T[idx]  # [B, H, N, n_out, m]: the outlier channels' columns of S
+        rows = idx.reshape(-1)  # Sᵀ[idx]: the outlier channels' columns of S, [B, H, N, n_out, m]
+        s_pick = _workspace((rows.numel(), self.m), torch.float32, S.device)
+        s_pick = torch.index_select(S.T.contiguous(), 0, rows, out=s_pick).view(b, h, n, self.n_out, self.m)
         q_out_s = q_pick @ s_pick  # [B, H, N, R, m]: S (M_out⊙q) per group
-        inner = sg @ (q_s.unsqueeze(2) - q_out_s).transpose(-1, -2)  # [B, H, N, G, R]: ⟨sign, S(M_in⊙q)⟩
-        so = signs(self.sign_out.value).view(b, h, n, g, self.m_o)
-        outer = so @ q_out_s[..., : self.m_o].transpose(-1, -2)  # [B, H, N, G, R]
-        score = (SQRT_HALF_PI / self.m) * n_in * inner.reshape(b, h, tq, r)
-        score = score + (SQRT_HALF_PI / self.m_o) * n_out * outer.reshape(b, h, tq, r)
+        q_in_s = (q_s.unsqueeze(2) - q_out_s).transpose(-1, -2).flatten(0, 2)  # [B·H·N, m, R]: S(M_in⊙q)
+        q_out_s = q_out_s[..., : self.m_o].transpose(-1, -2).flatten(0, 2)  # [B·H·N, m_o, R]
+        bits_in = self.sign_in.value.reshape(b * h * n, g, self.m // 8)
+        bits_out = self.sign_out.value.reshape(b * h * n, g, self.m_o // 8)
+        inner = torch.empty(b * h * n, g, r, dtype=torch.float32, device=qg.device)  # ⟨sign, S(M_in⊙q)⟩
+        outer = torch.empty_like(inner)  # ⟨sign_out, S[:m_o](M_out⊙q)⟩
+        step = max(1, CHUNK_BYTES // (4 * g * self.m))  # groups per chunk
+        ws = _workspace((min(step, b * h * n), g, self.m), torch.float32, qg.device)  # s_pick is spent
+        for i in range(0, b * h * n, step):
+            j = min(i + step, b * h * n)
+            sg = signs(bits_in[i:j], ws[: j - i])  # [c, G, m]
+            torch.bmm(sg, q_in_s[i:j], out=inner[i:j])
+            so = signs(bits_out[i:j], ws.view(-1)[: (j - i) * g * self.m_o].view(j - i, g, self.m_o))
+            torch.bmm(so, q_out_s[i:j], out=outer[i:j])
+        score = (SQRT_HALF_PI / self.m) * n_in * inner.view(b, h, tq, r)
+        score = score + (SQRT_HALF_PI / self.m_o) * n_out * outer.view(b, h, tq, r)
         return score.transpose(-1, -2)
 
     def attend(self, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:

@@ -10,11 +10,13 @@ import pytest
 import torch
 from conftest import append_kv, fp16_kv
 
-from baselines.qjl import QJL, QJLConfig, QJLStore, projection, signs
+import baselines.qjl as qjl_module
+from baselines.qjl import QJL, QJLConfig, QJLStore, pack_signs, projection, signs
+from harness.from_codes import masked_scores, mix_from_codes
 from harness.integration import AttachedMethod
 from harness.interface import MethodSpecError, ModelInfo, build_method, method_names
 from harness.models import tiny_random_model
-from harness.quant import unpack_bits
+from harness.quant import QuantizedTensor, pack_bits, unpack_bits, unpack_to_float
 
 C = math.sqrt(math.pi / 2)
 
@@ -363,3 +365,169 @@ def test_projection_rows_and_sharing():
         torch.testing.assert_close(block @ block.T, 8 * torch.eye(8), atol=1e-4, rtol=0)
     assert signs(torch.tensor([[229]], dtype=torch.uint8)).tolist() == [[1, -1, 1, -1, -1, 1, 1, 1]]
     assert QJLConfig().sizes(True, 64) == (256, 64, 8)
+
+
+# ---- the fast paths against the computation they replaced -------------------------------------
+# A copy of baselines/qjl.py's decode / read / key-quantization code before the fast paths (sign bits
+# unpacked through ``unpack_to_float``, Sᵀ[idx] by advanced indexing, one batched matmul over all groups,
+# ``pack_bits``): the new code must give the same floats and bytes (torch.equal), so published scores
+# cannot move.
+
+
+def _old_signs(packed: torch.Tensor) -> torch.Tensor:
+    return unpack_to_float(packed, 1, torch.float32).mul_(2).sub_(1)
+
+
+def _old_quantize_keys(store: QJLStore, k: torch.Tensor) -> dict[str, torch.Tensor]:
+    b, h, n, d = k.shape
+    g = store.cfg.group
+    kf = k.to(torch.float16).float()
+    S = store.S.to(kf.device)  # noqa: N806
+    shift = store.norm_shift
+    out = {"norm": (kf.norm(dim=-1, keepdim=True) * shift).half()}
+    if store.n_out:
+        groups = kf.view(b, h, n // g, g, d)
+        norms = groups.norm(dim=-2).half()
+        idx = norms.topk(store.n_out, dim=-1).indices
+        mask = torch.zeros(b, h, n // g, d, dtype=torch.bool, device=k.device).scatter_(-1, idx, True)
+        mask = mask.unsqueeze(-2).expand(b, h, n // g, g, d).reshape(b, h, n, d)
+        k_out = kf * mask
+        out["idx"] = idx.to(torch.uint8)
+        out["norm_out"] = (k_out.norm(dim=-1, keepdim=True) * shift).half()
+        out["sign_out"] = pack_bits((k_out @ S[: store.m_o].T) > 0, 1)
+        kf = kf * ~mask
+    out["sign_in"] = pack_bits((kf @ S.T) > 0, 1)
+    return out
+
+
+def _old_key_estimates(store: QJLStore) -> torch.Tensor | None:
+    tq = store.sign_in.n
+    if tq == 0:
+        return None
+    S = store.S  # noqa: N806
+    n_in, n_out = store._norms()
+    k_hat = (C / store.m) * n_in * (_old_signs(store.sign_in.value) @ S)
+    mask = store._masks(tq, k_hat.device)
+    if mask is None:
+        return k_hat
+    out = (C / store.m_o) * n_out * (_old_signs(store.sign_out.value) @ S[: store.m_o])
+    return torch.where(mask, out, k_hat)
+
+
+def _old_read(store: QJLStore, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    k_hat = _old_key_estimates(store)
+    if k_hat is not None and dtype == torch.float16:
+        k_hat = k_hat.clamp(-torch.finfo(torch.float16).max, torch.finfo(torch.float16).max)
+    parts = [p.to(dtype) for p in (k_hat, store.k_fp.read(dtype)) if p is not None]
+    keys = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+    values = [p for p in (store.v_q.read(dtype), store.v_fp.read(dtype)) if p is not None]
+    return keys, values[0] if len(values) == 1 else torch.cat(values, dim=-2)
+
+
+def _old_key_scores(store: QJLStore, qg: torch.Tensor) -> torch.Tensor:
+    S = store.S  # noqa: N806
+    b, h, r, d = qg.shape
+    tq, g = store.sign_in.n, store.cfg.group
+    n = tq // g
+    n_in, n_out = store._norms()
+    q_s = qg @ S.T
+    sg = _old_signs(store.sign_in.value).view(b, h, n, g, store.m)
+    if not store.n_out:
+        score = (C / store.m) * n_in * (sg.view(b, h, tq, store.m) @ q_s.transpose(-1, -2))
+        return score.transpose(-1, -2)
+    idx = store.outlier_idx.value.long()
+    q_pick = qg.unsqueeze(2).expand(b, h, n, r, d).gather(-1, idx.unsqueeze(3).expand(b, h, n, r, store.n_out))
+    s_pick = S.T[idx]
+    q_out_s = q_pick @ s_pick
+    inner = sg @ (q_s.unsqueeze(2) - q_out_s).transpose(-1, -2)
+    so = _old_signs(store.sign_out.value).view(b, h, n, g, store.m_o)
+    outer = so @ q_out_s[..., : store.m_o].transpose(-1, -2)
+    score = (C / store.m) * n_in * inner.reshape(b, h, tq, r)
+    score = score + (C / store.m_o) * n_out * outer.reshape(b, h, tq, r)
+    return score.transpose(-1, -2)
+
+
+def _old_attend(store: QJLStore, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+    b, h, _, d = query.shape
+    h_kv = store.info.n_kv_heads
+    qg = query.reshape(b, h_kv, h // h_kv, d).float() * scaling
+    parts = []
+    if store.sign_in.n:
+        parts.append(_old_key_scores(store, qg))
+    if store.k_fp.length:
+        parts.append(qg @ store.k_fp.data.float().transpose(-1, -2))
+    p = torch.softmax(masked_scores(torch.cat(parts, dim=-1), mask, h_kv), dim=-1)
+    out, start = 0, 0
+    for v in (store.v_q.q, store.v_fp.data):
+        if v is None:
+            continue
+        n = v.shape[-2]
+        pv = p[..., start : start + n]
+        out = out + (mix_from_codes(pv, v) if isinstance(v, QuantizedTensor) else pv @ v.float())
+        start += n
+    return out.reshape(b, h, 1, d).to(query.dtype)
+
+
+CHUNK5 = 5 * 4 * 32 * 256 + 4  # CHUNK_BYTES of 5 groups of 32 tokens at m = 256 (10 at m = 128)
+
+
+@pytest.mark.parametrize("spec,layer", [("", 0), ("", 15), ("outliers=0,outliers_initial=0", 0), ("group=16", 20)])
+@pytest.mark.parametrize("chunk,threads", [(None, 1), (CHUNK5, 1), (CHUNK5, 2)])
+def test_fast_paths_equal_the_computation_they_replaced(spec, layer, chunk, threads, monkeypatch):
+    """Random stores (SmolLM2's head_dim 64, 3 KV heads, 9 query heads, batch 2) of both layer classes,
+    keys with heavy channels (the outliers), a prefill of 300 tokens then 90 decode steps (the buffers
+    grow past their first tensor, and a residual flush happens mid-way): attend, key_scores, read
+    (fp32 and fp16) and the stored codes / memory() equal the old computation's bit for bit, at every
+    step checked; with ``chunk`` the per-group products run over several chunks, the last one partial;
+    at 1 and 2 torch threads (the profile's)."""
+    if chunk is not None:
+        monkeypatch.setattr(qjl_module, "CHUNK_BYTES", chunk)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _compare_with_the_old_computation(spec, layer)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compare_with_the_old_computation(spec: str, layer: int) -> None:
+    d, h_kv, h, b = 64, 3, 9, 2
+    info = ModelInfo("llama", 30, h, h_kv, d, h * d, torch.float32, torch.device("cpu"))
+    method = build_method(f"qjl:{spec}" if spec else "qjl")
+    new, old = method.new_layer_store(layer, info), method.new_layer_store(layer, info)
+    old.quantize_keys = lambda k: _old_quantize_keys(old, k)  # the old key quantizer fills ``old``
+    assert (new.m, new.m_o) == ((256, 64) if layer < 15 else (128, 128))
+    g = torch.Generator().manual_seed(7)
+    keys, values, queries = (torch.randn(b, n, 390, d, generator=g) for n in (h_kv, h_kv, h))
+    keys[..., [3, 17, 40, 63]] *= 20  # heavy channels, as LLM keys have
+    keys[..., ::5, 11] = 0.0  # exact zeros: sketches of 0 count as -1 on both sides
+    append_kv(new, keys[:, :, :300], values[:, :, :300])
+    append_kv(old, keys[:, :, :300], values[:, :, :300])
+    for t in range(300, 391):
+        for name in ("sign_in", "sign_out", "norm", "norm_out", "outlier_idx"):
+            a, z = getattr(new, name).value, getattr(old, name).value
+            assert (a is None and z is None) or torch.equal(a, z), (name, t)
+        assert new.memory() == old.memory()
+        if t % 10 == 0 or t == 384:  # 384: the step right after the flush of the residual (T mod 128 = 0)
+            q = queries[:, :, t - 1 : t]
+            qg = q.reshape(b, h_kv, h // h_kv, d) * 0.125
+            assert torch.equal(new.key_scores(qg), _old_key_scores(old, qg)), t
+            assert torch.equal(new.attend(q, 0.125, None), _old_attend(old, q, 0.125, None)), t
+            for dtype in (torch.float32, torch.float16):
+                assert all(torch.equal(x, y) for x, y in zip(new.read(dtype), _old_read(old, dtype), strict=True)), t
+        if t < 390:
+            append_kv(new, keys[:, :, t : t + 1], values[:, :, t : t + 1])
+            append_kv(old, keys[:, :, t : t + 1], values[:, :, t : t + 1])
+
+
+def test_pack_and_unpack_signs_by_hand():
+    """pack_signs / signs against pack_bits / unpack_to_float on every byte value, and by hand."""
+    bits = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool()  # [256, 8]: byte b's bits
+    assert torch.equal(pack_signs(bits), torch.arange(256, dtype=torch.uint8).unsqueeze(-1))
+    x = torch.randn(2, 3, 5, 64, generator=torch.Generator().manual_seed(1)) > 0
+    assert torch.equal(pack_signs(x), pack_bits(x, 1))
+    packed = pack_bits(x, 1)
+    assert torch.equal(signs(packed), _old_signs(packed))
+    assert torch.equal(signs(packed[:, :, 1:4]), _old_signs(packed[:, :, 1:4]))  # a non-contiguous view
+    assert pack_signs(torch.tensor([[True, False, True, False, False, True, True, True]])).tolist() == [[229]]
+    assert signs(torch.zeros(2, 0, 4, dtype=torch.uint8)).shape == (2, 0, 32)
