@@ -20,7 +20,7 @@ the high tier is the heavy hitters: the top-scoring tokens older than the window
 Tiers. High tier: fp16 (``high_bits=16``) or per-token INT8/INT4; low tier: per-token asymmetric
 INT2/4/8 (``low_bits``), groups of ``group`` channels (0 = head_dim), ``harness.quant``. Both tiers
 keep their tokens in position order per head (every head has the same count), and a per-token tier
-mask [B, H_kv, T] says where each token lives; ``read`` scatters both tiers back into token order.
+mask [B, H_kv, T] says where each token lives; ``read`` puts both tiers back into token order.
 
 When tokens move between tiers (importance is only known after attention, which runs after append):
 
@@ -31,8 +31,9 @@ When tokens move between tiers (importance is only known after attention, which 
   at once (low-tier tokens quantized straight from the model's K/V): with ``quantize_prefill=True``
   (default, like-for-like perplexity) the prefill's own attention reads the mixed-precision cache;
   ``mikv:quantize_prefill=false`` gives MiKV's own full-precision prefill attention. The prefill's
-  ``observe_attention`` call is then not counted again. (Without queries, e.g. a store fed by hand,
-  the prefill is held in the high tier and re-tiered when its attention probabilities arrive.)
+  attention is then not counted again: ``attention_needed`` tells the attention hook not to compute
+  its probabilities a second time. (Without queries, e.g. a store fed by hand, the prefill is held
+  in the high tier and re-tiered when its attention probabilities arrive.)
 * Decode: new tokens enter the high tier (they are the most recent); after the step's attention,
   ``observe_attention`` adds the column sums to the scores and, while the high tier exceeds
   n_hi(T), demotes the lowest-scoring high-tier token outside the recent window, as H2O evicts after
@@ -49,6 +50,17 @@ shrink before per-token quantization. b is held in fp16 (counted as scales); wit
 ±65504 is stored saturated there (not as inf), and ``read`` saturates finite unbalanced keys k̂ ÷ b at
 the read dtype's maximum (the per-token grid of the balanced keys, divided by a smaller b_c, can land
 beyond the input's range: 6.9e4 measured for keys of ±65504); no value within that range changes.
+
+Decode and prefill cost. H2O's importance needs the post-softmax attention probabilities, which
+FlashAttention and sdpa never materialise, so MiKV computes them besides the model's attention: at
+prefill the full [H, T, T] matrix (its column sums; once, at append), at each decode step one row per
+query head over the T tokens held, then the column sums, the score update and, while the high tier
+is over budget, one demotion per head (re-quantizing a token). The official H2O code
+(``FMInference/H2O``, ``h2o_hf/utils_real_drop``) computes attention eagerly for this. What is this
+implementation's own: the decode step reads both tiers dequantized and permuted into token order,
+then attends with sdpa (no attention from the codes), and the step's probabilities repeat sdpa's
+q·k. ``python tests/bench/method_parts.py mikv`` times each piece for one SmolLM2-135M layer at 4096
+tokens against int4's decode step and an sdpa prefill (measured numbers: docs/results.md).
 
 Memory accounting: tiers by their codes/scales or fp16 tokens; b under ``scales``; the tier mask
 (1 byte per token per head) and the high tier's fp32 importance scores under ``router`` (the

@@ -4,7 +4,7 @@ The decode pieces run on a private copy of the layer store taken on first use, r
 token is appended (before its attention is observed), and restored before every call, so each call
 is one step's piece at the same state: the step's attention probabilities (H2O's signal, which sdpa
 never materialises), ``observe_attention`` (column sums into the scores, then one demotion to keep
-the high tier at its budget) and ``read`` (both tiers dequantized and scattered into token order).
+the high tier at its budget) and ``read`` (both tiers dequantized and put back into token order).
 The prefill pieces time the H2O importance of a ``--context``-token prefill of one layer (its
 [H, T, T] probabilities, from which the store tiers the prefill at append) against an sdpa prefill
 of the same layer (what the dynamic cache's prefill attention costs).
@@ -98,7 +98,7 @@ def prefill_sdpa(store: MiKVStore, query: torch.Tensor) -> torch.Tensor:
 PARTS: dict[str, Callable[[MiKVStore, torch.Tensor], object]] = {
     "attention probabilities of the step (H2O's signal)": step_probs,
     "column sums + score update + budget (observe_attention)": observe,
-    "read: both tiers dequantized and scattered into token order": read,
+    "read: both tiers dequantized and put back into token order": read,
     "prefill probabilities [H, T, T] + column sums (the H2O importance)": prefill_importance,
     "sdpa prefill of the same layer (the dynamic cache's prefill attention)": prefill_sdpa,
 }
