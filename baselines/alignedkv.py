@@ -214,12 +214,21 @@ def join_bytes(
     return fp16_bits(join_fp16(hi, mid, last, keep, fill))
 
 
-def width_masks(width: torch.Tensor, fill: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-element (keep, fill) low-byte masks (uint8) for read widths of 8 / 12 / 16 bits."""
-    keep = torch.tensor([KEEP[w] for w in (8, 12, 16)], dtype=torch.uint8, device=width.device)
-    filler = torch.tensor([FILL[fill][w] for w in (8, 12, 16)], dtype=torch.uint8, device=width.device)
-    index = ((width - 8) // 4).long()  # 8 -> 0, 12 -> 1, 16 -> 2
-    return keep[index], filler[index]
+_MASKS: dict[tuple, torch.Tensor] = {}  # (fill, pair, device) -> [2, 3]: keep, fill for 8 / 12 / 16 bits
+
+
+def width_masks(width: torch.Tensor, fill: str, pair: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element (keep, fill) low-byte masks (uint8) for read widths of 8 / 12 / 16 bits; ``pair``:
+    the byte twice in an int16, for the low bytes of two elements read at the same width."""
+    table = _MASKS.get((fill, pair, width.device))
+    if table is None:
+        rows = [[KEEP[w] for w in WIDTHS], [FILL[fill][w] for w in WIDTHS]]
+        if pair:  # 0xHH -> 0xHHHH as a signed int16
+            rows = [[(x * 0x101 + 0x8000) % 0x10000 - 0x8000 for x in r] for r in rows]
+        table = torch.tensor(rows, dtype=torch.int16 if pair else torch.uint8, device=width.device)
+        _MASKS[fill, pair, width.device] = table
+    masks = table.index_select(1, ((width.flatten() - 8) >> 2).long())  # 8, 12, 16 -> 0, 1, 2
+    return masks[0].view(width.shape), masks[1].view(width.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,9 +268,9 @@ def alignment_score(
     rows = s.float().view(b, h_kv, g, p // lanes, lanes)
     s_top, row = rows.max(dim=-2)  # [B, H_kv, G, lanes]: per lane, the row with the largest s
     token = row * lanes + torch.arange(lanes, device=s.device)
-    hi = v_hi.to(torch.int32)  # [B, H_kv, P, D]
-    picked = hi.unsqueeze(2).expand(b, h_kv, g, p, hi.shape[-1])
-    picked = picked.gather(3, token.unsqueeze(-1).expand(*token.shape, hi.shape[-1]))  # [B, H_kv, G, lanes, D]
+    d = v_hi.shape[-1]
+    picked = v_hi.unsqueeze(2).expand(b, h_kv, g, p, d)  # [B, H_kv, P, D] high bytes, per query head
+    picked = picked.gather(3, token.unsqueeze(-1).expand(*token.shape, d)).to(torch.int32)  # [B, H_kv, G, lanes, D]
     v8 = from_bits(((picked << 8) | ESTIMATE_FILL) & 0x7FFF).float()  # 8-bit read, sign cleared
     o_hat = (s_top.unsqueeze(-1) * v8).sum(-2)  # [B, H_kv, G, D]
     e_o = exponent_field(o_hat)
@@ -285,54 +294,83 @@ def value_widths(s: torch.Tensor, align: torch.Tensor, steps: tuple[int, int]) -
 class _Split:
     """Complete blocks held as high bytes + two nibble planes, growing along the token axis.
 
-    ``channel_major`` (keys): planes [B, H, blocks, D, block], nibbles pairing tokens;
-    otherwise (values): [B, H, T, D], nibbles pairing channels.
+    ``planes`` are the code's layouts: keys (``channel_major``) [B, H, blocks, D, block], nibbles
+    pairing tokens; values [B, H, T, D], nibbles pairing channels. In memory both are token-major
+    (keys: [B, H, T, D] high bytes, [B, H, T/2, D] nibbles of token pairs), so that a read writes
+    [B, H, T, D] without a transpose; the bytes held are the same.
     """
 
     def __init__(self, block: int, channel_major: bool):
         self.block, self.channel_major = block, channel_major
-        self.planes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.held: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # token-major
         self.length = 0
 
     def append(self, x: torch.Tensor) -> None:
         """Add complete blocks: fp16 tokens [B, H, n, D], n a multiple of ``block``."""
-        b, h, n, d = x.shape
         bits = fp16_bits(x)
-        if self.channel_major:
-            bits = bits.view(b, h, n // self.block, self.block, d).transpose(-1, -2)
-        new = split_bytes(bits)
-        if self.planes is None:
-            self.planes = new
-        else:  # blocks (keys) / tokens (values) are dim 2 of every plane
-            self.planes = tuple(torch.cat([a, c], dim=2) for a, c in zip(self.planes, new, strict=True))
-        self.length += n
+        if self.channel_major:  # nibbles pair tokens 2i, 2i + 1: [B, H, n/2, D]
+            new = ((bits >> 8).to(torch.uint8), *(_pack_nibbles(p.transpose(-1, -2)).transpose(-1, -2)
+                                                   for p in ((bits >> 4) & 0xF, bits & 0xF)))  # fmt: skip
+        else:
+            new = split_bytes(bits)
+        new = tuple(p.contiguous() for p in new)
+        if self.held is not None:  # tokens (or token pairs) are dim 2 of every plane
+            new = tuple(torch.cat([a, c], dim=2) for a, c in zip(self.held, new, strict=True))
+        self.held = new
+        self.length += x.shape[TOKEN_DIM]
 
-    def read(self, width: torch.Tensor | None = None, fill: str = "mid") -> torch.Tensor:
+    @property
+    def planes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(high bytes, mid nibbles, last nibbles) in the code's layout (views of what is held)."""
+        if self.held is None or not self.channel_major:
+            return self.held
+        b, h, t, d = self.held[0].shape
+        return tuple(p.view(b, h, t // self.block, -1, d).transpose(-1, -2) for p in self.held)
+
+    def read(
+        self, width: torch.Tensor | None = None, fill: str = "mid", out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """fp16 values [B, H, T, D] read at ``width`` (keys: [B, H, D] per channel; values:
-        [B, H, T] per token; None = 16 bits)."""
-        hi, mid, last = self.planes
-        keep = filler = None
-        if width is not None:
-            keep, filler = width_masks(width, fill)
-            shape = (*width.shape[:2], 1, width.shape[2], 1) if self.channel_major else (*width.shape, 1)
-            keep, filler = keep.view(shape), filler.view(shape)
-        x = join_fp16(hi, mid, last, keep, filler)
-        if self.channel_major:
-            b, h, nb, d, blk = x.shape
-            x = x.transpose(-1, -2).reshape(b, h, nb * blk, d)
-        return x
+        [B, H, T] per token; None = 16 bits), converted into ``out`` ([B, H, T, D]) when given."""
+        hi, mid, last = self.held
+        b, h, t, d = hi.shape
+        even = mid & 0xF0  # the low bytes of the elements paired in a nibble byte, [B, H, T/2, D] / [B, H, T, D/2]
+        even |= last >> 4
+        odd = mid << 4  # uint8 shift drops the upper nibble
+        odd |= last & 0x0F
+        bits = hi.to(torch.int16)  # [B, H, T, D]
+        bits <<= 8  # int16 shift wraps to the same 16 bits
+        if self.channel_major:  # tokens 2i and 2i + 1: the even and odd rows, one width per channel
+            if width is not None:
+                keep, filler = (m.view(b, h, 1, d) for m in width_masks(width, fill))
+                for low in (even, odd):
+                    low &= keep
+                    low |= filler
+            rows = bits.unflatten(2, (t // 2, 2))
+            rows[:, :, :, 0] |= even.to(torch.int16)
+            rows[:, :, :, 1] |= odd.to(torch.int16)
+        else:  # channels 2j and 2j + 1: int16 words of their low bytes, the even one first (little-endian)
+            words = even.to(torch.int16)
+            words |= odd.to(torch.int16) << 8
+            if width is not None:  # one width per token: both bytes of a word
+                keep, filler = (m.view(b, h, t, 1) for m in width_masks(width, fill, pair=True))
+                words &= keep
+                words |= filler
+            bits |= words.view(torch.uint8).to(torch.int16)  # [B, H, T, D] low bytes in channel order
+        x = bits.view(torch.float16)
+        return x if out is None else out.copy_(x)
 
     @property
     def high_bytes(self) -> torch.Tensor:
         """Value high bytes [B, H, T, D] (values only)."""
-        return self.planes[0]
+        return self.held[0]
 
     def nbytes(self) -> int:
-        return sum(tensor_bytes(p) for p in self.planes) if self.planes is not None else 0
+        return sum(tensor_bytes(p) for p in self.held) if self.held is not None else 0
 
     def reorder(self, index: torch.Tensor) -> None:
-        if self.planes is not None:
-            self.planes = tuple(p.index_select(0, index) for p in self.planes)
+        if self.held is not None:
+            self.held = tuple(p.index_select(0, index) for p in self.held)
 
 
 class AlignedKVStore(LayerStore):
@@ -389,11 +427,6 @@ class AlignedKVStore(LayerStore):
         decode = n == 1 and not first
         self._query = obs.queries if decode else None
 
-    def _tail_read(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.k_tail is None or self.k_tail.shape[TOKEN_DIM] == 0:
-            return None, None
-        return self.k_tail.to(dtype), self.v_tail.to(dtype)
-
     def _held_kv_bytes(self) -> int:
         return self.k_split.nbytes() + self.v_split.nbytes() + tensor_bytes(self.k_tail) + tensor_bytes(self.v_tail)
 
@@ -403,26 +436,35 @@ class AlignedKVStore(LayerStore):
             empty = torch.zeros(b, h_kv, 0, d, dtype=dtype, device=self.info.device)
             self._last = ([0, 0, 0], None)
             return empty, empty.clone()
-        k_tail, v_tail = self._tail_read(dtype)
         p = self.k_split.length
         if self._query is None or p == 0:  # multi-token append, or nothing split yet: 16 bits
-            k_parts = [self.k_split.read().to(dtype)] if p else []
-            v_parts = [self.v_split.read().to(dtype)] if p else []
             k_bytes = self.k_split.nbytes() + tensor_bytes(self.k_tail)
             self._last = ([k_bytes, self._held_kv_bytes() - k_bytes, 0], None)
             self.last_widths = None
-            return _cat([*k_parts, k_tail]), _cat([*v_parts, v_tail])
-        return self._decode_read(dtype, k_tail, v_tail)
+            return self._join(self.k_split, None, self.k_tail, dtype), self._join(
+                self.v_split, None, self.v_tail, dtype
+            )
+        return self._decode_read(dtype)
 
-    def _decode_read(self, dtype, k_tail, v_tail) -> tuple[torch.Tensor, torch.Tensor]:
+    def _join(self, split: _Split, width: torch.Tensor | None, tail: torch.Tensor | None, dtype) -> torch.Tensor:
+        """The complete blocks read at ``width`` followed by the fp16 tail, as ``dtype`` [B, H_kv, T, D]."""
+        p, r = split.length, 0 if tail is None else tail.shape[TOKEN_DIM]
+        b, h_kv, d = self._batch, self.info.n_kv_heads, self.info.head_dim
+        out = torch.empty(b, h_kv, p + r, d, dtype=dtype, device=self.info.device)
+        if p:
+            split.read(width, self.cfg.fill, out=out[..., :p, :])
+        if r:
+            out[..., p:, :].copy_(tail)
+        return out
+
+    def _decode_read(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         q = self._query  # [B, H, 1, D]
         b, h, _, d = q.shape
         h_kv, g = self.info.n_kv_heads, h // self.info.n_kv_heads
         p = self.k_split.length
         # keys: one width per KV channel for all complete blocks
         k_width = key_widths(exponent_field(q[:, :, 0, :]), self.k_emax.to(torch.int32))  # [B, H_kv, D]
-        k_full = self.k_split.read(k_width, self.cfg.fill)
-        k_hat = _cat([k_full.to(dtype), k_tail])
+        k_hat = self._join(self.k_split, k_width, self.k_tail, dtype)
         # values: the step's probabilities from the keys as read, then one width per token
         scores = torch.matmul(q.float().reshape(b, h_kv, g, d), k_hat.float().transpose(-1, -2)) * self.scaling
         s = torch.softmax(scores, dim=-1).to(torch.float16)  # [B, H_kv, G, T], fp16 as the code keeps it
@@ -431,12 +473,11 @@ class AlignedKVStore(LayerStore):
             s_full, self.v_split.high_bytes, self.v_emax.to(torch.int32), self.cfg.lanes, self.cfg.o_exp
         )
         v_width = value_widths(s_full, align, VALUE_STEPS[self.cfg.v_steps])  # [B, H_kv, P]
-        v_full = self.v_split.read(v_width, self.cfg.fill)
-        v_hat = _cat([v_full.to(dtype), v_tail])
+        v_hat = self._join(self.v_split, v_width, self.v_tail, dtype)
         # bytes read: the fp16 tails in full, the complete blocks at their widths, and the metadata
         tail = tensor_bytes(self.k_tail)
         meta = tensor_bytes(self.k_emax) + tensor_bytes(self.v_emax) + b * h * self.cfg.lanes * d
-        elems = torch.stack([(k_width == w).sum() * p for w in WIDTHS] + [(v_width == w).sum() * d for w in WIDTHS])
+        elems = torch.cat([_width_counts(k_width) * p, _width_counts(v_width) * d])  # int64 [6]
         self._last = ([tail, tail, meta], elems)
         self.last_widths = (k_width, v_width)
         for i, x in enumerate((tail, tail, meta, self._held_kv_bytes())):
@@ -495,9 +536,9 @@ class AlignedKVStore(LayerStore):
         self._batch = len(index)
 
 
-def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor:
-    present = [p for p in parts if p is not None]
-    return present[0] if len(present) == 1 else torch.cat(present, dim=TOKEN_DIM)
+def _width_counts(width: torch.Tensor) -> torch.Tensor:
+    """How many entries of ``width`` are 8 / 12 / 16 (int64 [3])."""
+    return torch.bincount((width.flatten() - 8) >> 2, minlength=3)
 
 
 class AlignedKV(KVCacheMethod):

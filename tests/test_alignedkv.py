@@ -9,6 +9,7 @@ from baselines.alignedkv import (
     AlignedKVConfig,
     AlignedKVStore,
     alignment_score,
+    exponent_field,
     fp16_bits,
     from_bits,
     join_bytes,
@@ -235,6 +236,167 @@ def test_memory_equals_fp16_bytes():
         assert mem.bytes["fp_tokens"] == ref.total_bytes
         assert mem.bytes["scales"] == 2 * 2 * 2 * 8  # K and V exponent maxima, one byte per channel
         assert mem.elements == ref.elements and mem.nominal_bits == 16.0
+
+
+# ---- bit-identity with the unoptimized read ---------------------------------------------------
+# A copy of the store's computation before its decode read was sped up (commit dbd5379): planes held
+# channel-major / per token, joined by stacking the even and odd low bytes, then transposed, cast
+# and concatenated with the tail; the value estimate gathered from the high bytes widened to int32.
+
+
+def _old_join(hi, mid, last, keep=None, fill=None):
+    low = torch.stack([(mid & 0xF0) | (last >> 4), (mid << 4) | (last & 0x0F)], dim=-1).flatten(-2)
+    if keep is not None:
+        low = (low & keep) | fill
+    return ((hi.to(torch.int16) << 8) | low.to(torch.int16)).view(torch.float16)
+
+
+def _old_masks(width, fill):
+    keep = torch.tensor([{8: 0x00, 12: 0xF0, 16: 0xFF}[w] for w in (8, 12, 16)], dtype=torch.uint8)
+    fills = {"mid": (0x80, 0x08, 0x00), "zero": (0, 0, 0)}[fill]
+    filler = torch.tensor(fills, dtype=torch.uint8)
+    index = ((width - 8) // 4).long()
+    return keep[index], filler[index]
+
+
+class _OldSplit:
+    def __init__(self, block, channel_major):
+        self.block, self.channel_major, self.planes, self.length = block, channel_major, None, 0
+
+    def append(self, x):
+        b, h, n, d = x.shape
+        bits = fp16_bits(x)
+        if self.channel_major:
+            bits = bits.view(b, h, n // self.block, self.block, d).transpose(-1, -2)
+        new = split_bytes(bits)
+        self.planes = (
+            new if self.planes is None else tuple(torch.cat([a, c], 2) for a, c in zip(self.planes, new, strict=True))
+        )
+        self.length += n
+
+    def read(self, width=None, fill="mid"):
+        keep = filler = None
+        if width is not None:
+            keep, filler = _old_masks(width, fill)
+            shape = (*width.shape[:2], 1, width.shape[2], 1) if self.channel_major else (*width.shape, 1)
+            keep, filler = keep.view(shape), filler.view(shape)
+        x = _old_join(*self.planes, keep, filler)
+        if self.channel_major:
+            b, h, nb, d, blk = x.shape
+            x = x.transpose(-1, -2).reshape(b, h, nb * blk, d)
+        return x
+
+
+def _old_alignment_score(s, v_hi, v_emax, lanes, o_exp):
+    b, h_kv, g, p = s.shape
+    s_top, row = s.float().view(b, h_kv, g, p // lanes, lanes).max(dim=-2)
+    token = row * lanes + torch.arange(lanes)
+    hi = v_hi.to(torch.int32)
+    picked = hi.unsqueeze(2).expand(b, h_kv, g, p, hi.shape[-1])
+    picked = picked.gather(3, token.unsqueeze(-1).expand(*token.shape, hi.shape[-1]))
+    v8 = from_bits(((picked << 8) | 0x80) & 0x7FFF).float()
+    e_o = fp16_bits((s_top.unsqueeze(-1) * v8).sum(-2)) >> 10 & 0x1F
+    e_o = e_o & 0x1E if o_exp == "code" else e_o - 1
+    return (e_o + 15 - v_emax.unsqueeze(2)).amin(-1)
+
+
+class _OldStore:
+    """The old store's K/V state and read (exponent maxima and query taken from the store under test)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.k, self.v, self.tails = cfg, _OldSplit(cfg.block, True), _OldSplit(cfg.block, False), None
+
+    def append(self, keys, values):
+        k16, v16 = keys.half(), values.half()
+        self.tails = (
+            (k16, v16)
+            if self.tails is None
+            else tuple(torch.cat([a, c], 2) for a, c in zip(self.tails, (k16, v16), strict=True))
+        )
+        full = self.tails[0].shape[2] // self.cfg.block * self.cfg.block
+        if full:
+            self.k.append(self.tails[0][..., :full, :])
+            self.v.append(self.tails[1][..., :full, :])
+            self.tails = tuple(t[..., full:, :].contiguous() for t in self.tails)
+
+    def read(self, dtype, store):
+        """(K̂, V̂, elements read at 8/12/16 bits or None, memory bytes) as the old code computed them."""
+        cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # noqa: E731
+        tails = [t.to(dtype) for t in self.tails] if self.tails[0].shape[2] else [None, None]
+        held = sum(t.numel() * 2 for t in self.tails) + sum(
+            x.numel() for sp in (self.k, self.v) if sp.planes for x in sp.planes
+        )
+        p, q, cfg = self.k.length, store._query, self.cfg
+        if q is None or p == 0:
+            parts = [[sp.read().to(dtype)] if p else [] for sp in (self.k, self.v)]
+            return (
+                cat([*parts[0], tails[0]] if tails[0] is not None else parts[0]),
+                cat([*parts[1], tails[1]] if tails[1] is not None else parts[1]),
+                None,
+                held,
+            )
+        b, h, _, d = q.shape
+        h_kv = store.info.n_kv_heads
+        k_width = key_widths(exponent_field(q[:, :, 0, :]), store.k_emax.to(torch.int32))
+        k_hat = cat([x for x in (self.k.read(k_width, cfg.fill).to(dtype), tails[0]) if x is not None])
+        scores = torch.matmul(q.float().reshape(b, h_kv, h // h_kv, d), k_hat.float().transpose(-1, -2)) * store.scaling
+        s = torch.softmax(scores, dim=-1).to(torch.float16)[..., :p]
+        align = _old_alignment_score(s, self.v.planes[0], store.v_emax.to(torch.int32), cfg.lanes, cfg.o_exp)
+        v_width = value_widths(s, align, {"code": (1, 2), "aligned": (4, 8)}[cfg.v_steps])
+        v_hat = cat([x for x in (self.v.read(v_width, cfg.fill).to(dtype), tails[1]) if x is not None])
+        elems = torch.stack(
+            [(k_width == w).sum() * p for w in (8, 12, 16)] + [(v_width == w).sum() * d for w in (8, 12, 16)]
+        )
+        return k_hat, v_hat, elems, held
+
+
+@pytest.mark.parametrize(
+    "opts, h, h_kv, d, b, dtype",
+    [
+        ("block=4,lanes=2", 4, 2, 8, 2, torch.float32),
+        ("block=8,lanes=4,fill=zero,o_exp=minus1,v_steps=aligned,channel_max=abs", 3, 3, 6, 1, torch.float32),
+        ("block=64,lanes=32", 9, 3, 64, 1, torch.float32),
+        ("block=6,lanes=3", 2, 1, 4, 2, torch.float16),
+        ("block=4,lanes=4", 4, 2, 8, 1, torch.bfloat16),
+    ],
+)
+def test_read_bit_identical_to_the_unoptimized_read(opts, h, h_kv, d, b, dtype):
+    """Random stores (prefill of several lengths, then decode steps across block boundaries, a
+    reorder): ``read``'s K̂ / V̂, ``last_read_bytes``, ``stats`` and ``memory`` equal the old code's
+    to the bit."""
+    cfg = build_method(f"alignedkv:{opts}").config
+    g = torch.Generator().manual_seed(h * d + cfg.block)
+    scale = torch.logspace(-3, 3, d)  # channels of very different magnitude: every width occurs
+    rand = lambda n, heads: torch.randn(b, heads, n, d, generator=g) * scale  # noqa: E731
+    widths = set()
+    for prefill in (1, cfg.block - 1, 3 * cfg.block + 1):
+        store, old = AlignedKVStore(0, _info(h, h_kv, d), cfg), _OldStore(cfg)
+        k, v = rand(prefill, h_kv), rand(prefill, h_kv)
+        k[..., 0, :2] = torch.tensor([0.0, 3e-8])  # a zero and a subnormal
+        for step in range(2 * cfg.block + 3):
+            _append(store, k, v, None if step == 0 else rand(1, h))
+            old.append(k, v)
+            rk, rv = store.read(dtype)
+            ok, ov, elems, held = old.read(dtype, store)
+            assert torch.equal(rk, ok) and torch.equal(rv, ov) and rk.dtype == ok.dtype == dtype
+            assert (store._last[1] is None) == (elems is None)
+            if elems is not None:
+                assert torch.equal(store._last[1], elems)
+                widths |= set(store.last_widths[0].unique().tolist()) | set(store.last_widths[1].unique().tolist())
+            assert store.memory().bytes["fp_tokens"] == held
+            assert [sp.planes[i].shape for sp in (store.k_split, store.v_split) if sp.planes for i in range(3)] == [
+                sp.planes[i].shape for sp in (old.k, old.v) if sp.planes for i in range(3)
+            ]
+            for sp, osp in ((store.k_split, old.k), (store.v_split, old.v)):
+                assert sp.planes is None or all(torch.equal(x, y) for x, y in zip(sp.planes, osp.planes, strict=True))
+            if step == cfg.block + 1 and b > 1:  # a beam reorder: both stores permute the batch
+                index = torch.tensor([1, 0])
+                store.reorder(index)
+                old.k.planes = tuple(x.index_select(0, index) for x in old.k.planes)
+                old.v.planes = tuple(x.index_select(0, index) for x in old.v.planes)
+                old.tails = tuple(x.index_select(0, index) for x in old.tails)
+            k, v = rand(1, h_kv), rand(1, h_kv)
+    assert widths == {8, 12, 16}
 
 
 # ---- through the model ---------------------------------------------------------------------
