@@ -72,7 +72,6 @@ from harness.files import calibration_cache_path as _cache_path
 from harness.files import load_calibration, save_calibration
 from harness.integration import (
     RopeTables,
-    apply_rope,
     calibration_mode,
     capture,
     forward,
@@ -95,7 +94,7 @@ from harness.interface import (
     tensor_bytes,
 )
 from harness.options import NonNegativeInt, OneOf, PositiveInt
-from harness.quant import nearest_level, pack_codes, percentile, unpack_codes, weighted_kmeans_1d
+from harness.quant import code_table, nearest_level, pack_codes, percentile, unpack_codes, weighted_kmeans_1d
 from harness.storage import FullPrecisionSeq
 
 NUQ_BITS = (2, 3, 4)
@@ -361,16 +360,37 @@ class _Sparse:
     def count(self) -> int:
         return 0 if self.idx is None else self.idx.numel()
 
-    def scatter(self, dense: torch.Tensor) -> torch.Tensor:
-        """Write the outliers into ``dense`` [T, B, C] (float)."""
-        if self.idx is not None:
-            flat = dense.reshape(-1)
-            flat[self.idx.long()] = self.val.to(dense.dtype)
-            dense = flat.view_as(dense)
-        return dense
+    def scatter_bhtd(self, dense: torch.Tensor, t0: int) -> None:
+        """Write the outliers into ``dense`` [B, H, T', D] (contiguous float) at tokens t0, t0 + 1, ...:
+        token-major flat index i = (t·B + b)·C + h·D + d goes to ((b·H + h)·T' + t0 + t)·D + d."""
+        if self.idx is None:
+            return
+        bb, hh, tt, dd = dense.shape
+        i = self.idx.long()
+        t, bc = i // (bb * hh * dd), i % (bb * hh * dd)
+        dense.view(-1)[bc // dd * (tt * dd) + (t + t0) * dd + bc % dd] = self.val.to(dense.dtype)
 
     def nbytes(self) -> int:
         return tensor_bytes(self.idx) + tensor_bytes(self.val)
+
+
+class _RopeRange:
+    """(cos, sin) [T, D] fp32 of positions [start, end) from ``rope`` (positions -> [1, T, D] tables); the
+    last range asked for is kept, so a decode step computes them once for all layers. RoPE tables are
+    elementwise in the position, so a reused range is bit-identical to a fresh one."""
+
+    def __init__(self, rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+        self.rope = rope
+        self.last: tuple[int, int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.last is None or self.last[:3] != (start, end, device):
+            cos, sin = self.rope(torch.arange(start, end, device=device))
+            self.last = (start, end, device, cos[0], sin[0])
+        return self.last[3], self.last[4]
+
+    def clear(self) -> None:
+        self.last = None
 
 
 class KVQuantStore(LayerStore):
@@ -384,7 +404,7 @@ class KVQuantStore(LayerStore):
         info: ModelInfo,
         calib: LayerCalibration,
         cfg: KVQuantConfig,
-        rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        rope: _RopeRange,
     ):
         super().__init__(layer_idx, info)
         self.calib, self.cfg, self.rope = calib, cfg, rope
@@ -457,33 +477,66 @@ class KVQuantStore(LayerStore):
         self.q_len += k.shape[0]
 
     # ---- read --------------------------------------------------------------------------------
-    def _dequant_keys(self) -> torch.Tensor:
-        """Pre-RoPE keys [T, B, C] (fp32) of the quantized segment, outliers restored."""
-        cal = self._cal(self.k_codes.device)
-        xn = cal.k_lut[unpack_codes(self.k_codes, self.cfg.bits).long()]
-        return self.k_sparse.scatter(_denormalize(xn, cal.k_lower, cal.k_upper))
+    # Bit-identical to dequantizing with ``_denormalize`` (k_lut[code], per-channel key range; v_lut[code],
+    # per-token value range), scattering the outliers, then ``apply_rope`` and ``torch.cat`` with the sink
+    # (tests/test_kvquant.py keeps that computation): the same fp32 operations per element, but the key
+    # levels are denormalized once per channel and level, a packed byte's two 4-bit codes are looked up
+    # together (its two fp32 levels read as one int64), codes are gathered straight into [B, H, T, D],
+    # rotate_half's negation and cat are folded into one subtraction, and the result is written in place.
+    def _units(self, packed: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Codes [T, B, C·bits/8] -> int32 lookup units [B, H, T, D/n] with n codes per unit (n = 2: a
+        packed 4-bit byte; else n = 1: one code)."""
+        n = 2 if self.cfg.bits == 4 else 1
+        if n == 1:
+            packed = unpack_codes(packed, self.cfg.bits)
+        t, b, _ = packed.shape
+        return packed.view(t, b, self.info.n_kv_heads, -1).permute(1, 2, 0, 3).contiguous().int(), n
 
-    def _dequant_values(self) -> torch.Tensor:
-        cal = self._cal(self.v_codes.device)
-        xn = cal.v_lut[unpack_codes(self.v_codes, self.cfg.bits).long()]
-        return self.v_sparse.scatter(_denormalize(xn, self.v_lower[..., None], self.v_upper[..., None]))
-
-    def _to_bhtd(self, x: torch.Tensor) -> torch.Tensor:
-        t, b, _ = x.shape
-        return x.view(t, b, self.info.n_kv_heads, self.info.head_dim).permute(1, 2, 0, 3)
+    def _lookup(self, units: torch.Tensor, n: int, levels: torch.Tensor) -> torch.Tensor:
+        """``levels`` [G, 2^b] (one table per channel, G = H·D; or G = 1) at ``units`` -> [B, H, T, D] fp32."""
+        g, k = levels.shape
+        if n == 2:  # a [256, 2] table (per channel pair): the two levels of each byte value, as one int64
+            ct = code_table(4, torch.long, levels.device)  # [256, 2] codes in each byte value
+            pair = torch.arange(2, device=ct.device)
+            levels = (levels[0][ct] if g == 1 else levels.view(-1, 2, k)[:, pair, ct]).contiguous().view(torch.int64)
+            k = 256
+        if g > 1:  # per-channel tables: unit j of head h reads table h·(D/n) + j
+            units = units + (k * torch.arange(g // n, dtype=torch.int32, device=units.device)).view(
+                self.info.n_kv_heads, 1, -1
+            )
+        out = levels.reshape(-1).index_select(0, units.view(-1))
+        return out.view(torch.float32).view(*units.shape[:-1], -1)
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        ks, vs = [self.sink_k.read(dtype)], [self.sink_v.read(dtype)]
-        if self.q_len:
-            k_pre = self._to_bhtd(self._dequant_keys())  # [B, H, T, D]
-            positions = torch.arange(self.q_start, self.q_start + self.q_len, device=k_pre.device)
-            cos, sin = self.rope(positions)
-            ks.append(apply_rope(k_pre, cos, sin).to(dtype))
-            vs.append(self._to_bhtd(self._dequant_values()).to(dtype))
-        ks, vs = [k for k in ks if k is not None], [v for v in vs if v is not None]
-        k = ks[0] if len(ks) == 1 else torch.cat(ks, dim=-2)
-        v = vs[0] if len(vs) == 1 else torch.cat(vs, dim=-2)
-        return k.contiguous(), v.contiguous()
+        if not self.q_len:
+            return self.sink_k.read(dtype).contiguous(), self.sink_v.read(dtype).contiguous()
+        cal = self._cal(self.k_codes.device)
+        n_sink = self.sink_k.length
+        b, t = self.k_codes.shape[1], self.q_len
+        # fp32 [B, H, n_sink + T, D]; sink tokens first (converted as .to(fp32) would)
+        shape = (b, self.info.n_kv_heads, n_sink + t, self.info.head_dim)
+        k, v = (torch.empty(shape, dtype=torch.float32, device=cal.k_lut.device) for _ in range(2))
+        if n_sink:
+            self.sink_k.read(torch.float32, out=k[..., :n_sink, :])
+            self.sink_v.read(torch.float32, out=v[..., :n_sink, :])
+        # keys: per channel c and level j: zp_c + lut_j·r_c (as _denormalize), looked up, outliers put back
+        units, n = self._units(self.k_codes)
+        key_levels = _denormalize(cal.k_lut[None, :], cal.k_lower[:, None], cal.k_upper[:, None])  # [C, 2^b]
+        k_pre = self._lookup(units, n, key_levels)  # [B, H, T, D] pre-RoPE
+        self.k_sparse.scatter_bhtd(k_pre, 0)
+        # RoPE (apply_rope: x·cos + rotate_half(x)·sin, rotate_half(x) = [−x2, x1]) by halves
+        cos, sin = self.rope(self.q_start, self.q_start + t, k_pre.device)  # [T, D] fp32
+        half = self.info.head_dim // 2
+        x1, x2, out = k_pre[..., :half], k_pre[..., half:], k[..., n_sink:, :]
+        torch.mul(x1, cos[:, :half], out=out[..., :half]).sub_(x2 * sin[:, :half])
+        torch.mul(x2, cos[:, half:], out=out[..., half:]).add_(x1 * sin[:, half:])
+        # values: lut_j looked up, then zp_t + xn·r_t / 2 per token (as _denormalize), outliers put back
+        units, n = self._units(self.v_codes)
+        xn = self._lookup(units, n, cal.v_lut[None, :])  # [B, H, T, D]
+        lo, hi = (x.float().t()[:, None, :, None] for x in (self.v_lower, self.v_upper))  # [B, 1, T, 1]
+        torch.add((hi + lo) / 2, xn.mul_(hi - lo).div_(2), out=v[..., n_sink:, :])
+        self.v_sparse.scatter_bhtd(v, n_sink)
+        return (k, v) if dtype == torch.float32 else (k.to(dtype), v.to(dtype))
 
     # ---- accounting --------------------------------------------------------------------------
     def memory(self) -> MemoryReport:
@@ -551,6 +604,7 @@ class KVQuant(KVCacheMethod):
         self.calibration: list[LayerCalibration] | None = None
         self.calibration_source: str | None = None  # "computed" or the cache file it came from
         self._rope: RopeTables | None = None
+        self._rope_range = _RopeRange(self.rope_tables)  # shared by the layer stores
 
     @property
     def needs_calibration(self) -> bool:
@@ -583,9 +637,11 @@ class KVQuant(KVCacheMethod):
                 f"{self.label}: partial rotary embeddings ({dim} of {info.head_dim} dims) are not supported"
             )
         self._rope = rope
+        self._rope_range.clear()
 
     def detach(self, model: torch.nn.Module, info: ModelInfo) -> None:
         self._rope = None
+        self._rope_range.clear()
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [1, T, D] in fp32 for absolute ``positions`` [T], from the model's rotary module."""
@@ -613,4 +669,4 @@ class KVQuant(KVCacheMethod):
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
         if self.calibration is None:
             raise RuntimeError(f"{self.label}: not calibrated; call AttachedMethod.calibrate(windows) first")
-        return KVQuantStore(layer_idx, info, self.calibration[layer_idx], self.config, self.rope_tables)
+        return KVQuantStore(layer_idx, info, self.calibration[layer_idx], self.config, self._rope_range)
