@@ -27,6 +27,16 @@ token j is Σ_i LUT_i[c_φ(j, i)]·R_i[c_r(j, i)], with R_i[t] = m_r + (t + ½)�
 are made from the query at each step and dropped: the store holds none. Full-precision window keys and
 the values go through a matmul / ``harness.from_codes.mix_from_codes``.
 
+Decode cost. A step of ``attend`` (1) turns the codes into flat int64 table indices (``PolarSeq.indices``:
+unpack, offsets, widening), (2) builds the query's tables (``PolarSeq.tables``), (3) per token, query
+head and pair gathers an angle-table entry and a radius, multiplies them and sums over the pairs, and
+(4) takes the softmax and mixes the fp16 values. (2)-(4) are the format's own: any implementation does
+them per step (the kernel's table-lookup formulation: ``tl.gather``, ``*=``, ``tl.sum``), at a cost that
+grows with tokens × query heads × pairs. (1) is this implementation's: ``torch.gather`` takes int64 indices
+only, the kernel gathers with the uint8 codes it loads. ``python tests/bench/method_parts.py polarquant``
+times each piece alone on one SmolLM2-shaped layer at 4096 tokens ("format lower bound": ``attend`` with
+the indices given); the measured split is in docs/results.md.
+
 Windows (the code's ``residual_length`` R = 128, KIVI's key rule): a prefill of T tokens quantizes the first
 T − (T mod R) keys and keeps the rest fp16; at decode the new key joins the fp16 buffer, attention reads it,
 and only then a buffer that reached R tokens is quantized whole. The harness appends before attention, so

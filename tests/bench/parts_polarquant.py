@@ -4,7 +4,7 @@ The pieces run on a private copy of the layer store taken on first use with one 
 (``context`` quantized keys, one fp16 window key, ``context`` + 1 fp16 values: what a decode step
 attends to), so every call times the same state. ``PolarQuantStore.attend`` splits into:
 
-* ours: ``PolarSeq.indices``, the codes unpacked to uint8 and made flat int64 table indices
+* ours: ``PolarSeq.indices``, the codes unpacked (int16), offset and widened to flat int64 table indices
   i·2^b + c (``torch.gather`` takes int64 only; the official Triton kernel, ``models/kernel4group.py``
   ``_kernel`` in ``ericshwu/PolarQuant``, gathers with the uint8 codes it loads, ``& (2^tbits − 1)`` and
   ``>> tbits``, so this pass has no counterpart there);
@@ -12,7 +12,8 @@ attends to), so every call times the same state. ``PolarQuantStore.attend`` spli
   query (``PolarSeq.tables``: per query head, group and pair q_x·cos φ_t + q_y·sin φ_t for the 2^tbits
   angle levels, and the 2^rbits radii), then per token, query head and pair an angle-table gather, a
   radius gather, a product, and the sum over pairs (the kernel's ``tl.gather`` / ``*=`` / ``tl.sum``,
-  the table-lookup formulation; ``attend`` already computes the scores this way), the softmax and the
+  the table-lookup formulation the paper names, arXiv 2502.00527: "turning the query-key inner
+  product into a table lookup"; ``attend`` already computes the scores this way), the softmax and the
   fp16 values' mix. "lower bound" times ``attend``'s steps with the indices given.
 
 Also timed, for comparison only (not bit-identical to ``attend``, so not used there): the keys
