@@ -345,7 +345,7 @@ BIT_IDENTICAL = [
 def test_decode_path_is_bit_identical_to_the_old_code(
     d, rbits, tbits, index, value_bits, group, residual, batch, t, dtype
 ):
-    """The sped-up ``attend`` (uint8 unpack with scalar shifts, int32 offsets, in-place products) gives
+    """The sped-up ``attend`` (codes unpacked into an int16 index buffer, widened once, products in place) gives
     exactly (``torch.equal``) what the code at commit dbd5379 gave, on random stores across flushes of
     the key buffer, with GQA and masks; ``read`` and ``memory`` too (published numbers must not move)."""
     info = ModelInfo("llama", 1, 2 * 3, 3, d, 3 * d, torch.float32, torch.device("cpu"))
