@@ -23,7 +23,8 @@ elements per byte (the even element in the upper nibble). Keys are laid out per 
 whole runs; nibbles pair consecutive tokens); values per token, [B, H_kv, T, D] (nibbles pair
 consecutive channels, so a per-token precision skips whole rows). The tokens of the incomplete last
 block wait as plain fp16 (the code's ``restk`` / ``restv``) and are always read in full; a block is
-split as soon as it is complete, before the step's attention reads the cache.
+split as soon as it is complete, before the step's attention reads the cache. (The key planes
+have these shapes here but lie token-major in memory, the same bytes: ``_Split``.)
 Per layer, KV head and channel the store also holds the largest exponent field seen in that
 channel, for keys and for values (``k_cache_exp_column_max``, one byte each): after the first append
 it is ``E`` of the per-channel max over those tokens, later raised to the ``E`` of every new token.
@@ -92,6 +93,19 @@ append every byte held of the K/V; after a decode step the complete blocks at th
 the value estimate's 32 high bytes per channel per query head. ``last_read`` splits it into
 ``k`` / ``v`` / ``meta``; ``stats()`` sums, over the decode steps of a cache, the bytes read, the
 K/V bytes held at those reads, and the elements read at 8 / 12 / 16 bits.
+
+Decode cost. In the code a decode step is the attention itself: ``k_cache_compute`` reads each key
+channel at its width inside the q·Kᵀ kernel, the softmax is the attention's, and ``v_cache_compute``
+reads each value token at its width inside the s·V kernel; what the method adds to a plain fp16
+attention is the per-step precision selection (the key widths from E(q) and the channel maxima; for
+the values ``test_compute``: the per-lane maximum of s, the 32-token estimate ``v_cache_test_compute``,
+the alignment minimum, and the per-token comparison the kernel makes) and the bit assembly of each
+element, fused there into the reads. Here ``read`` must hand the model K̂ / V̂ for its own attention,
+so a step also computes the probabilities once more than the model does (q·K̂ᵀ and the softmax, for
+the value rule) and assembles K̂ / V̂ from the byte planes with tensor ops into the model's dtype;
+those two are this implementation's, the selection is the method's. Each piece timed alone against
+int4's step and a plain fp16 read of the same tokens: ``python tests/bench/method_parts.py alignedkv``
+(the numbers are in docs/results.md).
 
 Options: ``block`` (64, even, a multiple of ``lanes``), ``lanes`` (32), ``fill`` (mid, zero),
 ``channel_max`` (code, abs), ``o_exp`` (code, minus1), ``v_steps`` (code, aligned).
