@@ -131,13 +131,41 @@ def _denormalize(xn: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> 
     return (hi + lo) / 2 + xn * (hi - lo) / 2
 
 
+def _order_percentile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``harness.quant.percentile(x, q, dim=-1)`` from the two order statistics it interpolates, taken
+    with ``topk`` instead of a full sort (the same values, so the same result)."""
+    n = x.shape[-1]
+    pos = q * (n - 1)
+    lo = int(pos // 1)
+    hi = min(lo + 1, n - 1)
+    if q >= 0.5:  # descending: the i-th smallest is at n − 1 − i
+        top = torch.topk(x, n - lo, dim=-1).values
+        a, b = top[..., n - 1 - lo], top[..., n - 1 - hi]
+    else:
+        bottom = torch.topk(x, hi + 1, dim=-1, largest=False).values
+        a, b = bottom[..., lo], bottom[..., hi]
+    return a + (b - a) * (pos - lo)
+
+
 def token_outliers(tok: torch.Tensor, threshold: float) -> torch.Tensor:
     """Dynamic per-token outlier mask of ``tok`` [..., C]: entries >= the ``t``-th or <= the
     ``1 − t``-th percentile of their token, t = 1 − (1 − threshold)/2 (``get_outliers_dynamic``)."""
     t = 1 - (1 - threshold) / 2
-    hi = percentile(tok.float(), t, dim=-1).unsqueeze(-1)
-    lo = percentile(tok.float(), 1 - t, dim=-1).unsqueeze(-1)
+    hi = _order_percentile(tok.float(), t).unsqueeze(-1)
+    lo = _order_percentile(tok.float(), 1 - t).unsqueeze(-1)
     return (tok >= hi) | (tok <= lo)
+
+
+def _nearest_level(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """``harness.quant.nearest_level`` (the bucket of x among the midpoints: how many are < x, NaN
+    last); for a large ``x`` counted midpoint by midpoint, which is faster on CPU than ``bucketize``."""
+    if x.numel() < 65536:
+        return nearest_level(x, lut)
+    mids = ((lut[1:] + lut[:-1]) / 2).to(x.dtype)
+    codes = torch.full(x.shape, mids.numel(), dtype=torch.uint8, device=x.device)
+    for m in mids:  # midpoints >= x are not below it (NaN: none is)
+        codes -= (x <= m).view(torch.uint8)
+    return codes
 
 
 def channel_outliers(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
@@ -454,7 +482,7 @@ class KVQuantStore(LayerStore):
         cal = self._cal(k.device)
         offset = self.q_len * b * h * d
         # keys: static per-channel range
-        k_codes = nearest_level(_normalize(k, cal.k_lower, cal.k_upper), cal.k_lut)
+        k_codes = _nearest_level(_normalize(k, cal.k_lower, cal.k_upper), cal.k_lut)
         if self.sparse:
             self.k_sparse.append(k, channel_outliers(k, cal.k_lower, cal.k_upper), offset)
         # values: dynamic per-token range (over all KV heads of the token)
@@ -469,7 +497,7 @@ class KVQuantStore(LayerStore):
         else:
             lo, hi = v.amin(dim=-1), v.amax(dim=-1)
         lo16, hi16 = _fp16_outward(lo, hi)  # [Tc, B]
-        v_codes = nearest_level(_normalize(v, lo16[..., None], hi16[..., None]), cal.v_lut)
+        v_codes = _nearest_level(_normalize(v, lo16[..., None], hi16[..., None]), cal.v_lut)
         bits = self.cfg.bits
         self.k_codes = _cat(self.k_codes, pack_codes(k_codes, bits))
         self.v_codes = _cat(self.v_codes, pack_codes(v_codes, bits))

@@ -42,6 +42,36 @@ def test_token_outlier_mask_by_hand():
     assert token_outliers(tok, 0.99)[1].nonzero().flatten().tolist() == [1, 9]
 
 
+def test_token_outliers_and_codes_match_the_sorting_reference():
+    """``token_outliers`` (order statistics by topk) and ``_nearest_level`` (midpoints counted) give the
+    masks and codes of the previous computation (two full-sort ``percentile`` calls; ``bucketize``),
+    with NaN, ±inf, ±0, ties and repeated levels."""
+    g = torch.Generator().manual_seed(0)
+
+    def sorting_reference(tok, threshold):
+        t = 1 - (1 - threshold) / 2
+        hi = percentile(tok.float(), t, dim=-1).unsqueeze(-1)
+        lo = percentile(tok.float(), 1 - t, dim=-1).unsqueeze(-1)
+        return (tok >= hi) | (tok <= lo)
+
+    for shape in [(512, 2, 192), (7, 2, 10), (3, 1, 4), (8, 2)]:
+        x = torch.randn(*shape, generator=g)
+        x[0, ..., :1] = float("nan")
+        x[1] = 0.0
+        x[-1, ..., ::2] = -0.0
+        x.view(-1)[5], x.view(-1)[7] = float("inf"), -float("inf")
+        for xx in (x, (x * 4).round() / 4, x.half()):
+            for threshold in (0.99, 0.8, 0.6, 0.51, 1.0):
+                assert torch.equal(token_outliers(xx, threshold), sorting_reference(xx, threshold))
+    lut = torch.sort(torch.randn(16, generator=g)).values
+    lut[4] = lut[3]
+    for n in (100, 70000):
+        x = torch.randn(n, generator=g) * 2
+        x[:15] = (lut[1:] + lut[:-1]) / 2  # exact ties: the lower level
+        x[20], x[21], x[22] = float("nan"), float("inf"), -float("inf")
+        assert torch.equal(kvq._nearest_level(x, lut), nearest_level(x, lut))
+
+
 def test_channel_outlier_mask_by_hand():
     x = torch.tensor([[-2.0, -1.0, 0.0], [1.0, 1.5, 3.0]])  # [T, C]
     lower = torch.tensor([-1.0, -1.0, -1.0], dtype=torch.float16)
