@@ -119,6 +119,7 @@ from typing import Annotated, ClassVar
 import torch
 from pydantic import Field
 
+from harness.from_codes import _workspace
 from harness.integration import attention_scaling
 from harness.interface import (
     KVCacheMethod,
@@ -348,31 +349,43 @@ class _Split:
         [B, H, T] per token; None = 16 bits), converted into ``out`` ([B, H, T, D]) when given."""
         hi, mid, last = self.held
         b, h, t, d = hi.shape
-        even = mid & 0xF0  # the low bytes of the elements paired in a nibble byte, [B, H, T/2, D] / [B, H, T, D/2]
-        even |= last >> 4
-        odd = mid << 4  # uint8 shift drops the upper nibble
-        odd |= last & 0x0F
-        bits = hi.to(torch.int16)  # [B, H, T, D]
-        bits <<= 8  # int16 shift wraps to the same 16 bits
+        n = hi.numel()
+        # scratch reused from read to read (uint8, 6.5 N bytes): the bits and a temporary (int16 [N] each),
+        # int16 words of two low bytes ([N/2]), and even / odd / tmp (uint8 [N/2]): the low bytes of the
+        # elements paired in a nibble byte ([B, H, T/2, D] keys / [B, H, T, D/2] values)
+        ws = _workspace((13 * n // 2,), torch.uint8, hi.device)
+        bits, wide = (ws[i : i + 2 * n].view(torch.int16).view(hi.shape) for i in (0, 2 * n))
+        words = ws[4 * n : 5 * n].view(torch.int16).view(mid.shape)
+        even, odd, tmp = (ws[i : i + n // 2].view(mid.shape) for i in (5 * n, 11 * n // 2, 6 * n))
+        torch.bitwise_and(mid, 0xF0, out=even)
+        even |= torch.bitwise_right_shift(last, 4, out=tmp)
+        torch.bitwise_left_shift(mid, 4, out=odd)  # uint8 shift drops the upper nibble
+        odd |= torch.bitwise_and(last, 0x0F, out=tmp)
         if self.channel_major:  # tokens 2i and 2i + 1: the even and odd rows, one width per channel
             if width is not None:
                 keep, filler = (m.view(b, h, 1, d) for m in width_masks(width, fill))
                 for low in (even, odd):
                     low &= keep
                     low |= filler
+            bits.copy_(hi)
+            bits <<= 8  # int16 shift wraps to the same 16 bits
             rows = bits.unflatten(2, (t // 2, 2))
-            rows[:, :, :, 0] |= even.to(torch.int16)
-            rows[:, :, :, 1] |= odd.to(torch.int16)
+            rows[:, :, :, 0] |= words.copy_(even)
+            rows[:, :, :, 1] |= words.copy_(odd)
         else:  # channels 2j and 2j + 1: int16 words of their low bytes, the even one first (little-endian)
-            words = even.to(torch.int16)
-            words |= odd.to(torch.int16) << 8
+            words.copy_(odd)
+            words <<= 8
+            words |= wide.view(-1)[: n // 2].view(mid.shape).copy_(even)
             if width is not None:  # one width per token: both bytes of a word
                 keep, filler = (m.view(b, h, t, 1) for m in width_masks(width, fill, pair=True))
                 words &= keep
                 words |= filler
-            bits |= words.view(torch.uint8).to(torch.int16)  # [B, H, T, D] low bytes in channel order
+            bits.copy_(words.view(torch.uint8).view(hi.shape))  # the low bytes in channel order
+            wide.copy_(hi)
+            wide <<= 8
+            bits |= wide
         x = bits.view(torch.float16)
-        return x if out is None else out.copy_(x)
+        return x.clone() if out is None else out.copy_(x)  # the scratch is reused by the next read
 
     @property
     def high_bytes(self) -> torch.Tensor:
