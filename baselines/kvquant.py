@@ -403,19 +403,22 @@ class _Sparse:
 
 
 class _RopeRange:
-    """(cos, sin) [T, D] fp32 of positions [start, end) from ``rope`` (positions -> [1, T, D] tables); the
-    last range asked for is kept, so a decode step computes them once for all layers. RoPE tables are
-    elementwise in the position, so a reused range is bit-identical to a fresh one."""
+    """RoPE tables of positions [start, end) from ``rope`` (positions -> (cos, sin) [1, T, D]), as their
+    halves cos[:, :D/2], cos[:, D/2:], sin[:, :D/2], sin[:, D/2:] ([T, D/2] fp32, contiguous). The last
+    range asked for is kept, so a decode step computes it once for all layers (the tables are elementwise
+    in the position: the same values as computing them afresh)."""
 
     def __init__(self, rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
         self.rope = rope
-        self.last: tuple[int, int, torch.device, torch.Tensor, torch.Tensor] | None = None
+        self.last: tuple[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] | None = None
 
-    def __call__(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.last is None or self.last[:3] != (start, end, device):
+    def __call__(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if self.last is None or self.last[0] != (start, end, device):
             cos, sin = self.rope(torch.arange(start, end, device=device))
-            self.last = (start, end, device, cos[0], sin[0])
-        return self.last[3], self.last[4]
+            h = cos.shape[-1] // 2
+            halves = tuple(x[0, :, s].contiguous() for x in (cos, sin) for s in (slice(None, h), slice(h, None)))
+            self.last = ((start, end, device), halves)
+        return self.last[1]
 
     def clear(self) -> None:
         self.last = None
@@ -511,27 +514,34 @@ class KVQuantStore(LayerStore):
     # levels are denormalized once per channel and level, a packed byte's two 4-bit codes are looked up
     # together (its two fp32 levels read as one int64), codes are gathered straight into [B, H, T, D],
     # rotate_half's negation and cat are folded into one subtraction, and the result is written in place.
-    def _units(self, packed: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Codes [T, B, C·bits/8] -> int32 lookup units [B, H, T, D/n] with n codes per unit (n = 2: a
-        packed 4-bit byte; else n = 1: one code)."""
-        n = 2 if self.cfg.bits == 4 else 1
+    def _units(self, packed: torch.Tensor, halves: bool = False) -> tuple[torch.Tensor, int]:
+        """Codes [T, B, C·bits/8] -> int32 lookup units [B, H, T, D/n], or with ``halves`` [B, H, 2, T,
+        D/2n] (each head's two halves apart, for RoPE), n codes per unit (n = 2: a packed 4-bit byte;
+        else n = 1: one code)."""
+        n = 2 if self.cfg.bits == 4 and self.info.head_dim % 4 == 0 else 1
         if n == 1:
             packed = unpack_codes(packed, self.cfg.bits)
         t, b, _ = packed.shape
-        return packed.view(t, b, self.info.n_kv_heads, -1).permute(1, 2, 0, 3).contiguous().int(), n
+        h = self.info.n_kv_heads
+        u = (
+            packed.view(t, b, h, 2, -1).permute(1, 2, 3, 0, 4)
+            if halves
+            else packed.view(t, b, h, -1).permute(1, 2, 0, 3)
+        )
+        return u.contiguous().int(), n
 
     def _lookup(self, units: torch.Tensor, n: int, levels: torch.Tensor) -> torch.Tensor:
-        """``levels`` [G, 2^b] (one table per channel, G = H·D; or G = 1) at ``units`` -> [B, H, T, D] fp32."""
+        """``levels`` [G, 2^b] (one table per channel, G = H·D; or G = 1) at ``units`` [..., T, U] -> fp32
+        [..., T, U·n]."""
         g, k = levels.shape
         if n == 2:  # a [256, 2] table (per channel pair): the two levels of each byte value, as one int64
             ct = code_table(4, torch.long, levels.device)  # [256, 2] codes in each byte value
             pair = torch.arange(2, device=ct.device)
             levels = (levels[0][ct] if g == 1 else levels.view(-1, 2, k)[:, pair, ct]).contiguous().view(torch.int64)
             k = 256
-        if g > 1:  # per-channel tables: unit j of head h reads table h·(D/n) + j
-            units = units + (k * torch.arange(g // n, dtype=torch.int32, device=units.device)).view(
-                self.info.n_kv_heads, 1, -1
-            )
+        if g > 1:  # per-channel tables: the i-th unit of a token (in channel order) reads table i
+            offsets = k * torch.arange(g // n, dtype=torch.int32, device=units.device)
+            units = units + offsets.view(*units.shape[1:-2], 1, units.shape[-1])
         out = levels.reshape(-1).index_select(0, units.view(-1))
         return out.view(torch.float32).view(*units.shape[:-1], -1)
 
@@ -548,16 +558,16 @@ class KVQuantStore(LayerStore):
             self.sink_k.read(torch.float32, out=k[..., :n_sink, :])
             self.sink_v.read(torch.float32, out=v[..., :n_sink, :])
         # keys: per channel c and level j: zp_c + lut_j·r_c (as _denormalize), looked up, outliers put back
-        units, n = self._units(self.k_codes)
+        units, n = self._units(self.k_codes, halves=True)
         key_levels = _denormalize(cal.k_lut[None, :], cal.k_lower[:, None], cal.k_upper[:, None])  # [C, 2^b]
-        k_pre = self._lookup(units, n, key_levels)  # [B, H, T, D] pre-RoPE
-        self.k_sparse.scatter_bhtd(k_pre, 0)
-        # RoPE (apply_rope: x·cos + rotate_half(x)·sin, rotate_half(x) = [−x2, x1]) by halves
-        cos, sin = self.rope(self.q_start, self.q_start + t, k_pre.device)  # [T, D] fp32
+        k_pre = self._lookup(units, n, key_levels)  # [B, H, 2, T, D/2] pre-RoPE
         half = self.info.head_dim // 2
-        x1, x2, out = k_pre[..., :half], k_pre[..., half:], k[..., n_sink:, :]
-        torch.mul(x1, cos[:, :half], out=out[..., :half]).sub_(x2 * sin[:, :half])
-        torch.mul(x2, cos[:, half:], out=out[..., half:]).add_(x1 * sin[:, half:])
+        self.k_sparse.scatter_bhtd(k_pre.view(b, -1, t, half), 0)
+        # RoPE (apply_rope: x·cos + rotate_half(x)·sin, rotate_half(x) = [−x2, x1]) by halves
+        c1, c2, s1, s2 = self.rope(self.q_start, self.q_start + t, k_pre.device)  # [T, D/2] fp32
+        x1, x2, out = k_pre[:, :, 0], k_pre[:, :, 1], k[..., n_sink:, :]
+        torch.sub(x1 * c1, x2 * s1, out=out[..., :half])
+        torch.add(x2 * c2, x1 * s2, out=out[..., half:])
         # values: lut_j looked up, then zp_t + xn·r_t / 2 per token (as _denormalize), outliers put back
         units, n = self._units(self.v_codes)
         xn = self._lookup(units, n, cal.v_lut[None, :])  # [B, H, T, D]

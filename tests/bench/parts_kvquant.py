@@ -86,8 +86,8 @@ def _key_levels(store: kvq.KVQuantStore) -> torch.Tensor:
 
 
 def key_lookup(store: kvq.KVQuantStore, query: torch.Tensor) -> torch.Tensor:
-    """Per-channel non-uniform levels of every key code, denormalized (pre-RoPE keys, [B, H, T, D])."""
-    return store._lookup(*store._units(store.k_codes), _key_levels(store))
+    """Per-channel non-uniform levels of every key code, denormalized (pre-RoPE keys, [B, H, 2, T, D/2])."""
+    return store._lookup(*store._units(store.k_codes, halves=True), _key_levels(store))
 
 
 def value_lookup(store: kvq.KVQuantStore, query: torch.Tensor) -> torch.Tensor:
@@ -105,14 +105,14 @@ def rope_tables(store: kvq.KVQuantStore, query: torch.Tensor) -> tuple[torch.Ten
 def rope_apply(store: kvq.KVQuantStore, query: torch.Tensor) -> torch.Tensor:
     """RoPE re-applied to the dequantized pre-RoPE keys as ``read`` does it (keys and tables given)."""
     if "rope" not in _SCRATCH:
-        k_pre = key_lookup(store, query)
-        cos, sin = store.rope.rope(torch.arange(store.q_start, store.q_start + store.q_len))
-        _SCRATCH["rope"] = (k_pre, cos[0], sin[0], torch.empty_like(k_pre))
-    k_pre, cos, sin, out = _SCRATCH["rope"]
-    half = k_pre.shape[-1] // 2
-    x1, x2 = k_pre[..., :half], k_pre[..., half:]
-    torch.mul(x1, cos[:, :half], out=out[..., :half]).sub_(x2 * sin[:, :half])
-    return torch.mul(x2, cos[:, half:], out=out[..., half:]).add_(x1 * sin[:, half:])
+        k_pre = key_lookup(store, query)  # [B, H, 2, T, D/2]
+        tables = store.rope(store.q_start, store.q_start + store.q_len, k_pre.device)
+        b, h, _, t, half = k_pre.shape
+        _SCRATCH["rope"] = (k_pre, tables, torch.empty(b, h, t, 2 * half))
+    k_pre, (c1, c2, s1, s2), out = _SCRATCH["rope"]
+    x1, x2, half = k_pre[:, :, 0], k_pre[:, :, 1], k_pre.shape[-1]
+    torch.sub(x1 * c1, x2 * s1, out=out[..., :half])
+    return torch.add(x2 * c2, x1 * s2, out=out[..., half:])
 
 
 def outliers(store: kvq.KVQuantStore, query: torch.Tensor) -> None:
