@@ -298,7 +298,8 @@ def value_widths(s: torch.Tensor, align: torch.Tensor, steps: tuple[int, int]) -
     """Bits read per complete-block value token (step 3): s [B, H_kv, G, P] fp16, A [B, H_kv, G]
     -> [B, H_kv, P], the most bits over each query group."""
     dist = (align.unsqueeze(-1) << 10) - fp16_bits(s)  # distance below 2^(A-15), on the bit patterns
-    return width_from_steps(dist, (steps[0] << 10, steps[1] << 10)).amax(2)
+    # the most bits over the group = the bits of the smallest distance (fewer bits the farther below)
+    return width_from_steps(dist.amin(2), (steps[0] << 10, steps[1] << 10))
 
 
 # --------------------------------------------------------------------------------------------
