@@ -12,10 +12,10 @@ calibration, ``quant_fn_nuq_recon``, ``get_outliers`` / ``get_outliers_dynamic``
   linear interpolation; min / max without dense-and-sparse), zp = (upper + lower)/2,
   r = (upper − lower)/2, x' = (k − zp)/r. With dense-and-sparse, keys strictly outside
   [lower, upper] are outliers. ``read`` dequantizes and re-applies RoPE; cos/sin are recomputed with
-  the model's own rotary-embedding module (taken in ``attach``) from the token positions, which are
-  implicit (token i of the cache is position i: the harness never evicts), so nothing per token is
-  kept for RoPE. RoPE variants whose tables depend on the sequence length (dynamic NTK, longrope)
-  are refused.
+  the model's own rotary-embedding module (taken in ``attach``; once per decode step for all layers)
+  from the token positions, which are implicit (token i of the cache is position i: the harness never
+  evicts), so nothing per token is kept for RoPE. RoPE variants whose tables depend on the sequence
+  length (dynamic NTK, longrope) are refused.
 * **Values** are quantized **per token, dynamically**; as in the code (``v_proj`` output rows), one
   range spans the whole v_proj output of a token (all KV heads), not one head. With
   dense-and-sparse, per-token outliers are the entries ≥ the 99.5th or ≤ the 0.5th percentile of the
@@ -53,6 +53,18 @@ calibration, ``quant_fn_nuq_recon``, ``get_outliers`` / ``get_outliers_dynamic``
   per layer, the static per-channel key ranges (fp16) and the two fp32 lookup tables ("scales");
   the sink tokens ("fp_tokens"); outlier values and indices ("outliers"). Nominal bits count b per
   quantized element and 16 per outlier or sink element.
+
+**Decode cost.** Each decode step reads the whole history back (``read``, then sdpa). KVQuant's own
+part of it: the non-uniform lookup (every code indexes a table: per-channel key levels, one value
+table scaled by the token's range), RoPE re-applied to every dequantized pre-RoPE key, the sparse fp16
+outliers put back, and per appended token the value outliers' two percentiles. The official code fuses
+the first three into the attention matvec with custom CUDA kernels (``deployment/kvquant/
+quant_cuda_kernel.cu``: ``vecquant4matmul_nuq_perchannel_transposed_rope_mha_batched_fused``, a CSR
+SpMV with RoPE for the outliers; ``vecquant4appendvecK``); here they are torch ops over the history
+(4-bit codes looked up a byte at a time straight into the attention layout, RoPE on contiguous halves,
+no other copy of the history), bit-identical to dequantize-then-rotate. ``python tests/bench/method_parts.py
+kvquant`` (parts: ``tests/bench/parts_kvquant.py``) times each piece alone against int4's decode
+step; the numbers are in docs/results.md.
 
 Not reproduced: the code's optional Q-Norm (``--norm``, used for its 2-bit DBRX checkpoints),
 per-token outlier capping (``--cap_outliers``) and the NormalFloat tables (``--nf``).
