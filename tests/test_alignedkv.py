@@ -342,11 +342,14 @@ class _OldStore:
         scores = torch.matmul(q.float().reshape(b, h_kv, h // h_kv, d), k_hat.float().transpose(-1, -2)) * store.scaling
         s = torch.softmax(scores, dim=-1).to(torch.float16)[..., :p]
         align = _old_alignment_score(s, self.v.planes[0], store.v_emax.to(torch.int32), cfg.lanes, cfg.o_exp)
-        v_width = value_widths(s, align, {"code": (1, 2), "aligned": (4, 8)}[cfg.v_steps])
+        lo, hi = ({"code": (1, 2), "aligned": (4, 8)}[cfg.v_steps][i] << 10 for i in (0, 1))
+        dist = (align.unsqueeze(-1) << 10) - fp16_bits(s)
+        v_width = torch.where(dist >= hi, 8, torch.where(dist >= lo, 12, 16)).to(torch.int32).amax(2)
         v_hat = cat([x for x in (self.v.read(v_width, cfg.fill).to(dtype), tails[1]) if x is not None])
         elems = torch.stack(
             [(k_width == w).sum() * p for w in (8, 12, 16)] + [(v_width == w).sum() * d for w in (8, 12, 16)]
         )
+        self.widths = (k_width, v_width)
         return k_hat, v_hat, elems, held
 
 
@@ -382,6 +385,7 @@ def test_read_bit_identical_to_the_unoptimized_read(opts, h, h_kv, d, b, dtype):
             assert (store._last[1] is None) == (elems is None)
             if elems is not None:
                 assert torch.equal(store._last[1], elems)
+                assert all(torch.equal(x, y) for x, y in zip(store.last_widths, old.widths, strict=True))
                 widths |= set(store.last_widths[0].unique().tolist()) | set(store.last_widths[1].unique().tolist())
             assert store.memory().bytes["fp_tokens"] == held
             assert [sp.planes[i].shape for sp in (store.k_split, store.v_split) if sp.planes for i in range(3)] == [
