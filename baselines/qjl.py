@@ -182,7 +182,7 @@ def _sign_rows(device: torch.device) -> torch.Tensor:
 
 
 def signs(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Packed sign bits [..., m/8] uint8 (coordinate 8i + j at bit j of byte i) -> ±1 fp32 [..., m].
+    """Packed sign bits [..., m/8] uint8 or int32 (coordinate 8i + j at bit j of byte i) -> ±1 fp32 [..., m].
 
     One 32-byte row copied per byte from a 256-row table of the eight ±1 floats (moved as 4 int64, no
     arithmetic on the floats): the floats of ``2 · unpack_to_float(packed, 1) − 1`` without its two passes
@@ -359,24 +359,28 @@ class QJLStore(LayerStore):
             return score.transpose(-1, -2)
         idx = self.outlier_idx.value.long()  # [B, H, N, n_out]
         q_pick = qg.unsqueeze(2).expand(b, h, n, r, d).gather(-1, idx.unsqueeze(3).expand(b, h, n, r, self.n_out))
-        rows = idx.reshape(-1)  # Sᵀ[idx]: the outlier channels' columns of S, [B, H, N, n_out, m]
-        s_pick = _workspace((rows.numel(), self.m), torch.float32, S.device)
-        s_pick = torch.index_select(S.T.contiguous(), 0, rows, out=s_pick).view(b, h, n, self.n_out, self.m)
-        q_out_s = q_pick @ s_pick  # [B, H, N, R, m]: S (M_out⊙q) per group
-        q_in_s = (q_s.unsqueeze(2) - q_out_s).transpose(-1, -2).flatten(0, 2)  # [B·H·N, m, R]: S(M_in⊙q)
-        q_out_s = q_out_s[..., : self.m_o].transpose(-1, -2).flatten(0, 2)  # [B·H·N, m_o, R]
-        bits_in = self.sign_in.value.reshape(b * h * n, g, self.m // 8)
-        bits_out = self.sign_out.value.reshape(b * h * n, g, self.m_o // 8)
-        inner = torch.empty(b * h * n, g, r, dtype=torch.float32, device=qg.device)  # ⟨sign, S(M_in⊙q)⟩
+        # the workspace holds, 64-byte aligned: S(M_out⊙q) | S(M_in⊙q) | Sᵀ[idx], then the unpacked chunks
+        nbh, m, m_o, rows = b * h * n, self.m, self.m_o, idx.reshape(-1)
+        step = max(1, CHUNK_BYTES // (4 * g * m))  # groups per chunk
+        nq = -(-nbh * r * m // 16) * 16
+        ws = _workspace((2 * nq + max(rows.numel(), min(step, nbh) * g) * m,), torch.float32, qg.device)
+        s_pick = torch.index_select(S.T.contiguous(), 0, rows, out=ws[2 * nq :][: rows.numel() * m].view(-1, m))
+        q_out_s = ws[: nbh * r * m].view(b, h, n, r, m)  # S (M_out⊙q) per group
+        torch.matmul(q_pick, s_pick.view(b, h, n, self.n_out, m), out=q_out_s)  # Sᵀ[idx]: outlier columns of S
+        q_in_s = torch.sub(q_s.unsqueeze(2), q_out_s, out=ws[nq:][: nbh * r * m].view(b, h, n, r, m))
+        q_in_s = q_in_s.transpose(-1, -2).flatten(0, 2)  # [B·H·N, m, R]: S(M_in⊙q)
+        q_out_s = q_out_s[..., :m_o].transpose(-1, -2).flatten(0, 2)  # [B·H·N, m_o, R]
+        bits_in = self.sign_in.value.reshape(nbh, g, m // 8).to(torch.int32)  # the table's row indices, once
+        bits_out = self.sign_out.value.reshape(nbh, g, m_o // 8).to(torch.int32)
+        inner = torch.empty(nbh, g, r, dtype=torch.float32, device=qg.device)  # ⟨sign, S(M_in⊙q)⟩
         outer = torch.empty_like(inner)  # ⟨sign_out, S[:m_o](M_out⊙q)⟩
-        step = max(1, CHUNK_BYTES // (4 * g * self.m))  # groups per chunk
-        ws = _workspace((min(step, b * h * n), g, self.m), torch.float32, qg.device)  # s_pick is spent
-        for i in range(0, b * h * n, step):
-            j = min(i + step, b * h * n)
-            sg = signs(bits_in[i:j], ws[: j - i])  # [c, G, m]
-            torch.bmm(sg, q_in_s[i:j], out=inner[i:j])
-            so = signs(bits_out[i:j], ws.view(-1)[: (j - i) * g * self.m_o].view(j - i, g, self.m_o))
-            torch.bmm(so, q_out_s[i:j], out=outer[i:j])
+        chunk = ws[2 * nq :]  # Sᵀ[idx] is spent
+        for i in range(0, nbh, step):
+            c = min(step, nbh - i)
+            sg = signs(bits_in[i : i + c], chunk[: c * g * m].view(c, g, m))  # [c, G, m]
+            torch.bmm(sg, q_in_s[i : i + c], out=inner[i : i + c])
+            so = signs(bits_out[i : i + c], chunk[: c * g * m_o].view(c, g, m_o))  # [c, G, m_o]: sg is spent
+            torch.bmm(so, q_out_s[i : i + c], out=outer[i : i + c])
         score = (SQRT_HALF_PI / self.m) * n_in * inner.view(b, h, tq, r)
         score = score + (SQRT_HALF_PI / self.m_o) * n_out * outer.view(b, h, tq, r)
         return score.transpose(-1, -2)
