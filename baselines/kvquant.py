@@ -406,7 +406,7 @@ class _Sparse:
         if self.idx is None:
             return
         bb, hh, tt, dd = dense.shape
-        i = self.idx.long()
+        i = self.idx if dense.numel() < 2**31 else self.idx.long()  # every value below stays < numel
         t, bc = i // (bb * hh * dd), i % (bb * hh * dd)
         dense.view(-1)[bc // dd * (tt * dd) + (t + t0) * dd + bc % dd] = self.val.to(dense.dtype)
 
