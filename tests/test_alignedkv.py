@@ -350,6 +350,10 @@ class _OldStore:
             [(k_width == w).sum() * p for w in (8, 12, 16)] + [(v_width == w).sum() * d for w in (8, 12, 16)]
         )
         self.widths = (k_width, v_width)
+        n = elems.tolist()  # bytes read: fp16 tails, widths x elements, exponent maxima, the estimate's high bytes
+        self.read_bytes = 2 * sum(t.numel() * 2 for t in self.tails[:1]) + 2 * b * h_kv * d + b * h * cfg.lanes * d
+        self.read_bytes += sum(w * x for w, x in zip((8, 12, 16), n[:3], strict=True)) // 8
+        self.read_bytes += sum(w * x for w, x in zip((8, 12, 16), n[3:], strict=True)) // 8
         return k_hat, v_hat, elems, held
 
 
@@ -365,8 +369,8 @@ class _OldStore:
 )
 def test_read_bit_identical_to_the_unoptimized_read(opts, h, h_kv, d, b, dtype):
     """Random stores (prefill of several lengths, then decode steps across block boundaries, a
-    reorder): ``read``'s K̂ / V̂, ``last_read_bytes``, ``stats`` and ``memory`` equal the old code's
-    to the bit."""
+    reorder): ``read``'s K̂ / V̂, widths, ``last_read_bytes`` and ``memory`` equal the old code's to the
+    bit."""
     cfg = build_method(f"alignedkv:{opts}").config
     g = torch.Generator().manual_seed(h * d + cfg.block)
     scale = torch.logspace(-3, 3, d)  # channels of very different magnitude: every width occurs
@@ -386,6 +390,7 @@ def test_read_bit_identical_to_the_unoptimized_read(opts, h, h_kv, d, b, dtype):
             if elems is not None:
                 assert torch.equal(store._last[1], elems)
                 assert all(torch.equal(x, y) for x, y in zip(store.last_widths, old.widths, strict=True))
+                assert store.last_read_bytes() == old.read_bytes
                 widths |= set(store.last_widths[0].unique().tolist()) | set(store.last_widths[1].unique().tolist())
             assert store.memory().bytes["fp_tokens"] == held
             assert [sp.planes[i].shape for sp in (store.k_split, store.v_split) if sp.planes for i in range(3)] == [
