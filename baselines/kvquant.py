@@ -524,7 +524,8 @@ class KVQuantStore(LayerStore):
     # per-token value range), scattering the outliers, then ``apply_rope`` and ``torch.cat`` with the sink
     # (tests/test_kvquant.py keeps that computation): the same fp32 operations per element, but the key
     # levels are denormalized once per channel and level, a packed byte's two 4-bit codes are looked up
-    # together (its two fp32 levels read as one int64), codes are gathered straight into [B, H, T, D],
+    # together (its two fp32 levels read as one int64), codes are gathered straight into [B, H, T, D] (keys
+    # with each head's two RoPE halves apart, so that RoPE's products run on contiguous halves),
     # rotate_half's negation and cat are folded into one subtraction, and the result is written in place.
     def _units(self, packed: torch.Tensor, halves: bool = False) -> tuple[torch.Tensor, int]:
         """Codes [T, B, C·bits/8] -> int32 lookup units [B, H, T, D/n], or with ``halves`` [B, H, 2, T,

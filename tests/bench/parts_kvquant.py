@@ -1,4 +1,5 @@
-"""KVQuant's decode-step pieces for ``method_parts.py``: ``python tests/bench/method_parts.py kvquant-4b-1%``.
+"""KVQuant's decode-step pieces for ``method_parts.py``: ``python tests/bench/method_parts.py kvquant``
+(times ``SPEC``, kvquant-4b-1%).
 
 ``make_store`` builds a ``KVQuantStore`` calibrated on random keys / values (per-channel 0.5 / 99.5th
 percentile key ranges and unweighted k-means tables, as ``calibrate_kvquant`` without Fisher) with
