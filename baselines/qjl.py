@@ -47,6 +47,15 @@ Bytes (``memory()``): codes = the two sign sketches; scales = the two fp16 norms
 scales/minima and the projection; outliers = the uint8 outlier indices (``outliers`` per group of G
 tokens); fp_tokens = the fp16 key residual and value window. Payload bits: m + m_o per key token.
 
+Decode cost. Each step scores every quantized key from its m + m_o sign bits (``key_scores``): the format's
+own part is that product, m + m_o sign coordinates per key against the query sketch where a key of one
+number per channel (int4's) needs d, measured as ONE dense matmul of ±1 sketches unpacked beforehand
+(row ``format:`` of ``python tests/bench/method_parts.py qjl``, beside the same product over d fp32
+channels). The rest is this implementation's: unpacking the bits to ±1 floats (a table row per byte,
+in L2-sized chunks), the per-group query sketches, and the products per group of G tokens as [G, m] @
+[m, R], the orientation the published scores were computed in, which BLAS runs several times slower
+than [R, m] @ [m, G] (same sums in another order: the last digits would move; rows ``sign products``).
+
 Defaults are the official README / ``run_longbench.py`` command (Llama-2 longchat, head_dim 128):
 m = 256, m_o = 256 in general layers, m = 512, m_o = 128 in the first 15 layers, 8 outlier channels,
 G = 32, B = 128, 2-bit values, ``rot=True``. m and m_o default to those multiples of head_dim (2d, 2d;
@@ -202,7 +211,7 @@ def _scratch_signs(packed: torch.Tensor) -> torch.Tensor:
 
 
 FP16_MAX = torch.finfo(torch.float16).max
-CHUNK_BYTES = 2**20  # unpacked sign sketches per product in ``key_scores``: well inside a core's L2
+CHUNK_BYTES = 2**21  # unpacked sign sketches per product in ``key_scores``: a core's L2 (half of it per thread at 2)
 
 
 class QJLStore(LayerStore):
