@@ -12,10 +12,10 @@ calibration, ``quant_fn_nuq_recon``, ``get_outliers`` / ``get_outliers_dynamic``
   linear interpolation; min / max without dense-and-sparse), zp = (upper + lower)/2,
   r = (upper − lower)/2, x' = (k − zp)/r. With dense-and-sparse, keys strictly outside
   [lower, upper] are outliers. ``read`` dequantizes and re-applies RoPE; cos/sin are recomputed with
-  the model's own rotary-embedding module (taken in ``attach``; once per decode step for all layers)
-  from the token positions, which are implicit (token i of the cache is position i: the harness never
-  evicts), so nothing per token is kept for RoPE. RoPE variants whose tables depend on the sequence
-  length (dynamic NTK, longrope) are refused.
+  the model's own rotary-embedding module (taken in ``attach``) from the token positions, which are
+  implicit (token i of the cache is position i: the harness never evicts), so nothing per token is
+  kept for RoPE. RoPE variants whose tables depend on the sequence length (dynamic NTK, longrope)
+  are refused.
 * **Values** are quantized **per token, dynamically**; as in the code (``v_proj`` output rows), one
   range spans the whole v_proj output of a token (all KV heads), not one head. With
   dense-and-sparse, per-token outliers are the entries ≥ the 99.5th or ≤ the 0.5th percentile of the
@@ -414,28 +414,6 @@ class _Sparse:
         return tensor_bytes(self.idx) + tensor_bytes(self.val)
 
 
-class _RopeRange:
-    """RoPE tables of positions [start, end) from ``rope`` (positions -> (cos, sin) [1, T, D]), as their
-    halves cos[:, :D/2], cos[:, D/2:], sin[:, :D/2], sin[:, D/2:] ([T, D/2] fp32, contiguous). The last
-    range asked for is kept, so a decode step computes it once for all layers (the tables are elementwise
-    in the position: the same values as computing them afresh)."""
-
-    def __init__(self, rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
-        self.rope = rope
-        self.last: tuple[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] | None = None
-
-    def __call__(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        if self.last is None or self.last[0] != (start, end, device):
-            cos, sin = self.rope(torch.arange(start, end, device=device))
-            h = cos.shape[-1] // 2
-            halves = tuple(x[0, :, s].contiguous() for x in (cos, sin) for s in (slice(None, h), slice(h, None)))
-            self.last = ((start, end, device), halves)
-        return self.last[1]
-
-    def clear(self) -> None:
-        self.last = None
-
-
 class KVQuantStore(LayerStore):
     """One layer of a KVQuant cache: fp16 sink tokens, then nuq codes in token-major [T, B, C]
     layout (C = H_kv·D): pre-RoPE keys with static per-channel ranges, values with per-token
@@ -447,7 +425,7 @@ class KVQuantStore(LayerStore):
         info: ModelInfo,
         calib: LayerCalibration,
         cfg: KVQuantConfig,
-        rope: _RopeRange,
+        rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     ):
         super().__init__(layer_idx, info)
         self.calib, self.cfg, self.rope = calib, cfg, rope
@@ -577,7 +555,8 @@ class KVQuantStore(LayerStore):
         half = self.info.head_dim // 2
         self.k_sparse.scatter_bhtd(k_pre.view(b, -1, t, half), 0)
         # RoPE (apply_rope: x·cos + rotate_half(x)·sin, rotate_half(x) = [−x2, x1]) by halves
-        c1, c2, s1, s2 = self.rope(self.q_start, self.q_start + t, k_pre.device)  # [T, D/2] fp32
+        cos, sin = self.rope(torch.arange(self.q_start, self.q_start + t, device=k_pre.device))  # [1, T, D]
+        c1, c2, s1, s2 = (x[0, :, i * half : (i + 1) * half].contiguous() for x in (cos, sin) for i in (0, 1))
         x1, x2, out = k_pre[:, :, 0], k_pre[:, :, 1], k[..., n_sink:, :]
         torch.sub(x1 * c1, x2 * s1, out=out[..., :half])
         torch.add(x2 * c2, x1 * s2, out=out[..., half:])
@@ -655,7 +634,6 @@ class KVQuant(KVCacheMethod):
         self.calibration: list[LayerCalibration] | None = None
         self.calibration_source: str | None = None  # "computed" or the cache file it came from
         self._rope: RopeTables | None = None
-        self._rope_range = _RopeRange(self.rope_tables)  # shared by the layer stores
 
     @property
     def needs_calibration(self) -> bool:
@@ -688,11 +666,9 @@ class KVQuant(KVCacheMethod):
                 f"{self.label}: partial rotary embeddings ({dim} of {info.head_dim} dims) are not supported"
             )
         self._rope = rope
-        self._rope_range.clear()
 
     def detach(self, model: torch.nn.Module, info: ModelInfo) -> None:
         self._rope = None
-        self._rope_range.clear()
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [1, T, D] in fp32 for absolute ``positions`` [T], from the model's rotary module."""
@@ -720,4 +696,4 @@ class KVQuant(KVCacheMethod):
     def new_layer_store(self, layer_idx: int, info: ModelInfo) -> LayerStore:
         if self.calibration is None:
             raise RuntimeError(f"{self.label}: not calibrated; call AttachedMethod.calibrate(windows) first")
-        return KVQuantStore(layer_idx, info, self.calibration[layer_idx], self.config, self._rope_range)
+        return KVQuantStore(layer_idx, info, self.calibration[layer_idx], self.config, self.rope_tables)

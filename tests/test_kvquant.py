@@ -197,7 +197,7 @@ def _reference_read(store, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
     xn = cal.k_lut[unpack_codes(store.k_codes, bits).long()]
     k_pre = to_bhtd(scatter(store.k_sparse, kvq._denormalize(xn, cal.k_lower, cal.k_upper)))
     positions = torch.arange(store.q_start, store.q_start + store.q_len, device=k_pre.device)
-    cos, sin = store.rope.rope(positions)  # the method's rope_tables, not the kept range
+    cos, sin = store.rope(positions)
     ks.append(apply_rope(k_pre, cos, sin).to(dtype))
     xn = cal.v_lut[unpack_codes(store.v_codes, bits).long()]
     vs.append(

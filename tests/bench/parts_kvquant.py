@@ -99,15 +99,17 @@ def value_lookup(store: kvq.KVQuantStore, query: torch.Tensor) -> torch.Tensor:
 
 
 def rope_tables(store: kvq.KVQuantStore, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos / sin of every held position (in a model: once per decode step, shared by the layers)."""
-    return store.rope.rope(torch.arange(store.q_start, store.q_start + store.q_len))
+    """cos / sin of every held position, as ``read`` takes them (the model's rotary module, then halves)."""
+    cos, sin = store.rope(torch.arange(store.q_start, store.q_start + store.q_len))
+    half = cos.shape[-1] // 2
+    return tuple(x[0, :, i * half : (i + 1) * half].contiguous() for x in (cos, sin) for i in (0, 1))
 
 
 def rope_apply(store: kvq.KVQuantStore, query: torch.Tensor) -> torch.Tensor:
     """RoPE re-applied to the dequantized pre-RoPE keys as ``read`` does it (keys and tables given)."""
     if "rope" not in _SCRATCH:
         k_pre = key_lookup(store, query)  # [B, H, 2, T, D/2]
-        tables = store.rope(store.q_start, store.q_start + store.q_len, k_pre.device)
+        tables = rope_tables(store, query)
         b, h, _, t, half = k_pre.shape
         _SCRATCH["rope"] = (k_pre, tables, torch.empty(b, h, t, 2 * half))
     k_pre, (c1, c2, s1, s2), out = _SCRATCH["rope"]
@@ -179,7 +181,7 @@ def int4_read(store: kvq.KVQuantStore, query: torch.Tensor) -> tuple[torch.Tenso
 PARTS: dict[str, Callable[[kvq.KVQuantStore, torch.Tensor], object]] = {
     "read: key codes -> per-channel non-uniform levels (pre-RoPE keys)": key_lookup,
     "read: value codes -> non-uniform levels, per-token range": value_lookup,
-    "read: RoPE tables of the positions (once per step in a model)": rope_tables,
+    "read: RoPE tables of the positions": rope_tables,
     "read: RoPE applied to the pre-RoPE keys": rope_apply,
     "read: sparse outliers put back (K and V)": outliers,
     "append: one token (outliers, nuq codes)": append_one,
