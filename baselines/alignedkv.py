@@ -119,7 +119,7 @@ from typing import Annotated, ClassVar
 import torch
 from pydantic import Field
 
-from harness.from_codes import _workspace
+from harness.from_codes import workspace
 from harness.integration import attention_scaling
 from harness.interface import (
     KVCacheMethod,
@@ -354,7 +354,7 @@ class _Split:
         # scratch reused from read to read (uint8, 6.5 N bytes): the bits and a temporary (int16 [N] each),
         # int16 words of two low bytes ([N/2]), and even / odd / tmp (uint8 [N/2]): the low bytes of the
         # elements paired in a nibble byte ([B, H, T/2, D] keys / [B, H, T, D/2] values)
-        ws = _workspace((13 * n // 2,), torch.uint8, hi.device)
+        ws = workspace((13 * n // 2,), torch.uint8, hi.device)
         bits, wide = (ws[i : i + 2 * n].view(torch.int16).view(hi.shape) for i in (0, 2 * n))
         words = ws[4 * n : 5 * n].view(torch.int16).view(mid.shape)
         even, odd, tmp = (ws[i : i + n // 2].view(mid.shape) for i in (5 * n, 11 * n // 2, 6 * n))

@@ -91,7 +91,7 @@ from typing import ClassVar
 
 import torch
 
-from harness.from_codes import _workspace, masked_scores, mix_from_codes
+from harness.from_codes import masked_scores, mix_from_codes, workspace
 from harness.interface import (
     KVCacheMethod,
     LayerStore,
@@ -207,7 +207,7 @@ def signs(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
 def _scratch_signs(packed: torch.Tensor) -> torch.Tensor:
     """``signs`` into this thread's reused workspace (``harness.from_codes``: a fresh multi-MiB tensor per
     decode step can cost as much in page faults as the unpack itself), valid until its next use."""
-    return signs(packed, _workspace((*packed.shape[:-1], 8 * packed.shape[-1]), torch.float32, packed.device))
+    return signs(packed, workspace((*packed.shape[:-1], 8 * packed.shape[-1]), torch.float32, packed.device))
 
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -372,7 +372,7 @@ class QJLStore(LayerStore):
         nbh, m, m_o, rows = b * h * n, self.m, self.m_o, idx.reshape(-1)
         step = max(1, CHUNK_BYTES // (4 * g * m))  # groups per chunk
         nq = -(-nbh * r * m // 16) * 16
-        ws = _workspace((2 * nq + max(rows.numel(), min(step, nbh) * g) * m,), torch.float32, qg.device)
+        ws = workspace((2 * nq + max(rows.numel(), min(step, nbh) * g) * m,), torch.float32, qg.device)
         s_pick = torch.index_select(S.T.contiguous(), 0, rows, out=ws[2 * nq :][: rows.numel() * m].view(-1, m))
         q_out_s = ws[: nbh * r * m].view(b, h, n, r, m)  # S (M_out⊙q) per group
         torch.matmul(q_pick, s_pick.view(b, h, n, self.n_out, m), out=q_out_s)  # Sᵀ[idx]: outlier columns of S

@@ -25,7 +25,7 @@ _WORKSPACE = threading.local()
 WORKSPACE_MAX_BYTES = 64 * 2**20
 
 
-def _workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A CPU scratch tensor of ``shape``, reused from call to call (one per thread and dtype, grown to
     the largest request up to ``WORKSPACE_MAX_BYTES``): a fresh multi-MiB allocation per unpack can
     cost as much as the unpack itself on CPU (freed pages go back to the OS and fault in again). It
@@ -56,10 +56,10 @@ def _planes(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     *lead, t, m = qt.codes.shape
     if qt.bits == 3:
         c = unpack_3bit(qt.codes)  # [B, H_kv, T, D] uint8
-        out = _workspace((*lead, 1, t, c.shape[-1]), dtype, qt.codes.device)
+        out = workspace((*lead, 1, t, c.shape[-1]), dtype, qt.codes.device)
         c = out.copy_(c.unsqueeze(-3))
     else:
-        out = _workspace((*lead, 8 // qt.bits, t, m), dtype, qt.codes.device)
+        out = workspace((*lead, 8 // qt.bits, t, m), dtype, qt.codes.device)
         c = unpack_planes(qt.codes, qt.bits, dtype, out=out)
     return c.sub_(2 ** (qt.bits - 1)) if qt.zero is None else c
 
