@@ -8,6 +8,7 @@ import torch
 from conftest import wikitext_ppl
 
 import baselines.kvquant as kvq
+import baselines.kvquant_calibration as kvc
 from baselines.kvquant import KVQuant, KVQuantConfig, LayerCalibration, channel_outliers, token_outliers
 from harness.integration import AttachedMethod, apply_rope, forward, generate, model_info
 from harness.interface import MethodSpecError, Observation, UnsupportedModelError, build_method, tensor_bytes
@@ -87,7 +88,7 @@ def test_percentiles_match_numpy_and_stream():
         ref = np.percentile(x.numpy(), 100 * q, axis=0)
         assert np.allclose(percentile(x, q, dim=0).numpy(), ref, atol=1e-6)
         # streaming tracker fed in chunks
-        tr = kvq._TailTracker(301, q, largest=q >= 0.5)
+        tr = kvc._TailTracker(301, q, largest=q >= 0.5)
         for chunk in x.split(40):
             tr.add(chunk)
         assert np.allclose(tr.value().numpy(), ref, atol=1e-6)

@@ -81,9 +81,10 @@ def decode_step(store: LayerStore, spec: str, generator: torch.Generator) -> Cal
     return step
 
 
-def parts_module(name: str) -> ModuleType | None:
+def parts_module(spec: str) -> ModuleType | None:
+    """``parts_<registered name>`` (``kvquant-4b-1%`` -> ``parts_kvquant``), or None where there is none."""
     try:
-        return importlib.import_module(f"parts_{name.split(':')[0].replace('-', '_')}")
+        return importlib.import_module(f"parts_{build_method(spec).name.replace('-', '_')}")
     except ModuleNotFoundError:
         return None
 
@@ -133,7 +134,7 @@ def main() -> None:
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     args = p.parse_args()
     mod = parts_module(args.method)
-    spec = getattr(mod, "SPEC", args.method) if ":" not in args.method and mod else args.method
+    spec = getattr(mod, "SPEC", args.method) if args.method == getattr(mod, "__name__", "")[6:] else args.method
     print(measure(spec, args.context, args.rounds, args.calls, [int(x) for x in args.threads.split(",")]))
 
 

@@ -13,7 +13,6 @@ and the prefill's quantization of ``context`` tokens against int4's.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
@@ -21,13 +20,12 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import baselines.kvquant as kvq
+import baselines.kvquant_calibration as kvc
 from harness.integration import RopeTables, apply_rope
 from harness.interface import LayerStore, ModelInfo, Observation, build_method
 from harness.quant import percentile
 
 SPEC = "kvquant-4b-1%"
-# ``method_parts.py kvquant`` times SPEC and then looks its parts up under the spec's name: the same module
-sys.modules.setdefault(f"parts_{SPEC.replace('-', '_')}", sys.modules[__name__])
 _CALIB_TOKENS = 2048
 
 
@@ -52,7 +50,7 @@ def calibration(scale: torch.Tensor, bits: int, threshold: float, generator: tor
     vn = kvq._normalize(v, vlo, vhi)
     luts = []
     for xn in (kn[kn.abs() <= 1], vn[vn.abs() <= 1]):
-        hist = kvq._Histogram()
+        hist = kvc._Histogram()
         hist.add(xn, torch.ones_like(xn))
         luts.append(hist.lut(2**bits, 50))
     return kvq.LayerCalibration(lo, hi, *luts)
