@@ -281,7 +281,6 @@ class MiKVStore(LayerStore):
         self.balancer: torch.Tensor | None = None  # [B, H_kv, 1, D] fp16, None = no balancing
         self.scored = 0  # queries of tokens [0, scored) are already in the scores
         self._batch: int | None = None
-        self._pos: tuple[torch.Tensor, torch.Tensor] | None = None  # positions(), kept up to date; None = unknown
 
     # ---- budget ------------------------------------------------------------------------------
     def budget(self, t: int) -> int:
@@ -301,13 +300,11 @@ class MiKVStore(LayerStore):
         return 0 if self.mask is None else self.mask.shape[-1]
 
     def positions(self, n_lo: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token positions of the low and high tiers, ([B, H, n_lo], [B, H, n_hi]), ascending per head:
-        kept up to date by append and demotion, from the tier mask when unknown."""
-        if self._pos is None:
-            order = torch.argsort(self.mask.to(torch.uint8), dim=-1, stable=True)  # low first, each ascending
-            n_lo = self.low.length if n_lo is None else n_lo
-            self._pos = order[..., :n_lo], order[..., n_lo:]
-        return self._pos
+        """Token positions of the low and high tiers, ([B, H, n_lo], [B, H, n_hi]), ascending per head,
+        from the tier mask (computed per call: a copy kept between calls would be held and not counted)."""
+        order = torch.argsort(self.mask.to(torch.uint8), dim=-1, stable=True)  # low first, each ascending
+        n_lo = self.low.length if n_lo is None else n_lo
+        return order[..., :n_lo], order[..., n_lo:]
 
     # ---- store -------------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, obs: Observation) -> None:
@@ -325,9 +322,6 @@ class MiKVStore(LayerStore):
             self._tier_prefill(k, values, column_scores(probs, h))
             return
         self.high.append(k, values)  # new tokens are the most recent: high tier, position order kept
-        if self._pos is not None:
-            new_pos = torch.arange(self.length, self.length + n, device=keys.device).expand(b, h, n)
-            self._pos = self._pos[0], torch.cat([self._pos[1], new_pos], dim=-1)
         new_mask = torch.ones(b, h, n, dtype=torch.bool, device=keys.device)
         self.mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], dim=-1)
         zeros = torch.zeros(b, h, n, dtype=torch.float32, device=keys.device)
@@ -343,7 +337,7 @@ class MiKVStore(LayerStore):
         heavy = self.n_high(t) - w
         if heavy > 0:
             mask.scatter_(-1, scores[..., : t - w].topk(heavy, dim=-1).indices, True)
-        self.mask, self.scored, self._pos = mask, t, None
+        self.mask, self.scored = mask, t
         pos_lo, pos_hi = self.positions(n_lo=t - self.n_high(t))
         self.high.append(_take(k, pos_hi), _take(v, pos_hi))
         self.low.append(_take(k, pos_lo), _take(v, pos_lo))
@@ -394,10 +388,8 @@ class MiKVStore(LayerStore):
         self.mask.scatter_(-1, pos_dem, False)
         # merge into the low tier in position order
         self.low.append_encoded(self.low.encode(dk), self.low.encode(dv))
-        merged = torch.cat([pos_lo, pos_dem], dim=-1)
-        order = torch.argsort(merged, dim=-1)  # positions are distinct: one order
+        order = torch.argsort(torch.cat([pos_lo, pos_dem], dim=-1), dim=-1)  # positions are distinct: one order
         self.low.select(order)
-        self._pos = merged.gather(-1, order), pos_hi.gather(-1, keep)
 
     def read(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, d = self._batch or 0, self.info.n_kv_heads, self.info.head_dim
@@ -443,8 +435,6 @@ class MiKVStore(LayerStore):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, index))
-        if self._pos is not None:
-            self._pos = tuple(p.index_select(0, index) for p in self._pos)
         self._batch = len(index)
 
 
