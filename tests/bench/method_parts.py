@@ -45,6 +45,14 @@ def observation(n: int, start: int, queries: torch.Tensor, keys: torch.Tensor) -
                        is_prefill=start == 0)  # fmt: skip
 
 
+def append_token(store: LayerStore, generator: torch.Generator) -> torch.Tensor:
+    """Append one random decode token to ``store`` (as a decode step does); returns its query [1, H, 1, D]."""
+    k, v, q = random_kv(1, generator)
+    store.append(k, v, observation(1, store.seq_len, q, k))
+    store.seq_len += 1
+    return q
+
+
 def default_store(spec: str, info: ModelInfo, context: int, generator: torch.Generator) -> LayerStore:
     """The method's store for layer 0 with ``context`` random tokens appended in one prefill."""
     method = build_method(spec)

@@ -21,7 +21,7 @@ import copy
 from typing import Any
 
 import torch
-from method_parts import SCALING, observation, random_kv
+from method_parts import SCALING, append_token
 
 from baselines.alignedkv import VALUE_STEPS, AlignedKVStore, alignment_score, exponent_field, key_widths, value_widths
 
@@ -36,9 +36,7 @@ def _state(store: AlignedKVStore) -> dict[str, Any]:
     if id(store) not in _STATE:
         g = torch.Generator().manual_seed(1)
         s = copy.deepcopy(store)
-        k, v, q = random_kv(1, g)
-        s.append(k, v, observation(1, s.seq_len, q, k))
-        s.seq_len += 1
+        q = append_token(s, g)
         keys, values = s.read(DTYPE)
         k_width, v_width = s.last_widths
         b, h, _, d = q.shape

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from method_parts import INFO, SCALING, observation, random_kv
+from method_parts import INFO, SCALING, append_token, random_kv
 
 from baselines.mikv import MiKVStore, causal_probs, column_scores
 from harness.integration import attention_probs
@@ -36,9 +36,7 @@ def _state(store: MiKVStore) -> dict[str, Any]:
             tier = getattr(store, name).__class__.__new__(getattr(store, name).__class__)
             tier.__dict__.update(getattr(store, name).__dict__)
             setattr(s, name, tier)
-        k, v, q = random_kv(1, g)
-        s.append(k, v, observation(1, s.seq_len, q, k))
-        s.seq_len += 1
+        q = append_token(s, g)
         keys, _ = s.read(torch.float32)  # [1, H_kv, T, D]
         snap = _snapshot(s)
         _STATE[id(store)] = {"store": s, "snap": snap, "q": q, "keys": keys,

@@ -27,7 +27,7 @@ import copy
 from typing import Any
 
 import torch
-from method_parts import SCALING, observation, random_kv
+from method_parts import SCALING, append_token
 
 from baselines.polarquant import PolarQuantStore
 
@@ -41,9 +41,7 @@ def _state(store: PolarQuantStore) -> dict[str, Any]:
     if id(store) not in _STATE:
         g = torch.Generator().manual_seed(1)
         s = copy.deepcopy(store)
-        k, v, q = random_kv(1, g)
-        s.append(k, v, observation(1, s.seq_len, q, k))
-        s.seq_len += 1
+        q = append_token(s, g)
         hk, d = s.info.n_kv_heads, s.info.head_dim
         qg = q.reshape(1, hk, q.shape[1] // hk, d) * SCALING  # [1, H_kv, R, D]
         scores = torch.cat([s.k_q.scores(qg), qg @ s.k_fp.data.float().transpose(-1, -2)], dim=-1)
