@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for issue 6 (fast quantized-cache kernels), prepared to run in under 8 minutes on one
+# GPU checks for issue 6 (fast quantized-cache kernels), prepared to run in under 11 minutes on one
 # H100/H200 with this repository checked out and a Python that has torch (CUDA), triton and the
 # project installed (`pip install -e '.[dev]'`); the machine needs no network.
 #
@@ -14,9 +14,10 @@
 #      and memory do not depend on weight values, though its chunk mix does;
 #      the CLI writes its JSON after every setting, so a cut keeps the finished rows; OOM settings
 #      are recorded as such)
-#   3. pytest tests/bench --benchmark-only: quantize+pack, unpack+dequant and decode attention
+#   3. python -m harness profile ... the other methods of the CPU table at 4096 tokens, batch 1   (<= 180 s)
+#   4. pytest tests/bench --benchmark-only: quantize+pack, unpack+dequant and decode attention
 #      (dequantize-then-attend, from codes, Triton), GB/s and ratios              (<= 110 s)
-# Caps: GPU_TESTS_TIMEOUT, PROFILE_TIMEOUT, BENCH_TIMEOUT (seconds).
+# Caps: GPU_TESTS_TIMEOUT, PROFILE_TIMEOUT, PROFILE_ALL_TIMEOUT, BENCH_TIMEOUT (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-reports/gpu/out}"
@@ -65,6 +66,15 @@ step profile "${PROFILE_TIMEOUT:-250}" \
     "$PYTHON" -m harness profile --methods "fp16,kivi-2,int4,moqae:ckpt=random$PEERS" --model llama-2-7b-shape \
     --context 4096,32768 --batch 8 --new-tokens 32 --device cuda --dtype fp16 \
     --out "$OUT/profile_gpu.json" --no-progress
+
+# every other method of the CPU profile table (docs/results.md), one context, batch 1: their decode paths
+# on a GPU (kvquant and kvmix are left out: their calibration runs Fisher / gradient passes through the
+# 7B-shape model, minutes on their own; qoq without its calibrated smoothing, which changes no byte or op)
+step profile_all "${PROFILE_ALL_TIMEOUT:-180}" \
+    "$PYTHON" -m harness profile \
+    --methods "int-k4v2,kivi-k4v2,qoq:smooth=false,mikv,xquant,alignedkv,qjl,polarquant" \
+    --model llama-2-7b-shape --context 4096 --batch 1 --new-tokens 16 --device cuda --dtype fp16 \
+    --out "$OUT/profile_gpu_all.json" --no-progress
 
 step bench "${BENCH_TIMEOUT:-110}" \
     "$PYTHON" -m pytest tests/bench --benchmark-only -q -p no:cacheprovider \
