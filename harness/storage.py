@@ -232,8 +232,8 @@ def read_tokens(seqs: list[Seq], dtype: torch.dtype) -> torch.Tensor | None:
 def held_parts(seqs: list[Seq]) -> list[QuantizedTensor | torch.Tensor]:
     """What the non-empty sequences hold, in token order (codes or float tokens), for
     ``harness.from_codes.decode_attention_over``: a ``FullPrecisionSeq``'s tokens, any other
-    sequence's ``QuantizedTensor`` ``q`` (a ``QuantizedSeq``, or XQuant's codes borrowed from the
-    layer below)."""
+    sequence's ``QuantizedTensor`` ``q`` (a ``QuantizedSeq``, or a sequence that pairs codes held
+    elsewhere with its own scales)."""
     return [s.data if isinstance(s, FullPrecisionSeq) else s.q for s in seqs if s.length]
 
 

@@ -261,9 +261,9 @@ def test_memory_by_hand():
     assert store.memory().bytes["codes"] == 128 and store.memory().payload_bits == 256 * 4 + 416 * 16
 
 
-def _old_scores(seq, qg: torch.Tensor) -> torch.Tensor:
-    """``PolarSeq.scores`` as it was before the decode path was sped up (commit dbd5379), kept verbatim
-    (codes unpacked with ``unpack_codes`` and widened, flat indices added in int64, a new product tensor)."""
+def _old_codes(seq) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(radius codes, angle codes) int64 [B, H, T, P] and meta [B, H, T/G, 4, P], unpacked as the code at
+    commit dbd5379 did (``unpack_codes``, or the byte's two fields)."""
     codes, meta = seq.codes.value, seq.meta.value
     p = meta.shape[-1] // 4
     if seq.index == "byte":
@@ -271,7 +271,13 @@ def _old_scores(seq, qg: torch.Tensor) -> torch.Tensor:
     else:
         nr = p * seq.rbits // 8
         cr, ct = unpack_codes(codes[..., :nr], seq.rbits), unpack_codes(codes[..., nr:], seq.tbits)
-    cr, ct, meta = cr.long(), ct.long(), meta.unflatten(-1, (4, p))
+    return cr.long(), ct.long(), meta.unflatten(-1, (4, p))
+
+
+def _old_scores(seq, qg: torch.Tensor) -> torch.Tensor:
+    """``PolarSeq.scores`` as it was before the decode path was sped up (commit dbd5379), kept verbatim
+    (codes unpacked with ``unpack_codes`` and widened, flat indices added in int64, a new product tensor)."""
+    cr, ct, meta = _old_codes(seq)
     b, h, t, p = cr.shape
     r, g, ng, dt = qg.shape[2], seq.group, t // seq.group, qg.dtype
     lt, lr = 2**seq.tbits, 2**seq.rbits
@@ -316,15 +322,7 @@ def _old_attend(store: PolarQuantStore, query: torch.Tensor, scaling: float, mas
 def _old_read_keys(store: PolarQuantStore) -> torch.Tensor:
     """The quantized keys as ``read`` reconstructed them at commit dbd5379 (``unpack_codes``, then
     ``polar_dequantize``)."""
-    seq = store.k_q
-    codes, meta = seq.codes.value, seq.meta.value
-    p = meta.shape[-1] // 4
-    if seq.index == "byte":
-        cr, ct = codes >> seq.tbits, codes & (2**seq.tbits - 1)
-    else:
-        nr = p * seq.rbits // 8
-        cr, ct = unpack_codes(codes[..., :nr], seq.rbits), unpack_codes(codes[..., nr:], seq.tbits)
-    return polar_dequantize(cr.long(), ct.long(), meta.unflatten(-1, (4, p)), seq.group)
+    return polar_dequantize(*_old_codes(store.k_q), store.k_q.group)
 
 
 # (head_dim, rbits, tbits, index, value_bits, group, residual, batch, prefill tokens)
